@@ -1,0 +1,1 @@
+//! Shared helpers for kvpool's criterion benchmarks (see `benches/`).

@@ -1,0 +1,31 @@
+//! kvpool-core: the parts every kvpool backend and front end share.
+//!
+//! - [`key`]: block hashes, namespaces and keys, with the vllm-ascend string form.
+//! - [`hash`]: block hashing — our deterministic token chain and vLLM's own.
+//! - [`backend`]: the [`KvBackend`] trait, its outcomes and capabilities.
+//! - [`buffer`]: registered memory regions and gather/scatter descriptors.
+//! - [`registry`]: backends registered at compile time, chosen at run time.
+//! - [`config`]: layered configuration.
+//! - [`eviction`]: eviction policies and watermark semantics.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`replay`]: trace replay through an eviction policy.
+
+pub mod backend;
+pub mod buffer;
+pub mod checked;
+pub mod config;
+pub mod error;
+pub mod eviction;
+pub mod hash;
+pub mod key;
+pub mod metrics;
+pub mod registry;
+pub mod replay;
+pub mod size;
+
+pub use backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, KvBackendExt, PutOutcome};
+pub use buffer::{IoVec, IoVecMut, MemRegion};
+pub use config::Config;
+pub use error::{Error, ErrorKind, ErrorStatus, Result};
+pub use key::{BlockHash, BlockKey, Namespace};
+pub use registry::{open, registered_schemes, BackendFactory};

@@ -1,0 +1,257 @@
+//! `kvpool bench`: throughput of one backend against memcpy measured in the same run.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kvpool::size::ByteSize;
+use kvpool::{
+    BlockHash, BlockKey, Error, GetOutcome, IoVec, IoVecMut, KvBackend, MemRegion, Namespace,
+    PutOutcome,
+};
+use rand::RngCore;
+use serde::Serialize;
+
+use super::{ConfigArgs, OutputArgs};
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// The backend to measure (overrides the config's `backend`).
+    #[arg(long)]
+    backend: String,
+    /// Bytes per value, e.g. 4KiB, 512KiB, 16MiB.
+    #[arg(long, default_value = "512KiB")]
+    value_size: ByteSize,
+    /// Keys per call.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Seconds spent in each phase.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Keys per `exists` call in the exists phase.
+    #[arg(long, default_value_t = 1000)]
+    exists_keys: usize,
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    backend: String,
+    value_size: u64,
+    batch: usize,
+    memcpy_gbps: f64,
+    put_gbps: f64,
+    get_gbps: f64,
+    put_vs_memcpy: f64,
+    get_vs_memcpy: f64,
+    exists_ops: f64,
+    exists_call_us: f64,
+    put_calls: u64,
+    get_calls: u64,
+}
+
+pub(crate) fn run(args: BenchArgs) -> kvpool::Result<ExitCode> {
+    let value_size = usize::try_from(args.value_size.0)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Error::invalid_argument("--value-size must be at least 1 byte"))?;
+    if args.batch == 0 || args.exists_keys == 0 {
+        return Err(Error::invalid_argument(
+            "--batch and --exists-keys must be at least 1",
+        ));
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err(Error::invalid_argument("--seconds must be positive"));
+    }
+    let phase = Duration::from_secs_f64(args.seconds);
+    let config = args.config.load(Some(&args.backend))?;
+    let rt = super::runtime();
+    let backend = rt.block_on(kvpool::open(&config))?;
+    let bar = super::progress(4, "bench");
+    let result = rt.block_on(measure(&backend, &args, value_size, phase, &bar));
+    bar.finish_and_clear();
+    rt.block_on(backend.close())?;
+    let report = result?;
+    if args.output.json {
+        println!("{}", serde_json::to_string(&report).expect("serializable"));
+    } else {
+        println!(
+            "{} backend, {} values, batch {}",
+            report.backend, args.value_size, report.batch
+        );
+        println!("  memcpy  {:>8.2} GB/s (single thread, same buffers)", report.memcpy_gbps);
+        println!(
+            "  put     {:>8.2} GB/s  = {:.2}x memcpy",
+            report.put_gbps, report.put_vs_memcpy
+        );
+        println!(
+            "  get     {:>8.2} GB/s  = {:.2}x memcpy",
+            report.get_gbps, report.get_vs_memcpy
+        );
+        println!(
+            "  exists  {:>8.0} keys/s ({:.1} µs per {}-key call)",
+            report.exists_ops, report.exists_call_us, args.exists_keys
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure(
+    backend: &Arc<dyn KvBackend>,
+    args: &BenchArgs,
+    value_size: usize,
+    phase: Duration,
+    bar: &indicatif::ProgressBar,
+) -> kvpool::Result<BenchReport> {
+    let batch = args.batch;
+    let total = value_size.checked_mul(batch).ok_or_else(|| {
+        Error::invalid_argument("--value-size x --batch overflows the address space")
+    })?;
+    // Sources are filled (and so faulted in) before any timing starts.
+    let mut data = vec![0u8; total];
+    rand::thread_rng().fill_bytes(&mut data);
+    let src = MemRegion::from_vec(data);
+    let dst = MemRegion::from_vec(vec![1u8; total]);
+    backend.register(&src).await?;
+    backend.register(&dst).await?;
+
+    bar.set_message("memcpy");
+    let memcpy_gbps = memcpy_baseline(&src, &dst, value_size, batch, phase)?;
+    bar.inc(1);
+
+    let ns = Arc::new(Namespace::single_rank(&format!(
+        "kvpool-bench-{:016x}",
+        rand::random::<u64>()
+    ))?);
+    let key = |i: u64| {
+        let mut h = [0u8; 32];
+        h[..8].copy_from_slice(&i.to_le_bytes());
+        BlockKey::new(ns.clone(), BlockHash(h))
+    };
+    let slices = |i: usize| (i * value_size, value_size);
+
+    bar.set_message("put");
+    let mut next = 0u64;
+    let mut put_calls = 0u64;
+    let mut put_bytes = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < phase || put_calls == 0 {
+        let items = (0..batch)
+            .map(|i| {
+                let (off, len) = slices(i);
+                Ok((key(next + i as u64), IoVec::single(&src, off, len)?))
+            })
+            .collect::<kvpool::Result<Vec<_>>>()?;
+        next += batch as u64;
+        for o in backend.put(items).await? {
+            match o {
+                PutOutcome::Stored => put_bytes += value_size as u64,
+                PutOutcome::Exists => {}
+                PutOutcome::Failed(e) => return Err(e.with_operation("bench")),
+            }
+        }
+        put_calls += 1;
+    }
+    let put_gbps = put_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
+    bar.inc(1);
+
+    // The last batch written is the most likely to be resident.
+    let last: Vec<BlockKey> = (next - batch as u64..next).map(key).collect();
+    bar.set_message("get");
+    let mut get_calls = 0u64;
+    let mut get_bytes = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < phase || get_calls == 0 {
+        let items = last
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let (off, len) = slices(i);
+                Ok((k.clone(), IoVecMut::single(&dst, off, len)?))
+            })
+            .collect::<kvpool::Result<Vec<_>>>()?;
+        for o in backend.get_into(items).await? {
+            match o {
+                GetOutcome::Hit => get_bytes += value_size as u64,
+                GetOutcome::Miss => {
+                    return Err(Error::new(
+                        kvpool::ErrorKind::Unexpected,
+                        "a value written by this run was missing; is the capacity smaller than one batch?",
+                    ))
+                }
+                GetOutcome::Failed(e) => return Err(e.with_operation("bench")),
+            }
+        }
+        get_calls += 1;
+    }
+    let get_gbps = get_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
+    if dst.read(0, value_size)? != src.read(0, value_size)? {
+        return Err(Error::new(
+            kvpool::ErrorKind::Corrupted,
+            "bench read back different bytes than it wrote",
+        ));
+    }
+    bar.inc(1);
+
+    bar.set_message("exists");
+    let n = args.exists_keys as u64;
+    let probe: Vec<BlockKey> = (next.saturating_sub(n)..next.saturating_sub(n) + n)
+        .map(key)
+        .collect();
+    let mut exists_calls = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < phase || exists_calls == 0 {
+        let present = backend.exists(&probe).await?;
+        std::hint::black_box(present);
+        exists_calls += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.inc(1);
+
+    Ok(BenchReport {
+        backend: backend.info().scheme.to_string(),
+        value_size: value_size as u64,
+        batch,
+        memcpy_gbps,
+        put_gbps,
+        get_gbps,
+        put_vs_memcpy: put_gbps / memcpy_gbps,
+        get_vs_memcpy: get_gbps / memcpy_gbps,
+        exists_ops: (exists_calls * n) as f64 / elapsed,
+        exists_call_us: elapsed * 1e6 / exists_calls as f64,
+        put_calls,
+        get_calls,
+    })
+}
+
+/// Single-thread memcpy of the same batch shape between the same buffers.
+fn memcpy_baseline(
+    src: &MemRegion,
+    dst: &MemRegion,
+    value_size: usize,
+    batch: usize,
+    phase: Duration,
+) -> kvpool::Result<f64> {
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < phase || bytes == 0 {
+        for i in 0..batch {
+            let off = i * value_size;
+            // SAFETY: both regions are `value_size * batch` long and distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr().add(off),
+                    dst.as_ptr().add(off),
+                    value_size,
+                )
+            };
+        }
+        bytes += (value_size * batch) as u64;
+    }
+    std::hint::black_box(dst.as_ptr());
+    Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e9)
+}

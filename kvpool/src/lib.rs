@@ -1,0 +1,37 @@
+//! kvpool: a KV-cache pool for LLM inference.
+//!
+//! It stores the attention KV of full token blocks under keys derived from
+//! the tokens, so any inference instance can reuse a prefix computed
+//! anywhere. Backends are chosen at run time by `"backend": "..."`:
+//!
+//! ```no_run
+//! # async fn demo() -> kvpool::Result<()> {
+//! let config = kvpool::Config::from_extra_config(serde_json::json!({
+//!     "backend": "memory",
+//!     "memory": { "capacity": "1GB" }
+//! }))?;
+//! let pool = kvpool::open(&config).await?;
+//! println!("{}", pool.info());
+//! # Ok(()) }
+//! ```
+//!
+//! This crate re-exports [`kvpool_core`] and links one crate per enabled
+//! backend feature.
+
+pub use kvpool_core::*;
+
+/// Backend crates, by scheme.
+///
+/// Naming each enabled backend crate here is what links it: a crate that is
+/// only a dependency is never referenced, so its `inventory` registration
+/// would silently disappear.
+pub mod backends {
+    #[cfg(feature = "memory")]
+    pub use ::kvpool_backend_memory as memory;
+}
+
+/// The schemes of the backend features this build enables.
+pub const ENABLED_BACKENDS: &[&str] = &[
+    #[cfg(feature = "memory")]
+    "memory",
+];
