@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvpool::size::ByteSize;
-use kvpool::{
-    BlockHash, BlockKey, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
-};
+use kvpool::{BlockHash, BlockKey, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome};
 use kvpool_backend_memory::{MemoryBackend, MemoryConfig};
 use rand::RngCore;
 
@@ -73,7 +71,9 @@ fn filled(len: usize) -> Arc<MemRegion> {
 }
 
 fn throughput(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     for &(size, batch) in SHAPES {
         let total = size * batch;
         let src = filled(total);
@@ -81,7 +81,9 @@ fn throughput(c: &mut Criterion) {
         let mut group = c.benchmark_group(label(size, batch));
         group.throughput(Throughput::Bytes(total as u64));
         if total >= 8 << 20 {
-            group.sample_size(10).measurement_time(Duration::from_secs(3));
+            group
+                .sample_size(10)
+                .measurement_time(Duration::from_secs(3));
         }
 
         group.bench_function(BenchmarkId::new("memcpy", ""), |b| {
@@ -147,7 +149,9 @@ fn throughput(c: &mut Criterion) {
 }
 
 fn exists_prefix(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let pool = backend(64 << 20);
     let keys = Keys::new();
     let src = filled(64);

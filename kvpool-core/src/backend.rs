@@ -155,7 +155,12 @@ pub trait KvBackendExt: KvBackend {
 
     /// Loads one value into new bytes; `None` when absent.
     async fn get_bytes(&self, key: &BlockKey) -> Result<Option<Bytes>> {
-        let Some(len) = self.value_lens(std::slice::from_ref(key)).await?.pop().flatten() else {
+        let Some(len) = self
+            .value_lens(std::slice::from_ref(key))
+            .await?
+            .pop()
+            .flatten()
+        else {
             return Ok(None);
         };
         let region = MemRegion::alloc(len);

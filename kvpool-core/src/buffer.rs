@@ -136,11 +136,7 @@ impl MemRegion {
         // SAFETY: the range was checked; the constructor's contract rules out
         // concurrent access to it.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.ptr.as_ptr().add(offset),
-                data.len(),
-            )
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
         };
         Ok(())
     }
@@ -341,7 +337,10 @@ impl IoVecMut {
     ///
     /// Callers check the length first; a mismatch here is an InvalidArgument
     /// error and, because it is checked before any byte moves, nothing is written.
-    pub fn scatter_from<'a>(&self, chunks: impl IntoIterator<Item = &'a [u8]> + Clone) -> Result<()> {
+    pub fn scatter_from<'a>(
+        &self,
+        chunks: impl IntoIterator<Item = &'a [u8]> + Clone,
+    ) -> Result<()> {
         let total: usize = chunks.clone().into_iter().map(<[u8]>::len).sum();
         if total != self.total {
             return Err(Error::invalid_argument(format!(

@@ -73,7 +73,8 @@ impl CheckedBackend {
     }
 
     fn record<T>(&self, op: &'static str, started: Instant, result: &Result<T>) {
-        self.metrics.observe_call(self.scheme(), op, started.elapsed());
+        self.metrics
+            .observe_call(self.scheme(), op, started.elapsed());
         if let Err(e) = result {
             self.metrics.add_error(self.scheme(), op, e.kind());
         }
@@ -138,7 +139,12 @@ impl KvBackend for CheckedBackend {
         self.record("put", started, &result);
         let inner = result?;
         if inner.len() != expected {
-            return Err(outcome_count_error(self.scheme(), "put", expected, inner.len()));
+            return Err(outcome_count_error(
+                self.scheme(),
+                "put",
+                expected,
+                inner.len(),
+            ));
         }
         let scheme = self.scheme();
         let mut inner = inner.into_iter().zip(lens);
@@ -181,7 +187,12 @@ impl KvBackend for CheckedBackend {
         self.record("get", started, &result);
         let out = result?;
         if out.len() != expected {
-            return Err(outcome_count_error(self.scheme(), "get", expected, out.len()));
+            return Err(outcome_count_error(
+                self.scheme(),
+                "get",
+                expected,
+                out.len(),
+            ));
         }
         let scheme = self.scheme();
         let mut loaded = 0u64;

@@ -206,12 +206,20 @@ mod tests {
             high_watermark_ratio: 1.5,
             eviction_ratio: 0.05,
         };
-        assert!(w.validate().unwrap_err().to_string().contains("eviction_high_watermark_ratio"));
+        assert!(w
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("eviction_high_watermark_ratio"));
         let w = Watermark {
             high_watermark_ratio: 0.9,
             eviction_ratio: 0.0,
         };
-        assert!(w.validate().unwrap_err().to_string().contains("eviction_ratio"));
+        assert!(w
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("eviction_ratio"));
     }
 
     #[test]

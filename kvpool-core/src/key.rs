@@ -49,9 +49,8 @@ impl BlockHash {
             )));
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|e| {
-            Error::invalid_argument(format!("block hash {s:?} is not hex: {e}"))
-        })?;
+        hex::decode_to_slice(s, &mut out)
+            .map_err(|e| Error::invalid_argument(format!("block hash {s:?} is not hex: {e}")))?;
         Ok(BlockHash(out))
     }
 
@@ -333,7 +332,10 @@ mod tests {
 
     #[test]
     fn model_basename_follows_rstrip_split() {
-        assert_eq!(model_basename("Qwen/Qwen2.5-7B-Instruct"), "Qwen2.5-7B-Instruct");
+        assert_eq!(
+            model_basename("Qwen/Qwen2.5-7B-Instruct"),
+            "Qwen2.5-7B-Instruct"
+        );
         assert_eq!(model_basename("/a/b/c///"), "c");
         assert_eq!(model_basename("plain"), "plain");
         assert!(Namespace::single_rank("///").is_err());
@@ -358,7 +360,10 @@ mod tests {
             ("m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@abc", "64 hex"),
             ("m@pcpx@dcp0@head_or_tp_rank:0@pp_rank:0@", "pcp"),
             ("m@pcp0@dcp0@tp_rank:0@pp_rank:0@", "head_or_tp_rank"),
-            ("@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@", "model name is empty"),
+            (
+                "@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@",
+                "model name is empty",
+            ),
         ];
         for (input, needle) in cases {
             let input = if input.ends_with('@') {
@@ -370,8 +375,14 @@ mod tests {
             assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
             assert!(err.to_string().contains(needle), "{input}: {err}");
         }
-        let non_hex = format!("m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}", "zz".repeat(32));
-        assert!(BlockKey::parse(&non_hex).unwrap_err().to_string().contains("not hex"));
+        let non_hex = format!(
+            "m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}",
+            "zz".repeat(32)
+        );
+        assert!(BlockKey::parse(&non_hex)
+            .unwrap_err()
+            .to_string()
+            .contains("not hex"));
     }
 
     #[test]
@@ -379,12 +390,18 @@ mod tests {
         let ns = Namespace::single_rank("m").unwrap();
         let other = ns.with_head_or_tp_rank(1).with_pp_rank(2);
         assert_ne!(ns, other);
-        assert_eq!(other.key_prefix(), "m@pcp0@dcp0@head_or_tp_rank:1@pp_rank:2@");
+        assert_eq!(
+            other.key_prefix(),
+            "m@pcp0@dcp0@head_or_tp_rank:1@pp_rank:2@"
+        );
     }
 
     #[test]
     fn block_hash_rejects_wrong_lengths() {
-        assert!(BlockHash::from_slice(&[0u8; 16]).unwrap_err().to_string().contains("16 bytes"));
+        assert!(BlockHash::from_slice(&[0u8; 16])
+            .unwrap_err()
+            .to_string()
+            .contains("16 bytes"));
         assert_eq!(BlockHash::from_slice(&[7u8; 32]).unwrap().0, [7u8; 32]);
     }
 }

@@ -101,10 +101,7 @@ impl Metrics {
 
     /// Records one finished call.
     pub fn observe_call(&self, backend: &'static str, op: &'static str, elapsed: Duration) {
-        let labels = OpLabels {
-            backend,
-            op,
-        };
+        let labels = OpLabels { backend, op };
         self.calls.get_or_create(&labels).inc();
         self.latency
             .get_or_create(&labels)
@@ -128,10 +125,7 @@ impl Metrics {
     pub fn add_bytes(&self, backend: &'static str, op: &'static str, n: u64) {
         if n > 0 {
             self.bytes
-                .get_or_create(&OpLabels {
-                    backend,
-                    op,
-                })
+                .get_or_create(&OpLabels { backend, op })
                 .inc_by(n);
         }
     }
@@ -174,10 +168,15 @@ mod tests {
         m.add_bytes("memory", "get", 4096);
         m.add_error("memory", "put", crate::ErrorKind::NoSpace);
         let text = m.encode();
-        assert!(text.contains(r#"kvpool_keys_total{backend="memory",op="get",outcome="hit"} 5"#), "{text}");
+        assert!(
+            text.contains(r#"kvpool_keys_total{backend="memory",op="get",outcome="hit"} 5"#),
+            "{text}"
+        );
         assert!(text.contains(r#"kvpool_keys_total{backend="memory",op="get",outcome="miss"} 2"#));
         assert!(text.contains(r#"kvpool_value_bytes_total{backend="memory",op="get"} 4096"#));
-        assert!(text.contains(r#"kvpool_errors_total{backend="memory",op="put",kind="no_space"} 1"#));
+        assert!(
+            text.contains(r#"kvpool_errors_total{backend="memory",op="put",kind="no_space"} 1"#)
+        );
         assert!(text.contains(r#"kvpool_call_duration_seconds_count{backend="memory",op="get"} 1"#));
         assert!(text.ends_with("# EOF\n"));
     }

@@ -50,7 +50,8 @@ pub fn factory(scheme: &str) -> Result<&'static BackendFactory> {
         .ok_or_else(|| {
             let known = registered_schemes();
             let hint = if known.is_empty() {
-                "no backend is compiled in; enable a backend feature of the kvpool crate".to_string()
+                "no backend is compiled in; enable a backend feature of the kvpool crate"
+                    .to_string()
             } else {
                 format!("registered backends: {}", known.join(", "))
             };
@@ -63,8 +64,9 @@ pub fn factory(scheme: &str) -> Result<&'static BackendFactory> {
 /// metrics layer.
 pub async fn open(config: &Config) -> Result<Arc<dyn KvBackend>> {
     let factory = factory(&config.backend).map_err(|e| e.with_operation("open"))?;
-    let backend = (factory.open)(config.clone())
-        .await
-        .map_err(|e| e.with_operation("open").with_context("backend", factory.scheme))?;
+    let backend = (factory.open)(config.clone()).await.map_err(|e| {
+        e.with_operation("open")
+            .with_context("backend", factory.scheme)
+    })?;
     Ok(Arc::new(CheckedBackend::new(backend)))
 }

@@ -21,14 +21,21 @@ fn stdout_json(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stdout)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
 fn trace() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/data/conversation_trace.jsonl");
-    assert!(p.exists(), "the trace must sit at {} (clone next to shared/)", p.display());
+    assert!(
+        p.exists(),
+        "the trace must sit at {} (clone next to shared/)",
+        p.display()
+    );
     p
 }
 
@@ -57,7 +64,11 @@ fn check_with_bad_config_fails_naming_the_key() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("kvpool.toml");
-    std::fs::write(&file, "backend = \"memory\"\n[memory]\ncapacity = \"lots\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "backend = \"memory\"\n[memory]\ncapacity = \"lots\"\n",
+    )
+    .unwrap();
     let out = kvpool(&["check", "--config", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -71,7 +82,14 @@ fn check_with_bad_config_fails_naming_the_key() {
 
 #[test]
 fn store_rejects_malformed_keys() {
-    let out = kvpool(&["store", "exists", "--key", "not-a-key", "--extra-config", MEMORY]);
+    let out = kvpool(&[
+        "store",
+        "exists",
+        "--key",
+        "not-a-key",
+        "--extra-config",
+        MEMORY,
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-key"));
 }
@@ -83,10 +101,20 @@ fn store_operations_on_a_fresh_memory_pool() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("value.bin");
     std::fs::write(&file, b"hello kv").unwrap();
-    let key = format!("m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}", "ab".repeat(32));
+    let key = format!(
+        "m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}",
+        "ab".repeat(32)
+    );
     let put = kvpool(&[
-        "store", "put", "--key", &key, "--file", file.to_str().unwrap(), "--extra-config",
-        MEMORY, "--json",
+        "store",
+        "put",
+        "--key",
+        &key,
+        "--file",
+        file.to_str().unwrap(),
+        "--extra-config",
+        MEMORY,
+        "--json",
     ]);
     let v = stdout_json(&put);
     assert_eq!(v["outcome"], "stored");
@@ -96,7 +124,13 @@ fn store_operations_on_a_fresh_memory_pool() {
     assert_eq!(String::from_utf8_lossy(&exists.stdout).trim(), "absent");
     let missing = dir.path().join("nope.bin");
     let put = kvpool(&[
-        "store", "put", "--key", &key, "--file", missing.to_str().unwrap(), "--extra-config",
+        "store",
+        "put",
+        "--key",
+        &key,
+        "--file",
+        missing.to_str().unwrap(),
+        "--extra-config",
         MEMORY,
     ]);
     assert_eq!(put.status.code(), Some(2));
@@ -109,13 +143,25 @@ fn replay_reproduces_the_published_hit_ratios() {
     let trace = trace.to_str().unwrap();
     let v = stdout_json(&kvpool(&["replay", trace, "--json"]));
     assert_eq!(v["requests"], 12031);
-    assert_eq!(format!("{:.3}", v["token_hit_ratio"].as_f64().unwrap()), "0.374");
+    assert_eq!(
+        format!("{:.3}", v["token_hit_ratio"].as_f64().unwrap()),
+        "0.374"
+    );
     assert_eq!(v["capacity_blocks"], serde_json::Value::Null);
 
     let v = stdout_json(&kvpool(&[
-        "replay", trace, "--capacity-tokens", "3000000", "--policy", "lru", "--json",
+        "replay",
+        trace,
+        "--capacity-tokens",
+        "3000000",
+        "--policy",
+        "lru",
+        "--json",
     ]));
-    assert_eq!(format!("{:.3}", v["token_hit_ratio"].as_f64().unwrap()), "0.138");
+    assert_eq!(
+        format!("{:.3}", v["token_hit_ratio"].as_f64().unwrap()),
+        "0.138"
+    );
     assert_eq!(v["capacity_blocks"], 5859);
     assert_eq!(v["policy"], "lru");
     let block = v["block_hit_ratio"].as_f64().unwrap();
@@ -126,7 +172,11 @@ fn replay_reproduces_the_published_hit_ratios() {
 fn replay_reports_a_bad_line_with_its_number() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("t.jsonl");
-    std::fs::write(&file, "{\"input_length\": 10, \"hash_ids\": [1]}\n{\"input_length\": 5}\n").unwrap();
+    std::fs::write(
+        &file,
+        "{\"input_length\": 10, \"hash_ids\": [1]}\n{\"input_length\": 5}\n",
+    )
+    .unwrap();
     let out = kvpool(&["replay", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -136,7 +186,14 @@ fn replay_reports_a_bad_line_with_its_number() {
 #[test]
 fn demo_verifies_every_loaded_byte_and_hits_shared_prefixes() {
     let v = stdout_json(&kvpool(&[
-        "demo", "--sessions", "4", "--turns", "3", "--capacity", "256MiB", "--json",
+        "demo",
+        "--sessions",
+        "4",
+        "--turns",
+        "3",
+        "--capacity",
+        "256MiB",
+        "--json",
     ]));
     assert_eq!(v["requests"], 12);
     let ratio = v["token_hit_ratio"].as_f64().unwrap();
@@ -150,12 +207,32 @@ fn demo_verifies_every_loaded_byte_and_hits_shared_prefixes() {
 #[test]
 fn bench_reports_ratios_against_memcpy() {
     let v = stdout_json(&kvpool(&[
-        "bench", "--backend", "memory", "--value-size", "64KiB", "--batch", "4",
-        "--seconds", "0.05", "--exists-keys", "100", "--extra-config",
-        r#"{"memory":{"capacity":"64MB"}}"#, "--json",
+        "bench",
+        "--backend",
+        "memory",
+        "--value-size",
+        "64KiB",
+        "--batch",
+        "4",
+        "--seconds",
+        "0.05",
+        "--exists-keys",
+        "100",
+        "--extra-config",
+        r#"{"memory":{"capacity":"64MB"}}"#,
+        "--json",
     ]));
-    for field in ["put_gbps", "get_gbps", "memcpy_gbps", "get_vs_memcpy", "put_vs_memcpy", "exists_ops"] {
-        let x = v[field].as_f64().unwrap_or_else(|| panic!("{field} missing: {v}"));
+    for field in [
+        "put_gbps",
+        "get_gbps",
+        "memcpy_gbps",
+        "get_vs_memcpy",
+        "put_vs_memcpy",
+        "exists_ops",
+    ] {
+        let x = v[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing: {v}"));
         assert!(x > 0.0 && x.is_finite(), "{field} = {x}");
     }
     let ratio = v["get_vs_memcpy"].as_f64().unwrap();

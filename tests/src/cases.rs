@@ -78,13 +78,23 @@ async fn get_values(ctx: &Ctx, items: &[(u64, usize)]) -> Vec<(GetOutcome, Arc<M
 
 fn assert_stored(out: &[PutOutcome]) {
     for (i, o) in out.iter().enumerate() {
-        assert!(matches!(o, PutOutcome::Stored), "item {i}: expected Stored, got {o:?}");
+        assert!(
+            matches!(o, PutOutcome::Stored),
+            "item {i}: expected Stored, got {o:?}"
+        );
     }
 }
 
 fn assert_hit_with(o: &(GetOutcome, Arc<MemRegion>), i: u64, len: usize) {
-    assert!(matches!(o.0, GetOutcome::Hit), "key {i}: expected Hit, got {:?}", o.0);
-    assert!(o.1.read(0, len).unwrap() == value(i, len), "key {i}: wrong bytes");
+    assert!(
+        matches!(o.0, GetOutcome::Hit),
+        "key {i}: expected Hit, got {:?}",
+        o.0
+    );
+    assert!(
+        o.1.read(0, len).unwrap() == value(i, len),
+        "key {i}: wrong bytes"
+    );
 }
 
 fn untouched(r: &MemRegion) -> bool {
@@ -131,7 +141,8 @@ pub(crate) const CASES: &[Case] = &[
     case!(length_mismatch_is_invalid_argument_and_writes_nothing),
     case!(empty_value_is_invalid_argument),
     case!(concurrent_writers_and_readers_on_same_keys),
-    case!(eviction_keeps_usage_under_capacity, |c, cap| c.capacity_bound
+    case!(eviction_keeps_usage_under_capacity, |c, cap| c
+        .capacity_bound
         && cap.is_some()),
     case!(close_then_use_is_closed),
 ];
@@ -152,7 +163,10 @@ async fn round_trip(ctx: Ctx) {
 
 /// `exists` answers per key, in input order.
 async fn exists_reports_presence(ctx: Ctx) {
-    assert_eq!(ctx.backend.exists(&ctx.keys(0..3)).await.unwrap(), [false; 3]);
+    assert_eq!(
+        ctx.backend.exists(&ctx.keys(0..3)).await.unwrap(),
+        [false; 3]
+    );
     assert_stored(&put_values(&ctx, &[(1, 100)]).await);
     assert_eq!(
         ctx.backend.exists(&ctx.keys(0..3)).await.unwrap(),
@@ -173,14 +187,28 @@ async fn value_lens_reports_lengths(ctx: Ctx) {
 /// destination untouched.
 async fn batch_mixing_hits_and_misses_keeps_order(ctx: Ctx) {
     assert_stored(&put_values(&ctx, &[(10, 300), (12, 500), (15, 700)]).await);
-    let asked = [(10, 300), (11, 300), (12, 500), (13, 64), (14, 64), (15, 700)];
+    let asked = [
+        (10, 300),
+        (11, 300),
+        (12, 500),
+        (13, 64),
+        (14, 64),
+        (15, 700),
+    ];
     let out = get_values(&ctx, &asked).await;
     for (o, &(i, len)) in out.iter().zip(&asked) {
         if [10, 12, 15].contains(&i) {
             assert_hit_with(o, i, len);
         } else {
-            assert!(matches!(o.0, GetOutcome::Miss), "key {i}: expected Miss, got {:?}", o.0);
-            assert!(untouched(&o.1), "key {i}: a miss wrote into its destination");
+            assert!(
+                matches!(o.0, GetOutcome::Miss),
+                "key {i}: expected Miss, got {:?}",
+                o.0
+            );
+            assert!(
+                untouched(&o.1),
+                "key {i}: a miss wrote into its destination"
+            );
         }
     }
 }
@@ -217,7 +245,10 @@ async fn duplicate_key_in_one_batch_is_stored_once(ctx: Ctx) {
 async fn remove_deletes_and_ignores_absent(ctx: Ctx) {
     assert_stored(&put_values(&ctx, &[(1, 100), (2, 100)]).await);
     ctx.backend.remove(&ctx.keys(1..4)).await.unwrap();
-    assert_eq!(ctx.backend.exists(&ctx.keys(1..3)).await.unwrap(), [false, false]);
+    assert_eq!(
+        ctx.backend.exists(&ctx.keys(1..3)).await.unwrap(),
+        [false, false]
+    );
     let out = get_values(&ctx, &[(1, 100)]).await;
     assert!(matches!(out[0].0, GetOutcome::Miss));
     // The key can be stored again after removal.
@@ -236,7 +267,16 @@ async fn empty_batches_are_noops(ctx: Ctx) {
 
 /// Values from 1 byte to 16 MiB round-trip.
 async fn value_sizes_from_1_byte_to_16_mib(ctx: Ctx) {
-    let sizes = [1usize, 2, 63, 4096, 4097, 512 << 10, (1 << 20) + 3, 16 << 20];
+    let sizes = [
+        1usize,
+        2,
+        63,
+        4096,
+        4097,
+        512 << 10,
+        (1 << 20) + 3,
+        16 << 20,
+    ];
     for (i, &len) in sizes.iter().enumerate() {
         let item = [(i as u64, len)];
         assert_stored(&put_values(&ctx, &item).await);
@@ -295,7 +335,10 @@ async fn length_mismatch_is_invalid_argument_and_writes_nothing(ctx: Ctx) {
             GetOutcome::Failed(e) => assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}"),
             other => panic!("item {idx}: expected InvalidArgument, got {other:?}"),
         }
-        assert!(untouched(&out[idx].1), "item {idx}: a failed get wrote bytes");
+        assert!(
+            untouched(&out[idx].1),
+            "item {idx}: a failed get wrote bytes"
+        );
     }
     assert_hit_with(&out[1], 2, 1000);
     // The stored value is intact.
@@ -318,7 +361,10 @@ async fn empty_value_is_invalid_argument(ctx: Ctx) {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
     assert!(matches!(out[1], PutOutcome::Stored), "got {:?}", out[1]);
-    assert_eq!(ctx.backend.exists(&ctx.keys(1..3)).await.unwrap(), [false, true]);
+    assert_eq!(
+        ctx.backend.exists(&ctx.keys(1..3)).await.unwrap(),
+        [false, true]
+    );
 }
 
 /// Concurrent writers and readers of the same keys: every key is stored
@@ -382,23 +428,42 @@ async fn concurrent_writers_and_readers_on_same_keys(ctx: Ctx) {
 /// never exceed capacity, recent values survive, old ones are gone, and
 /// every value still present reads back intact.
 async fn eviction_keeps_usage_under_capacity(ctx: Ctx) {
-    let capacity = ctx.capacity.expect("capacity-bound subjects declare a capacity");
+    let capacity = ctx
+        .capacity
+        .expect("capacity-bound subjects declare a capacity");
     let len = (capacity / 16) as usize;
     let n = 64u64;
     for i in 0..n {
         let out = put_values(&ctx, &[(i, len)]).await;
-        assert!(matches!(out[0], PutOutcome::Stored), "put {i} under pressure: {:?}", out[0]);
+        assert!(
+            matches!(out[0], PutOutcome::Stored),
+            "put {i} under pressure: {:?}",
+            out[0]
+        );
     }
     let lens = ctx.backend.value_lens(&ctx.keys(0..n)).await.unwrap();
     let present: u64 = lens.iter().flatten().map(|&l| l as u64).sum();
-    assert!(present <= capacity, "{present} bytes present over a capacity of {capacity}");
-    assert!(lens[(n - 1) as usize].is_some(), "the newest value was evicted");
-    assert!(lens[0].is_none(), "the oldest value survived 4x capacity of writes");
+    assert!(
+        present <= capacity,
+        "{present} bytes present over a capacity of {capacity}"
+    );
+    assert!(
+        lens[(n - 1) as usize].is_some(),
+        "the newest value was evicted"
+    );
+    assert!(
+        lens[0].is_none(),
+        "the oldest value survived 4x capacity of writes"
+    );
     let kept: Vec<_> = (0..n)
         .filter(|&i| lens[i as usize].is_some())
         .map(|i| (i, len))
         .collect();
-    assert!(kept.len() >= 8, "only {} values kept of 16 that fit", kept.len());
+    assert!(
+        kept.len() >= 8,
+        "only {} values kept of 16 that fit",
+        kept.len()
+    );
     for (o, &(i, len)) in get_values(&ctx, &kept).await.iter().zip(&kept) {
         match &o.0 {
             GetOutcome::Hit => assert_hit_with(o, i, len),

@@ -76,7 +76,11 @@ impl Arena {
             return None;
         }
         let at = free.len() - n;
-        Some(free.split_off(at))
+        let mut chunks = free.split_off(at);
+        // The free list pops from its end, so a fresh arena hands out
+        // descending indices; ascending ones keep copies sequential.
+        chunks.reverse();
+        Some(chunks)
     }
 
     fn release(&self, chunks: &[u32]) {
@@ -166,7 +170,10 @@ impl MemoryBackend {
     pub fn new(cfg: MemoryConfig) -> Result<Self> {
         cfg.validate()?;
         let capacity = usize::try_from(cfg.capacity.0).map_err(|_| {
-            Error::config_invalid(format!("memory.capacity {} does not fit in memory", cfg.capacity))
+            Error::config_invalid(format!(
+                "memory.capacity {} does not fit in memory",
+                cfg.capacity
+            ))
         })?;
         let chunk_size = cfg.chunk_size.0 as usize;
         let arena = Arc::new(Arena::new(capacity, chunk_size, cfg.prefault)?);
@@ -308,7 +315,10 @@ impl MemoryBackend {
                 Some(entry) => {
                     idle_round = 0;
                     released += entry.chunks.len();
-                    tracing::trace!(chunks = entry.chunks.len(), "memory backend evicted a value");
+                    tracing::trace!(
+                        chunks = entry.chunks.len(),
+                        "memory backend evicted a value"
+                    );
                 }
                 None => idle_round += 1,
             }
@@ -319,7 +329,8 @@ impl MemoryBackend {
     fn put_one(&self, key: BlockKey, iov: &IoVec) -> PutOutcome {
         if iov.is_empty() {
             return PutOutcome::Failed(
-                Error::invalid_argument("a value must be at least 1 byte").with_context("key", &key),
+                Error::invalid_argument("a value must be at least 1 byte")
+                    .with_context("key", &key),
             );
         }
         // Cheap check first: a present key costs no allocation or copy.
@@ -445,8 +456,8 @@ impl KvBackend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvpool_core::{BlockHash, MemRegion, Namespace};
     use kvpool_core::size::ByteSize;
+    use kvpool_core::{BlockHash, MemRegion, Namespace};
 
     fn key(i: u32) -> BlockKey {
         let ns = Arc::new(Namespace::single_rank("m").unwrap());
@@ -479,7 +490,10 @@ mod tests {
         b.put(vec![(key(90), IoVec::whole(&src))]).await.unwrap();
         // 91 chunks passed the watermark: 5 were freed at once.
         assert_eq!(b.used_bytes(), 86 * 64);
-        let present = b.exists(&(0..91).map(key).collect::<Vec<_>>()).await.unwrap();
+        let present = b
+            .exists(&(0..91).map(key).collect::<Vec<_>>())
+            .await
+            .unwrap();
         assert!(present[90], "the value just written survives its own pass");
         assert_eq!(present.iter().filter(|p| !**p).count(), 5);
     }

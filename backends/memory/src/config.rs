@@ -29,7 +29,7 @@ impl Default for MemoryConfig {
         let w = Watermark::default();
         MemoryConfig {
             capacity: ByteSize(1 << 30),
-            chunk_size: ByteSize(16 << 10),
+            chunk_size: ByteSize(4 << 10),
             shards: 16,
             eviction_high_watermark_ratio: w.high_watermark_ratio,
             eviction_ratio: w.eviction_ratio,
@@ -70,7 +70,10 @@ impl MemoryConfig {
             ));
         }
         if self.shards == 0 || self.shards > 4096 {
-            return bad(format!("memory.shards must be between 1 and 4096, got {}", self.shards));
+            return bad(format!(
+                "memory.shards must be between 1 and 4096, got {}",
+                self.shards
+            ));
         }
         self.watermark()
             .validate()

@@ -83,7 +83,10 @@ pub(crate) fn run(args: BenchArgs) -> kvpool::Result<ExitCode> {
             "{} backend, {} values, batch {}",
             report.backend, args.value_size, report.batch
         );
-        println!("  memcpy  {:>8.2} GB/s (single thread, same buffers)", report.memcpy_gbps);
+        println!(
+            "  memcpy  {:>8.2} GB/s (single thread, same buffers)",
+            report.memcpy_gbps
+        );
         println!(
             "  put     {:>8.2} GB/s  = {:.2}x memcpy",
             report.put_gbps, report.put_vs_memcpy

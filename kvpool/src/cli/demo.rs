@@ -163,7 +163,12 @@ async fn drive(
             let loads = keys[..hit]
                 .iter()
                 .enumerate()
-                .map(|(i, k)| Ok((k.clone(), IoVecMut::single(&kv, i * block_bytes, block_bytes)?)))
+                .map(|(i, k)| {
+                    Ok((
+                        k.clone(),
+                        IoVecMut::single(&kv, i * block_bytes, block_bytes)?,
+                    ))
+                })
                 .collect::<kvpool::Result<Vec<_>>>()?;
             let outcomes = pool.get_into(loads).await?;
             load_time += t.elapsed();
@@ -179,7 +184,9 @@ async fn drive(
                 if kv.read(i * block_bytes, block_bytes)? != expected {
                     return Err(Error::new(
                         ErrorKind::Corrupted,
-                        format!("block {i} of a request loaded bytes that differ from those stored"),
+                        format!(
+                            "block {i} of a request loaded bytes that differ from those stored"
+                        ),
                     )
                     .with_context("key", &keys[i]));
                 }
@@ -193,7 +200,12 @@ async fn drive(
             }
             let t = Instant::now();
             let stores = (loaded..keys.len())
-                .map(|i| Ok((keys[i].clone(), IoVec::single(&kv, i * block_bytes, block_bytes)?)))
+                .map(|i| {
+                    Ok((
+                        keys[i].clone(),
+                        IoVec::single(&kv, i * block_bytes, block_bytes)?,
+                    ))
+                })
                 .collect::<kvpool::Result<Vec<_>>>()?;
             for o in pool.put(stores).await? {
                 match o {

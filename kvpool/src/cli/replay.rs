@@ -78,11 +78,9 @@ pub(crate) fn run(args: ReplayArgs) -> kvpool::Result<ExitCode> {
     if args.output.json {
         println!("{}", serde_json::to_string(&report).expect("serializable"));
     } else {
-        let capacity = report
-            .capacity_blocks
-            .map_or("unbounded".to_string(), |b| {
-                format!("{b} blocks ({} tokens)", b * args.block_tokens)
-            });
+        let capacity = report.capacity_blocks.map_or("unbounded".to_string(), |b| {
+            format!("{b} blocks ({} tokens)", b * args.block_tokens)
+        });
         println!("requests         {}", report.requests);
         println!("policy           {}", report.policy);
         println!("capacity         {capacity}");
