@@ -276,6 +276,17 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn load_with_env(sources: &ConfigSources, env: &[(String, String)]) -> Result<Config> {
+        let schemes = crate::registry::registered_schemes();
+        Config::load_inner(sources, env, &schemes)
+    }
+
+    /// The loader, with the registered schemes (which name the allowed tables) passed in so
+    /// tests do not depend on which backend crates happen to be linked.
+    fn load_inner(
+        sources: &ConfigSources,
+        env: &[(String, String)],
+        schemes: &[&str],
+    ) -> Result<Config> {
         let env = if sources.use_env { env } else { &[] };
         // An empty variable is how shells unset one for a single command (`KVPOOL_CONFIG= cmd`).
         let var = |name: &str| {
@@ -313,7 +324,7 @@ impl Config {
             mooncake_layers.extend(mooncake_env_layer(&var));
         }
         let figment = build(&mooncake_layers);
-        Config::validate(figment, backend, !mooncake_layers.is_empty())
+        Config::validate(figment, backend, !mooncake_layers.is_empty(), schemes)
     }
 
     /// The defaults and `value` (vLLM's `kv_connector_extra_config`), nothing else: no files,
@@ -370,17 +381,20 @@ impl Config {
         serde_json::Value::Object(out)
     }
 
-    fn validate(figment: Figment, backend: String, mooncake_merged: bool) -> Result<Config> {
+    fn validate(
+        figment: Figment,
+        backend: String,
+        mooncake_merged: bool,
+        schemes: &[&str],
+    ) -> Result<Config> {
         let data = figment
             .data()
             .map_err(|e| figment_error(e, &figment, &[]))?
             .remove(&Profile::Default)
             .unwrap_or_default();
 
-        let mut allowed_sections: BTreeSet<String> = crate::registry::registered_schemes()
-            .into_iter()
-            .map(|s| s.replace('-', "_"))
-            .collect();
+        let mut allowed_sections: BTreeSet<String> =
+            schemes.iter().map(|s| s.replace('-', "_")).collect();
         if mooncake_merged {
             allowed_sections.insert("mooncake".into());
         }
@@ -544,7 +558,10 @@ fn unknown_keys_error(unknown: &[(String, String)], sections: &BTreeSet<String>)
         })
         .collect();
     let plural = if unknown.len() == 1 { "key" } else { "keys" };
-    let tables: Vec<&str> = sections.iter().map(String::as_str).collect();
+    let mut tables: Vec<&str> = sections.iter().map(String::as_str).collect();
+    if tables.is_empty() {
+        tables.push("(none registered)");
+    }
     Error::config_invalid(format!(
         "unknown {plural} {}; known keys: {}; backend tables: {}",
         listed.join(", "),
@@ -581,9 +598,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Where the value at `path` (from the root) came from, e.g. "environment variable
 /// KVPOOL_LOOKUP_RPC_PORT" or "config file `/etc/kvpool.toml`".
 fn origin_of(figment: &Figment, path: &[&str]) -> String {
-    match figment.find_metadata(&path.join(".")) {
-        Some(metadata) => describe(metadata, path),
-        None => "the configuration".into(),
+    let key = path.join(".");
+    let Some(metadata) = figment.find_metadata(&key) else {
+        return "the configuration".into();
+    };
+    let described = describe(metadata, path);
+    // A table from the environment is many variables, none named exactly like the table.
+    let is_table = matches!(figment.find_value(&key), Ok(Value::Dict(..)));
+    match described.strip_prefix("environment variable ") {
+        Some(name) if is_table && name.starts_with(ENV_PREFIX) => {
+            format!("environment variables {name}__*")
+        }
+        _ => described,
     }
 }
 
@@ -1069,6 +1095,9 @@ mod tests {
             .collect()
     }
 
+    /// What the registry holds in a full build; kvpool-core's own tests link no backend.
+    const SCHEMES: &[&str] = &["memory", "mooncake", "redis", "rocksdb-ssd"];
+
     fn with_env(
         file: Option<&Path>,
         extra: Option<serde_json::Value>,
@@ -1079,7 +1108,16 @@ mod tests {
             extra_config: extra,
             use_env: true,
         };
-        Config::load_with_env(&sources, &env(vars))
+        Config::load_inner(&sources, &env(vars), SCHEMES)
+    }
+
+    /// [`Config::from_extra_config`] against [`SCHEMES`].
+    fn extra(value: serde_json::Value) -> Result<Config> {
+        let sources = ConfigSources {
+            extra_config: Some(value),
+            ..ConfigSources::default()
+        };
+        Config::load_inner(&sources, &[], SCHEMES)
     }
 
     /// The message, asserting the invariants every config error shares.
@@ -1126,20 +1164,16 @@ mod tests {
 
     #[test]
     fn seed_extra_config_loads_unchanged() {
-        let config =
-            Config::from_extra_config(json!({"lookup_rpc_port": "0", "backend": "mooncake"}))
-                .unwrap();
+        let config = extra(json!({"lookup_rpc_port": "0", "backend": "mooncake"})).unwrap();
         assert_eq!(config.backend, "mooncake");
         assert_eq!(config.connector.lookup_rpc_port, 0);
-        let config =
-            Config::from_extra_config(json!({"lookup_rpc_port": "1", "backend": "mooncake"}))
-                .unwrap();
+        let config = extra(json!({"lookup_rpc_port": "1", "backend": "mooncake"})).unwrap();
         assert_eq!(config.connector.lookup_rpc_port, 1);
     }
 
     #[test]
     fn strings_are_accepted_for_integers_and_booleans() {
-        let config = Config::from_extra_config(json!({
+        let config = extra(json!({
             "load_async": "true",
             "use_layerwise": "False",
             "consumer_is_to_put": true,
@@ -1338,7 +1372,7 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_source_and_suggestion() {
-        let msg = config_err(Config::from_extra_config(json!({"lookup_rpc_prot": "0"})));
+        let msg = config_err(extra(json!({"lookup_rpc_prot": "0"})));
         assert!(msg.contains("unknown key `lookup_rpc_prot`"), "{msg}");
         assert!(msg.contains("in kv_connector_extra_config"), "{msg}");
         assert!(msg.contains("did you mean `lookup_rpc_port`"), "{msg}");
@@ -1360,36 +1394,43 @@ mod tests {
             msg.contains("environment variable KVPOOL_LOAD_ASYNCH"),
             "{msg}"
         );
+
+        let msg = config_err(with_env(None, None, &[("KVPOOL_MEMROY__CAPACITY", "1GB")]));
+        assert!(msg.contains("`memroy`"), "{msg}");
+        assert!(
+            msg.contains("environment variables KVPOOL_MEMROY__*"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unregistered_tables_are_unknown_but_the_chosen_backend_passes() {
-        let msg = config_err(Config::from_extra_config(json!({"foo": {"a": 1}})));
+        let msg = config_err(extra(json!({"foo": {"a": 1}})));
         assert!(msg.contains("unknown key `foo`"), "{msg}");
         // Left for the registry to reject with the list of registered backends.
-        let c = Config::from_extra_config(json!({"backend": "foo", "foo": {"a": 1}})).unwrap();
+        let c = extra(json!({"backend": "foo", "foo": {"a": 1}})).unwrap();
         assert_eq!(c.section_names(), vec!["foo".to_string()]);
     }
 
     #[test]
     fn wrong_types_name_the_key() {
-        let msg = config_err(Config::from_extra_config(json!({"lookup_rpc_port": "abc"})));
+        let msg = config_err(extra(json!({"lookup_rpc_port": "abc"})));
         assert!(msg.contains("`lookup_rpc_port`"), "{msg}");
         assert!(msg.contains("kv_connector_extra_config"), "{msg}");
         assert!(msg.contains("\"abc\""), "{msg}");
 
-        let msg = config_err(Config::from_extra_config(json!({"load_async": "maybe"})));
+        let msg = config_err(extra(json!({"load_async": "maybe"})));
         assert!(msg.contains("`load_async`"), "{msg}");
 
-        let msg = config_err(Config::from_extra_config(json!({"hashing": "sha"})));
+        let msg = config_err(extra(json!({"hashing": "sha"})));
         assert!(msg.contains("`hashing`") && msg.contains("vllm"), "{msg}");
-        let msg = config_err(Config::from_extra_config(json!({"hashing": 1})));
+        let msg = config_err(extra(json!({"hashing": 1})));
         assert!(msg.contains("`hashing`"), "{msg}");
 
-        let msg = config_err(Config::from_extra_config(json!({"backend": 7})));
+        let msg = config_err(extra(json!({"backend": 7})));
         assert!(msg.contains("`backend`"), "{msg}");
 
-        let msg = config_err(Config::from_extra_config(json!({"memory": 5})));
+        let msg = config_err(extra(json!({"memory": 5})));
         assert!(msg.contains("`memory`") && msg.contains("table"), "{msg}");
 
         let dir = tempfile::tempdir().unwrap();
@@ -1409,59 +1450,52 @@ mod tests {
     #[test]
     fn backend_must_look_like_a_scheme() {
         for bad in ["", "Mooncake", "moon cake", "-x"] {
-            let msg = config_err(Config::from_extra_config(json!({"backend": bad})));
+            let msg = config_err(extra(json!({"backend": bad})));
             assert!(msg.contains("`backend`"), "{msg}");
         }
-        let msg = config_err(Config::from_extra_config(json!({"backend": "Mooncake"})));
+        let msg = config_err(extra(json!({"backend": "Mooncake"})));
         assert!(msg.contains("did you mean `mooncake`"), "{msg}");
-        let c = Config::from_extra_config(json!({"backend": "rocksdb-ssd"})).unwrap();
+        let c = extra(json!({"backend": "rocksdb-ssd"})).unwrap();
         assert_eq!(c.backend, "rocksdb-ssd");
     }
 
     #[test]
     fn extra_config_must_be_an_object() {
-        let msg = config_err(Config::from_extra_config(json!([1, 2])));
+        let msg = config_err(extra(json!([1, 2])));
         assert!(msg.contains("kv_connector_extra_config"), "{msg}");
     }
 
     #[test]
     fn mooncake_rpc_port_is_a_deprecated_alias() {
-        let c = Config::from_extra_config(json!({"mooncake_rpc_port": "7"})).unwrap();
+        let c = extra(json!({"mooncake_rpc_port": "7"})).unwrap();
         assert_eq!(c.connector.lookup_rpc_port, 7);
         assert_eq!(c.to_json()["lookup_rpc_port"], json!(7));
         assert!(c.to_json().get("mooncake_rpc_port").is_none());
 
-        let c = Config::from_extra_config(json!({"mooncake_rpc_port": 7, "lookup_rpc_port": "7"}))
-            .unwrap();
+        let c = extra(json!({"mooncake_rpc_port": 7, "lookup_rpc_port": "7"})).unwrap();
         assert_eq!(c.connector.lookup_rpc_port, 7);
 
-        let msg = config_err(Config::from_extra_config(
-            json!({"mooncake_rpc_port": 7, "lookup_rpc_port": 8}),
-        ));
+        let msg = config_err(extra(json!({"mooncake_rpc_port": 7, "lookup_rpc_port": 8})));
         assert!(
             msg.contains("mooncake_rpc_port") && msg.contains("lookup_rpc_port"),
             "{msg}"
         );
 
         // An explicit 0 differs from a defaulted one.
-        assert!(
-            Config::from_extra_config(json!({"mooncake_rpc_port": 7, "lookup_rpc_port": 0}))
-                .is_err()
-        );
-        let msg = config_err(Config::from_extra_config(json!({"mooncake_rpc_port": "x"})));
+        assert!(extra(json!({"mooncake_rpc_port": 7, "lookup_rpc_port": 0})).is_err());
+        let msg = config_err(extra(json!({"mooncake_rpc_port": "x"})));
         assert!(msg.contains("`mooncake_rpc_port`"), "{msg}");
     }
 
     #[test]
     fn section_reads_tables_and_names_full_keys_in_errors() {
-        let c = Config::from_extra_config(json!({"memory": {"capacity": "1GB", "shards": "4"}}))
-            .unwrap();
+        let c = extra(json!({"memory": {"capacity": "1GB", "shards": "4"}})).unwrap();
         assert_eq!(c.section_names(), vec!["memory".to_string()]);
         let memory: MemorySection = c.section("memory").unwrap();
         assert_eq!(memory.capacity, Some(ByteSize(GIB)));
         assert_eq!(memory.shards, Some(4));
 
-        let c = Config::from_extra_config(json!({"memory": {"capcity": "1GB"}})).unwrap();
+        let c = extra(json!({"memory": {"capcity": "1GB"}})).unwrap();
         let err = c.section::<MemorySection>("memory").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConfigInvalid);
         let msg = err.to_string();
@@ -1469,7 +1503,7 @@ mod tests {
         assert!(msg.contains("kv_connector_extra_config"), "{msg}");
         assert!(msg.contains("did you mean `capacity`"), "{msg}");
 
-        let c = Config::from_extra_config(json!({"memory": {"capacity": "lots"}})).unwrap();
+        let c = extra(json!({"memory": {"capacity": "lots"}})).unwrap();
         let msg = c
             .section::<MemorySection>("memory")
             .unwrap_err()
@@ -1479,7 +1513,7 @@ mod tests {
             "{msg}"
         );
 
-        let c = Config::from_extra_config(json!({"memory": {"shards": true}})).unwrap();
+        let c = extra(json!({"memory": {"shards": true}})).unwrap();
         let msg = c
             .section::<MemorySection>("memory")
             .unwrap_err()
@@ -1579,16 +1613,14 @@ mod tests {
 
     #[test]
     fn pp_partition_is_checked() {
-        let msg = config_err(Config::from_extra_config(
-            json!({"prefill_pp_layer_partition": "30,31"}),
-        ));
+        let msg = config_err(extra(json!({"prefill_pp_layer_partition": "30,31"})));
         assert!(msg.contains("`prefill_pp_layer_partition`"), "{msg}");
         assert!(msg.contains("prefill_pp_size"), "{msg}");
-        let msg = config_err(Config::from_extra_config(
+        let msg = config_err(extra(
             json!({"prefill_pp_size": 2, "prefill_pp_layer_partition": "30,x"}),
         ));
         assert!(msg.contains("`prefill_pp_layer_partition`"), "{msg}");
-        let msg = config_err(Config::from_extra_config(json!({"prefill_pp_size": 0})));
+        let msg = config_err(extra(json!({"prefill_pp_size": 0})));
         assert!(msg.contains("`prefill_pp_size`"), "{msg}");
 
         let dir = tempfile::tempdir().unwrap();
@@ -1603,7 +1635,7 @@ mod tests {
 
     #[test]
     fn ascend_store_only_keys_are_accepted_and_ignored() {
-        let c = Config::from_extra_config(json!({
+        let c = extra(json!({
             "register_buffer": true,
             "prefill_tp_size": 4,
             "backend": "memory",
@@ -1615,7 +1647,7 @@ mod tests {
 
     #[test]
     fn to_json_shows_effective_values_and_hides_secrets() {
-        let c = Config::from_extra_config(json!({
+        let c = extra(json!({
             "backend": "redis",
             "lookup_rpc_port": "3",
             "redis": {"url": "redis://h:1", "password": "hunter2", "auth_token": ""},
