@@ -43,6 +43,7 @@ struct BenchReport {
     backend: String,
     value_size: u64,
     batch: usize,
+    working_set: u64,
     memcpy_gbps: f64,
     put_gbps: f64,
     get_gbps: f64,
@@ -103,6 +104,10 @@ pub(crate) fn run(args: BenchArgs) -> kvpool::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Bytes the bench cycles through: well past any last-level cache, so every
+/// phase (memcpy included) moves cold data, as a KV pool does.
+const WORKING_SET: usize = 256 << 20;
+
 async fn measure(
     backend: &Arc<dyn KvBackend>,
     args: &BenchArgs,
@@ -111,9 +116,19 @@ async fn measure(
     bar: &indicatif::ProgressBar,
 ) -> kvpool::Result<BenchReport> {
     let batch = args.batch;
-    let total = value_size.checked_mul(batch).ok_or_else(|| {
+    let batch_bytes = value_size.checked_mul(batch).ok_or_else(|| {
         Error::invalid_argument("--value-size x --batch overflows the address space")
     })?;
+    // Keep the values the get phase reads well under the backend's
+    // eviction watermark, or they would be gone before they are read.
+    let room = backend
+        .info()
+        .capabilities
+        .max_value_size
+        .filter(|_| backend.info().capabilities.capacity_bound)
+        .map_or(usize::MAX, |cap| cap / 2);
+    let slots = (WORKING_SET.min(room) / batch_bytes).max(1);
+    let total = slots * batch_bytes;
     // Sources are filled (and so faulted in) before any timing starts.
     let mut data = vec![0u8; total];
     rand::thread_rng().fill_bytes(&mut data);
@@ -121,9 +136,10 @@ async fn measure(
     let dst = MemRegion::from_vec(vec![1u8; total]);
     backend.register(&src).await?;
     backend.register(&dst).await?;
+    let piece = |slot: usize, i: usize| (slot % slots) * batch_bytes + i * value_size;
 
     bar.set_message("memcpy");
-    let memcpy_gbps = memcpy_baseline(&src, &dst, value_size, batch, phase)?;
+    let memcpy_gbps = memcpy_baseline(&src, &dst, value_size, batch, slots, phase);
     bar.inc(1);
 
     let ns = Arc::new(Namespace::single_rank(&format!(
@@ -135,21 +151,20 @@ async fn measure(
         h[..8].copy_from_slice(&i.to_le_bytes());
         BlockKey::new(ns.clone(), BlockHash(h))
     };
-    let slices = |i: usize| (i * value_size, value_size);
 
     bar.set_message("put");
-    let mut next = 0u64;
     let mut put_calls = 0u64;
     let mut put_bytes = 0u64;
     let started = Instant::now();
-    while started.elapsed() < phase || put_calls == 0 {
+    // At least one full cycle, so the get phase has every slot to read.
+    while started.elapsed() < phase || (put_calls as usize) < slots {
+        let slot = put_calls as usize;
         let items = (0..batch)
             .map(|i| {
-                let (off, len) = slices(i);
-                Ok((key(next + i as u64), IoVec::single(&src, off, len)?))
+                let k = key(put_calls * batch as u64 + i as u64);
+                Ok((k, IoVec::single(&src, piece(slot, i), value_size)?))
             })
             .collect::<kvpool::Result<Vec<_>>>()?;
-        next += batch as u64;
         for o in backend.put(items).await? {
             match o {
                 PutOutcome::Stored => put_bytes += value_size as u64,
@@ -162,19 +177,20 @@ async fn measure(
     let put_gbps = put_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
     bar.inc(1);
 
-    // The last batch written is the most likely to be resident.
-    let last: Vec<BlockKey> = (next - batch as u64..next).map(key).collect();
+    // Read back the last `slots` batches written, each into its own slot of
+    // `dst`, cycling; every slot's key was written from the same slot of `src`.
     bar.set_message("get");
+    let first_call = put_calls - slots as u64;
     let mut get_calls = 0u64;
     let mut get_bytes = 0u64;
     let started = Instant::now();
     while started.elapsed() < phase || get_calls == 0 {
-        let items = last
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let (off, len) = slices(i);
-                Ok((k.clone(), IoVecMut::single(&dst, off, len)?))
+        let call = first_call + get_calls % slots as u64;
+        let slot = call as usize;
+        let items = (0..batch)
+            .map(|i| {
+                let k = key(call * batch as u64 + i as u64);
+                Ok((k, IoVecMut::single(&dst, piece(slot, i), value_size)?))
             })
             .collect::<kvpool::Result<Vec<_>>>()?;
         for o in backend.get_into(items).await? {
@@ -183,7 +199,7 @@ async fn measure(
                 GetOutcome::Miss => {
                     return Err(Error::new(
                         kvpool::ErrorKind::Unexpected,
-                        "a value written by this run was missing; is the capacity smaller than one batch?",
+                        "a value written by this run was missing; raise the backend's capacity",
                     ))
                 }
                 GetOutcome::Failed(e) => return Err(e.with_operation("bench")),
@@ -192,7 +208,11 @@ async fn measure(
         get_calls += 1;
     }
     let get_gbps = get_bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
-    if dst.read(0, value_size)? != src.read(0, value_size)? {
+    let checked = (get_calls as usize).min(slots) * batch_bytes;
+    let first = piece(first_call as usize, 0);
+    if dst.read(first, checked.min(total - first))?
+        != src.read(first, checked.min(total - first))?
+    {
         return Err(Error::new(
             kvpool::ErrorKind::Corrupted,
             "bench read back different bytes than it wrote",
@@ -202,7 +222,8 @@ async fn measure(
 
     bar.set_message("exists");
     let n = args.exists_keys as u64;
-    let probe: Vec<BlockKey> = (next.saturating_sub(n)..next.saturating_sub(n) + n)
+    let written = put_calls * batch as u64;
+    let probe: Vec<BlockKey> = (written.saturating_sub(n)..written.saturating_sub(n) + n)
         .map(key)
         .collect();
     let mut exists_calls = 0u64;
@@ -219,6 +240,7 @@ async fn measure(
         backend: backend.info().scheme.to_string(),
         value_size: value_size as u64,
         batch,
+        working_set: total as u64,
         memcpy_gbps,
         put_gbps,
         get_gbps,
@@ -231,30 +253,39 @@ async fn measure(
     })
 }
 
-/// Single-thread memcpy of the same batch shape between the same buffers.
+/// Single-thread memcpy of the same pieces between the same buffers. Like the
+/// store's own copies (values live wherever the allocator put them; an
+/// engine's KV blocks are paged), each piece is read from and written to a
+/// pseudo-random piece position of the working set, so neither side is one
+/// long sequential stream.
 fn memcpy_baseline(
     src: &MemRegion,
     dst: &MemRegion,
     value_size: usize,
     batch: usize,
+    slots: usize,
     phase: Duration,
-) -> kvpool::Result<f64> {
+) -> f64 {
+    let pieces = slots * batch;
+    // A multiplicative walk over piece positions: deterministic, cache-hostile.
+    let position = |n: usize, stride: usize| (n.wrapping_mul(stride) % pieces) * value_size;
     let mut bytes = 0u64;
+    let mut n = 0usize;
     let started = Instant::now();
     while started.elapsed() < phase || bytes == 0 {
-        for i in 0..batch {
-            let off = i * value_size;
-            // SAFETY: both regions are `value_size * batch` long and distinct.
+        for _ in 0..batch {
+            // SAFETY: both regions are `pieces * value_size` long and distinct.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    src.as_ptr().add(off),
-                    dst.as_ptr().add(off),
+                    src.as_ptr().add(position(n, 40_503)),
+                    dst.as_ptr().add(position(n, 65_537)),
                     value_size,
                 )
             };
+            n += 1;
         }
         bytes += (value_size * batch) as u64;
     }
     std::hint::black_box(dst.as_ptr());
-    Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e9)
+    bytes as f64 / started.elapsed().as_secs_f64() / 1e9
 }
