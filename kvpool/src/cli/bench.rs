@@ -132,8 +132,10 @@ async fn measure(
     // Sources are filled (and so faulted in) before any timing starts.
     let mut data = vec![0u8; total];
     rand::thread_rng().fill_bytes(&mut data);
-    let src = MemRegion::from_vec(data);
-    let dst = MemRegion::from_vec(vec![1u8; total]);
+    let src = MemRegion::alloc(total);
+    src.write(0, &data)?;
+    drop(data);
+    let dst = MemRegion::alloc(total);
     backend.register(&src).await?;
     backend.register(&dst).await?;
     let piece = |slot: usize, i: usize| (slot % slots) * batch_bytes + i * value_size;
