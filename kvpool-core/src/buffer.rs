@@ -237,70 +237,93 @@ impl fmt::Debug for RegionSlice {
     }
 }
 
-fn push_slice(
-    slices: &mut Vec<RegionSlice>,
-    total: &mut usize,
-    region: &Arc<MemRegion>,
-    offset: usize,
-    len: usize,
-) -> Result<()> {
-    region.check_range(offset, len)?;
-    *total = total
-        .checked_add(len)
-        .ok_or_else(|| Error::invalid_argument("descriptor length overflows usize"))?;
-    slices.push(RegionSlice {
-        region: region.clone(),
-        offset,
-        len,
-    });
-    Ok(())
+/// The methods `IoVec` and `IoVecMut` share: they differ only in direction.
+macro_rules! slice_list {
+    ($ty:ident, $doc:literal, $len_doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone, Default)]
+        pub struct $ty {
+            slices: Vec<RegionSlice>,
+            total: usize,
+        }
+
+        impl $ty {
+            /// An empty descriptor.
+            pub fn new() -> Self {
+                Self::default()
+            }
+
+            /// One slice of `region`.
+            pub fn single(region: &Arc<MemRegion>, offset: usize, len: usize) -> Result<Self> {
+                let mut v = Self::new();
+                v.push(region, offset, len)?;
+                Ok(v)
+            }
+
+            /// The whole region.
+            pub fn whole(region: &Arc<MemRegion>) -> Self {
+                Self::single(region, 0, region.len()).expect("the whole region is in bounds")
+            }
+
+            /// Appends a slice; out-of-bounds slices are an InvalidArgument error.
+            pub fn push(
+                &mut self,
+                region: &Arc<MemRegion>,
+                offset: usize,
+                len: usize,
+            ) -> Result<()> {
+                region.check_range(offset, len)?;
+                self.total = self
+                    .total
+                    .checked_add(len)
+                    .ok_or_else(|| Error::invalid_argument("descriptor length overflows usize"))?;
+                self.slices.push(RegionSlice {
+                    region: region.clone(),
+                    offset,
+                    len,
+                });
+                Ok(())
+            }
+
+            #[doc = $len_doc]
+            pub fn len(&self) -> usize {
+                self.total
+            }
+
+            /// Whether the descriptor covers no bytes.
+            pub fn is_empty(&self) -> bool {
+                self.total == 0
+            }
+
+            /// The slices, in order.
+            pub fn slices(&self) -> &[RegionSlice] {
+                &self.slices
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    .field("len", &self.total)
+                    .field("slices", &self.slices)
+                    .finish()
+            }
+        }
+    };
 }
 
-/// Where a value's bytes are read from by `put`: slices gathered in order.
-#[derive(Clone, Default)]
-pub struct IoVec {
-    slices: Vec<RegionSlice>,
-    total: usize,
-}
+slice_list!(
+    IoVec,
+    "Where a value's bytes are read from by `put`: slices gathered in order.",
+    "Total length of the value."
+);
+slice_list!(
+    IoVecMut,
+    "Where a value's bytes are written by `get_into`: slices filled in order.",
+    "Total length the stored value must have."
+);
 
 impl IoVec {
-    /// An empty descriptor.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// One slice of `region`.
-    pub fn single(region: &Arc<MemRegion>, offset: usize, len: usize) -> Result<Self> {
-        let mut v = Self::new();
-        v.push(region, offset, len)?;
-        Ok(v)
-    }
-
-    /// The whole region.
-    pub fn whole(region: &Arc<MemRegion>) -> Self {
-        Self::single(region, 0, region.len()).expect("the whole region is in bounds")
-    }
-
-    /// Appends a slice; out-of-bounds slices are an InvalidArgument error.
-    pub fn push(&mut self, region: &Arc<MemRegion>, offset: usize, len: usize) -> Result<()> {
-        push_slice(&mut self.slices, &mut self.total, region, offset, len)
-    }
-
-    /// Total length of the value.
-    pub fn len(&self) -> usize {
-        self.total
-    }
-
-    /// Whether the value is empty.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// The slices, in order.
-    pub fn slices(&self) -> &[RegionSlice] {
-        &self.slices
-    }
-
     /// The slices as byte slices.
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + Clone {
         self.slices.iter().map(|s| {
@@ -320,60 +343,7 @@ impl IoVec {
     }
 }
 
-impl fmt::Debug for IoVec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IoVec")
-            .field("len", &self.total)
-            .field("slices", &self.slices)
-            .finish()
-    }
-}
-
-/// Where a value's bytes are written by `get_into`: slices filled in order.
-#[derive(Clone, Default)]
-pub struct IoVecMut {
-    slices: Vec<RegionSlice>,
-    total: usize,
-}
-
 impl IoVecMut {
-    /// An empty descriptor.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// One slice of `region`.
-    pub fn single(region: &Arc<MemRegion>, offset: usize, len: usize) -> Result<Self> {
-        let mut v = Self::new();
-        v.push(region, offset, len)?;
-        Ok(v)
-    }
-
-    /// The whole region.
-    pub fn whole(region: &Arc<MemRegion>) -> Self {
-        Self::single(region, 0, region.len()).expect("the whole region is in bounds")
-    }
-
-    /// Appends a slice; out-of-bounds slices are an InvalidArgument error.
-    pub fn push(&mut self, region: &Arc<MemRegion>, offset: usize, len: usize) -> Result<()> {
-        push_slice(&mut self.slices, &mut self.total, region, offset, len)
-    }
-
-    /// Total length the stored value must have.
-    pub fn len(&self) -> usize {
-        self.total
-    }
-
-    /// Whether the descriptor is empty.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// The slices, in order.
-    pub fn slices(&self) -> &[RegionSlice] {
-        &self.slices
-    }
-
     /// Scatters `chunks` (whose lengths must sum to [`len`](Self::len)) into the slices.
     ///
     /// Callers check the length first; a mismatch here is an InvalidArgument
@@ -400,15 +370,6 @@ impl IoVecMut {
     /// Scatters one contiguous buffer.
     pub fn copy_from_slice(&self, data: &[u8]) -> Result<()> {
         self.scatter_from(std::iter::once(data))
-    }
-}
-
-impl fmt::Debug for IoVecMut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IoVecMut")
-            .field("len", &self.total)
-            .field("slices", &self.slices)
-            .finish()
     }
 }
 
