@@ -71,8 +71,15 @@ impl Subject {
 
 /// Runs every case against `subject` as a libtest-compatible test binary.
 pub fn run(subject: Subject) -> ExitCode {
+    run_all(&[subject])
+}
+
+/// Runs every case against each subject (say, a backend built directly and
+/// the same backend opened from config through `kvpool_core::open`).
+pub fn run_all(subjects: &[Subject]) -> ExitCode {
     let args = Arguments::from_args();
-    libtest_mimic::run(&args, trials(&subject)).exit_code()
+    let trials = subjects.iter().flat_map(trials).collect();
+    libtest_mimic::run(&args, trials).exit_code()
 }
 
 /// Every case as a trial, those excluded by capabilities marked ignored.
