@@ -235,3 +235,102 @@ fn outcome_count_error(scheme: &str, op: &'static str, expected: usize, got: usi
     .with_operation(op)
     .with_context("backend", scheme)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Capabilities;
+    use crate::key::{BlockHash, Namespace};
+    use crate::ErrorKind;
+
+    /// Declares limits and counts the keys that reach it, so the test can
+    /// tell what the layer stopped.
+    #[derive(Debug)]
+    struct Limited {
+        info: BackendInfo,
+        reached: parking_lot::Mutex<usize>,
+    }
+
+    #[async_trait]
+    impl KvBackend for Limited {
+        fn info(&self) -> &BackendInfo {
+            &self.info
+        }
+        async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
+            *self.reached.lock() += keys.len();
+            Ok(vec![false; keys.len()])
+        }
+        async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
+            Ok(vec![None; keys.len()])
+        }
+        async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
+            *self.reached.lock() += items.len();
+            Ok(items.iter().map(|_| PutOutcome::Stored).collect())
+        }
+        async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
+            Ok(items.iter().map(|_| GetOutcome::Miss).collect())
+        }
+        async fn remove(&self, _: &[BlockKey]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey::new(
+            Arc::new(Namespace::single_rank("m").unwrap()),
+            BlockHash([i; 32]),
+        )
+    }
+
+    #[tokio::test]
+    async fn limits_from_capabilities_are_enforced_per_call_and_per_key() {
+        let inner = Arc::new(Limited {
+            info: BackendInfo {
+                scheme: "limited",
+                description: String::new(),
+                capabilities: Capabilities {
+                    max_batch: Some(2),
+                    max_value_size: Some(8),
+                    ..Capabilities::default()
+                },
+            },
+            reached: Default::default(),
+        });
+        let checked = CheckedBackend::new(inner.clone());
+
+        let err = checked.exists(&[key(1), key(2), key(3)]).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("limit of 2"), "{err}");
+        assert_eq!(
+            *inner.reached.lock(),
+            0,
+            "an oversized batch never reaches the backend"
+        );
+
+        let big = MemRegion::alloc(9);
+        let ok = MemRegion::alloc(8);
+        let out = checked
+            .put(vec![
+                (key(1), IoVec::whole(&big)),
+                (key(2), IoVec::whole(&ok)),
+            ])
+            .await
+            .unwrap();
+        match &out[0] {
+            PutOutcome::Failed(e) => assert!(e.to_string().contains("limit of 8 bytes"), "{e}"),
+            other => panic!("expected the 9-byte value to fail, got {other:?}"),
+        }
+        assert!(matches!(out[1], PutOutcome::Stored));
+        assert_eq!(
+            *inner.reached.lock(),
+            1,
+            "only the valid value reaches the backend"
+        );
+
+        let text = crate::metrics::global().encode();
+        assert!(
+            text.contains(r#"kvpool_keys_total{backend="limited",op="put",outcome="failed"} 1"#),
+            "{text}"
+        );
+    }
+}
