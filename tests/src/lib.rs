@@ -16,6 +16,7 @@
 //! repeatedly against one server.
 
 mod cases;
+pub mod fixtures;
 
 use std::future::Future;
 use std::pin::Pin;
