@@ -36,6 +36,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::num::NonZeroUsize;
+
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -180,15 +182,11 @@ pub fn vllm_hash_block_tokens(
 /// block only, in vLLM's order (`[lora_name]`, then `cache_salt`). An empty
 /// salt counts as no salt, as vLLM tests it for truth; an empty LoRA name is
 /// still a key, as vLLM tests the LoRA request, not its name.
-///
-/// # Panics
-///
-/// If `block_size` is 0.
 pub fn vllm_block_hashes(
     algo: VllmHashAlgo,
     seed: &str,
     tokens: &[u32],
-    block_size: usize,
+    block_size: NonZeroUsize,
     lora_name: Option<&str>,
     cache_salt: Option<&str>,
 ) -> Vec<BlockHash> {
@@ -233,14 +231,10 @@ impl VllmBlockHasher {
     }
 
     /// Every full block of `tokens`; see [`vllm_block_hashes`].
-    ///
-    /// # Panics
-    ///
-    /// If `block_size` is 0.
     pub fn block_hashes(
         &self,
         tokens: &[u32],
-        block_size: usize,
+        block_size: NonZeroUsize,
         lora_name: Option<&str>,
         cache_salt: Option<&str>,
     ) -> Vec<BlockHash> {
@@ -254,22 +248,17 @@ impl VllmBlockHasher {
     ///
     /// `hashes` must hold the hashes of the first `hashes.len()` blocks of
     /// this same request.
-    ///
-    /// # Panics
-    ///
-    /// If `block_size` is 0.
     pub fn extend_block_hashes(
         &self,
         hashes: &mut Vec<BlockHash>,
         tokens: &[u32],
-        block_size: usize,
+        block_size: NonZeroUsize,
         lora_name: Option<&str>,
         cache_salt: Option<&str>,
     ) {
-        assert!(block_size > 0, "block_size must be positive");
         let cache_salt = cache_salt.filter(|salt| !salt.is_empty());
         for (index, block) in tokens
-            .chunks_exact(block_size)
+            .chunks_exact(block_size.get())
             .enumerate()
             .skip(hashes.len())
         {
@@ -357,13 +346,9 @@ pub fn token_block_hash(
 
 /// kvpool's `tokens`-mode hashes of every full block of `tokens`; a trailing
 /// partial block is not hashed.
-///
-/// # Panics
-///
-/// If `block_size` is 0.
 pub fn token_block_hashes(
     tokens: &[u32],
-    block_size: usize,
+    block_size: NonZeroUsize,
     lora_name: Option<&str>,
     cache_salt: Option<&str>,
 ) -> Vec<BlockHash> {
@@ -375,19 +360,14 @@ pub fn token_block_hashes(
 /// Appends the `tokens`-mode hashes of the full blocks of `tokens` that
 /// `hashes` does not cover yet; `hashes` must hold the first blocks' hashes
 /// of this same sequence.
-///
-/// # Panics
-///
-/// If `block_size` is 0.
 pub fn extend_token_block_hashes(
     hashes: &mut Vec<BlockHash>,
     tokens: &[u32],
-    block_size: usize,
+    block_size: NonZeroUsize,
     lora_name: Option<&str>,
     cache_salt: Option<&str>,
 ) {
-    assert!(block_size > 0, "block_size must be positive");
-    for block in tokens.chunks_exact(block_size).skip(hashes.len()) {
+    for block in tokens.chunks_exact(block_size.get()).skip(hashes.len()) {
         let hash = token_block_hash(hashes.last(), block, lora_name, cache_salt);
         hashes.push(hash);
     }
@@ -725,6 +705,10 @@ mod tests {
 
     use super::*;
 
+    fn bs(n: usize) -> NonZeroUsize {
+        NonZeroUsize::new(n).expect("a positive block size")
+    }
+
     fn range(start: u32, end: u32) -> Vec<u32> {
         (start..end).collect()
     }
@@ -862,8 +846,14 @@ mod tests {
             // The free functions agree with the hasher.
             let root = none_hash(algo, DEFAULT_NONE_HASH_SEED);
             assert_eq!(vllm_hash_block_tokens(algo, &root, &range(0, 16), None), b1);
-            let chain =
-                vllm_block_hashes(algo, DEFAULT_NONE_HASH_SEED, &range(0, 40), 16, None, None);
+            let chain = vllm_block_hashes(
+                algo,
+                DEFAULT_NONE_HASH_SEED,
+                &range(0, 40),
+                bs(16),
+                None,
+                None,
+            );
             assert_eq!(chain, vec![b1, b2]);
         }
     }
@@ -938,14 +928,14 @@ mod tests {
         for algo in VllmHashAlgo::ALL {
             let hasher = VllmBlockHasher::new(algo, "0");
             let tokens = range(0, 50);
-            let got = hasher.block_hashes(&tokens, 16, Some("lora"), Some("salt"));
+            let got = hasher.block_hashes(&tokens, bs(16), Some("lora"), Some("salt"));
             assert_eq!(got.len(), 3, "the partial block is not hashed");
             let b0 = hasher.hash_block(None, &tokens[0..16], Some(&["lora", "salt"]));
             let b1 = hasher.hash_block(Some(&b0), &tokens[16..32], Some(&["lora"]));
             let b2 = hasher.hash_block(Some(&b1), &tokens[32..48], Some(&["lora"]));
             assert_eq!(got, vec![b0, b1, b2]);
 
-            let salted = hasher.block_hashes(&tokens, 16, None, Some("salt"));
+            let salted = hasher.block_hashes(&tokens, bs(16), None, Some("salt"));
             let s0 = hasher.hash_block(None, &tokens[0..16], Some(&["salt"]));
             assert_eq!(salted[0], s0);
             assert_eq!(
@@ -955,16 +945,16 @@ mod tests {
 
             // vLLM tests the salt for truth.
             assert_eq!(
-                hasher.block_hashes(&tokens, 16, None, Some("")),
-                hasher.block_hashes(&tokens, 16, None, None)
+                hasher.block_hashes(&tokens, bs(16), None, Some("")),
+                hasher.block_hashes(&tokens, bs(16), None, None)
             );
 
-            let mut grown = hasher.block_hashes(&tokens[..20], 16, Some("lora"), Some("salt"));
+            let mut grown = hasher.block_hashes(&tokens[..20], bs(16), Some("lora"), Some("salt"));
             assert_eq!(grown.len(), 1);
-            hasher.extend_block_hashes(&mut grown, &tokens, 16, Some("lora"), Some("salt"));
+            hasher.extend_block_hashes(&mut grown, &tokens, bs(16), Some("lora"), Some("salt"));
             assert_eq!(grown, got);
             assert!(hasher
-                .block_hashes(&tokens[..15], 16, None, None)
+                .block_hashes(&tokens[..15], bs(16), None, None)
                 .is_empty());
         }
     }
@@ -1015,7 +1005,7 @@ mod tests {
     #[test]
     fn token_mode_chains_and_separates_lora_and_salt() {
         let tokens = range(0, 64);
-        let base = token_block_hashes(&tokens, 16, None, None);
+        let base = token_block_hashes(&tokens, bs(16), None, None);
         assert_eq!(base.len(), 4);
         assert_eq!(base[0], token_block_hash(None, &tokens[..16], None, None));
         assert_eq!(
@@ -1026,10 +1016,10 @@ mod tests {
         // A change in block 1 changes every later block, though their tokens are equal.
         let mut edited = tokens.clone();
         edited[3] = 999;
-        let other = token_block_hashes(&edited, 16, None, None);
+        let other = token_block_hashes(&edited, bs(16), None, None);
         assert!(base.iter().zip(&other).all(|(a, b)| a != b));
 
-        let lora = token_block_hashes(&tokens, 16, Some("my-lora"), None);
+        let lora = token_block_hashes(&tokens, bs(16), Some("my-lora"), None);
         assert!(base.iter().zip(&lora).all(|(a, b)| a != b));
         assert_ne!(
             token_block_hash(None, &tokens[..16], Some(""), None),
@@ -1037,7 +1027,7 @@ mod tests {
             "an empty LoRA name is still a LoRA"
         );
 
-        let salted = token_block_hashes(&tokens, 16, None, Some("tenant-a"));
+        let salted = token_block_hashes(&tokens, bs(16), None, Some("tenant-a"));
         assert!(base.iter().zip(&salted).all(|(a, b)| a != b));
         // The salt enters only the first block; later ones differ through the chain.
         assert_eq!(
@@ -1048,7 +1038,7 @@ mod tests {
             token_block_hash(Some(&base[0]), &tokens[16..32], None, Some("tenant-a")),
             base[1]
         );
-        assert_eq!(token_block_hashes(&tokens, 16, None, Some("")), base);
+        assert_eq!(token_block_hashes(&tokens, bs(16), None, Some("")), base);
 
         // Field boundaries are unambiguous: moving bytes between LoRA and salt changes the hash.
         assert_ne!(
@@ -1060,11 +1050,11 @@ mod tests {
             token_block_hash(None, &[], None, Some("x"))
         );
 
-        let mut grown = token_block_hashes(&tokens[..40], 16, None, Some("tenant-a"));
+        let mut grown = token_block_hashes(&tokens[..40], bs(16), None, Some("tenant-a"));
         assert_eq!(grown.len(), 2);
-        extend_token_block_hashes(&mut grown, &tokens, 16, None, Some("tenant-a"));
+        extend_token_block_hashes(&mut grown, &tokens, bs(16), None, Some("tenant-a"));
         assert_eq!(grown, salted);
-        assert!(token_block_hashes(&tokens[..15], 16, None, None).is_empty());
+        assert!(token_block_hashes(&tokens[..15], bs(16), None, None).is_empty());
     }
 
     /// Python side of the cross-check: `sha256` is hashed from the real
@@ -1265,15 +1255,16 @@ json.dump(result, sys.stdout)
                 );
             }
             let want_chains = want["chains"].as_array().unwrap();
-            for (&(seed, bs, lora, salt), want) in chains.iter().zip(want_chains) {
-                let got: Vec<String> = vllm_block_hashes(algo, seed, &chain_tokens, bs, lora, salt)
-                    .iter()
-                    .map(BlockHash::to_hex)
-                    .collect();
+            for (&(seed, block, lora, salt), want) in chains.iter().zip(want_chains) {
+                let got: Vec<String> =
+                    vllm_block_hashes(algo, seed, &chain_tokens, bs(block), lora, salt)
+                        .iter()
+                        .map(BlockHash::to_hex)
+                        .collect();
                 assert_eq!(
                     got,
                     hexes(want),
-                    "{algo}: chain {seed:?} {bs} {lora:?} {salt:?}"
+                    "{algo}: chain {seed:?} {block} {lora:?} {salt:?}"
                 );
             }
         }

@@ -7,6 +7,7 @@
 //! into a paged KV buffer, "compute" the rest and store it. Every loaded byte
 //! is checked against what was stored for that block.
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,6 +131,8 @@ async fn drive(
     bar: &indicatif::ProgressBar,
 ) -> kvpool::Result<DemoReport> {
     let block_bytes = args.block_tokens * args.kv_bytes_per_token.0 as usize;
+    let block_tokens = NonZeroUsize::new(args.block_tokens)
+        .ok_or_else(|| Error::invalid_argument("--block-tokens must be positive"))?;
     let ns = Arc::new(Namespace::single_rank("kvpool-demo-model")?);
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let vocab = 151_000u32;
@@ -150,7 +153,7 @@ async fn drive(
         for history in histories.iter_mut() {
             let user = rng.gen_range(200..700);
             history.extend((0..user).map(|_| rng.gen_range(0..vocab)));
-            let hashes = token_block_hashes(history, args.block_tokens, None, None);
+            let hashes = token_block_hashes(history, block_tokens, None, None);
             let keys: Vec<BlockKey> = hashes
                 .iter()
                 .map(|h| BlockKey::new(ns.clone(), *h))
