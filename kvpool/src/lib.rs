@@ -28,10 +28,18 @@ pub use kvpool_core::*;
 pub mod backends {
     #[cfg(feature = "memory")]
     pub use ::kvpool_backend_memory as memory;
+    #[cfg(feature = "mooncake")]
+    pub use ::kvpool_backend_mooncake as mooncake;
+    #[cfg(feature = "redis")]
+    pub use ::kvpool_backend_redis as redis;
 }
 
 /// The schemes of the backend features this build enables.
 pub const ENABLED_BACKENDS: &[&str] = &[
     #[cfg(feature = "memory")]
     "memory",
+    #[cfg(feature = "mooncake")]
+    "mooncake",
+    #[cfg(feature = "redis")]
+    "redis",
 ];

@@ -168,6 +168,203 @@ fn replay_reproduces_the_published_hit_ratios() {
     assert!(block > 0.0 && block < 0.138, "{block}");
 }
 
+/// The done-when figures, as CI checks them: the sweep reproduces
+/// LRU's published ratios, and the chain policy (the default) gains 15% at
+/// 3M tokens while staying within 1% of LRU elsewhere.
+#[test]
+fn replay_sweep_reproduces_lru_and_chain_beats_it() {
+    let trace = trace();
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("sweep.svg");
+    let v = stdout_json(&kvpool(&[
+        "replay",
+        trace.to_str().unwrap(),
+        "--sweep",
+        "1e6,3e6,1e7,5e7",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["requests"], 12031);
+    assert_eq!(
+        format!("{:.3}", v["max_token_hit_ratio"].as_f64().unwrap()),
+        "0.374"
+    );
+    assert_eq!(v["policies"], serde_json::json!(["lru", "chain"]));
+    let ratio = |tokens: u64, policy: &str| {
+        let p = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["capacity_tokens"] == tokens && p["policy"] == policy)
+            .unwrap_or_else(|| panic!("no point for {policy} at {tokens}: {v}"));
+        let of_max = p["of_max"].as_f64().unwrap();
+        let r = p["token_hit_ratio"].as_f64().unwrap();
+        assert!((of_max - r / v["max_token_hit_ratio"].as_f64().unwrap()).abs() < 1e-9);
+        r
+    };
+    assert_eq!(format!("{:.3}", ratio(3_000_000, "lru")), "0.138");
+    let chain = ratio(3_000_000, "chain");
+    assert!(chain >= 0.159, "chain at 3M tokens: {chain}");
+    for tokens in [1_000_000, 10_000_000, 50_000_000] {
+        let (lru, chain) = (ratio(tokens, "lru"), ratio(tokens, "chain"));
+        assert!(
+            chain >= lru * 0.99,
+            "{tokens} tokens: chain {chain} lru {lru}"
+        );
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    for text in [
+        "token hit ratio",
+        "pool capacity (tokens, log scale",
+        "lru",
+        "chain",
+        "unbounded pool (maximum) 37.4%",
+        "3M",
+        "50M",
+    ] {
+        assert!(plot.contains(text), "{text:?} missing from the plot");
+    }
+}
+
+#[test]
+fn replay_sweep_prints_a_table_and_draws_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("sweep.png");
+    let saved = dir.path().join("chat.jsonl");
+    let out = kvpool(&[
+        "replay",
+        "--generate",
+        "chat",
+        "--scale",
+        "0.05",
+        "--save-trace",
+        saved.to_str().unwrap(),
+        "--sweep",
+        "1e5,1M",
+        "--policy",
+        "lru",
+        "--policy",
+        "chain",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "generated chat (seed 1)",
+        "maximum (unbounded pool)",
+        "100,000",
+        "1,000,000",
+        "chain vs lru",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // The saved trace replays to the same maximum.
+    let v = stdout_json(&kvpool(&["replay", saved.to_str().unwrap(), "--json"]));
+    let max = text
+        .lines()
+        .find_map(|l| l.strip_prefix("maximum (unbounded pool): token hit ratio "))
+        .unwrap();
+    assert_eq!(
+        format!("{:.3}", v["token_hit_ratio"].as_f64().unwrap()),
+        max
+    );
+}
+
+#[test]
+fn replay_rejects_bad_flags_in_one_line() {
+    let trace = trace();
+    let trace = trace.to_str().unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--sweep", "1e5,abc"], &["--sweep", "abc"]),
+        (&["--sweep", "100"], &["--sweep", "less than one block"]),
+        (
+            &["--policy", "fifo"],
+            &["fifo", "known policies: chain, lru"],
+        ),
+        (
+            &["--sweep", "1e6", "--plot", "x.pdf"],
+            &["--plot", ".svg or .png"],
+        ),
+        (
+            &["--generate", "chats"],
+            &["chats", "chat, system-prompts, agents"],
+        ),
+    ];
+    for (flags, expect) in cases {
+        let mut args = vec!["replay"];
+        if !flags.contains(&"--generate") {
+            args.push(trace);
+        }
+        args.extend_from_slice(flags);
+        let out = kvpool(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        for e in *expect {
+            assert!(err.contains(e), "{args:?}: {e:?} missing from {err}");
+        }
+    }
+    let out = kvpool(&["replay", "/nonexistent/trace.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/trace.jsonl"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn replay_with_payload_moves_and_verifies_real_bytes() {
+    let v = stdout_json(&kvpool(&[
+        "replay",
+        "--generate",
+        "chat",
+        "--scale",
+        "0.05",
+        "--payload",
+        "4KiB",
+        "--backend",
+        "memory",
+        "--capacity-blocks",
+        "400",
+        "--respect-timestamps",
+        "--speed",
+        "2000",
+        "--json",
+    ]));
+    assert_eq!(v["backend"], "memory");
+    assert_eq!(v["capacity_blocks"], 400);
+    assert!(v["backend_description"]
+        .as_str()
+        .unwrap()
+        .contains("chain eviction"));
+    let loaded = v["bytes_loaded"].as_u64().unwrap();
+    assert!(loaded > 0);
+    assert_eq!(v["bytes_verified"].as_u64().unwrap(), loaded);
+    assert_eq!(loaded, v["blocks_loaded"].as_u64().unwrap() * 4096);
+    assert!(
+        v["blocks_stored"].as_u64().unwrap() > 400,
+        "evictions happened"
+    );
+    assert_eq!(v["put_failed"], 0);
+    let pool = v["token_hit_ratio"].as_f64().unwrap();
+    let offline = v["offline_token_hit_ratio"].as_f64().unwrap();
+    // Sharding and skipped touches make the pool differ a little, not much.
+    assert!(
+        pool > 0.0 && (pool - offline).abs() < 0.1,
+        "{pool} vs {offline}"
+    );
+    for field in ["get_gbps", "put_gbps", "requests_per_s"] {
+        assert!(v[field].as_f64().unwrap() > 0.0, "{field}: {v}");
+    }
+    assert!(v["max_lag_ms"].as_f64().is_some(), "{v}");
+}
+
 #[test]
 fn replay_reports_a_bad_line_with_its_number() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kvpool_core::buffer::copy_segments;
-use kvpool_core::eviction::{policy_by_name, EvictionPolicy, Watermark};
+use kvpool_core::eviction::{sharded_policies_by_name, EvictionPolicy, Watermark};
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
     PutOutcome, Result,
@@ -255,14 +255,16 @@ impl MemoryBackend {
         })?;
         let chunk_size = cfg.chunk_size.0 as usize;
         let arena = Arc::new(Arena::new(capacity, chunk_size, cfg.prefault)?);
-        let shards = (0..cfg.shards)
-            .map(|_| {
-                Ok(Mutex::new(Shard {
+        // One policy per shard, sharing what they learn from the traffic.
+        let shards = sharded_policies_by_name(&cfg.policy, cfg.shards)?
+            .into_iter()
+            .map(|policy| {
+                Mutex::new(Shard {
                     map: KeyMap::default(),
-                    policy: policy_by_name(&cfg.policy)?,
-                }))
+                    policy,
+                })
             })
-            .collect::<Result<Vec<_>>>()?
+            .collect::<Vec<_>>()
             .into_boxed_slice();
         let bytes = arena.total_chunks * chunk_size;
         let info = BackendInfo {
@@ -316,15 +318,26 @@ impl MemoryBackend {
         }
     }
 
-    fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
-        &self.shards[(key.fingerprint() % self.shards.len() as u64) as usize]
+    fn shard_index(&self, key: &BlockKey) -> usize {
+        (key.fingerprint() % self.shards.len() as u64) as usize
     }
 
-    fn lookup(&self, key: &BlockKey, touch: bool) -> Option<Arc<Entry>> {
+    fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
+        &self.shards[self.shard_index(key)]
+    }
+
+    /// The entry of `key`; with `touch`, an access recorded with `ancestor`
+    /// as the chain hint.
+    fn lookup(
+        &self,
+        key: &BlockKey,
+        touch: bool,
+        ancestor: Option<&BlockKey>,
+    ) -> Option<Arc<Entry>> {
         let mut shard = self.shard(key).lock();
         let entry = shard.map.get(key).cloned();
         if touch && entry.is_some() {
-            shard.policy.touch(key);
+            shard.policy.touch_after(key, ancestor);
         }
         entry
     }
@@ -378,7 +391,7 @@ impl MemoryBackend {
         let shards = self.shards.len();
         let mut released = 0;
         let mut idle_round = 0;
-        // Round-robin over shards approximates one global LRU without a
+        // Round-robin over shards approximates one global policy without a
         // global lock on the hot path.
         while released < target && idle_round < shards {
             let i = self.evict_cursor.fetch_add(1, Ordering::Relaxed) % shards;
@@ -401,7 +414,9 @@ impl MemoryBackend {
         released
     }
 
-    fn put_one(&self, key: BlockKey, iov: &IoVec) -> PutOutcome {
+    /// Stores one value; `ancestor` is the previous key of the same batch
+    /// that lands in the same shard (see [`KvBackend::put`] below).
+    fn put_one(&self, key: BlockKey, iov: &IoVec, ancestor: Option<&BlockKey>) -> PutOutcome {
         if iov.is_empty() {
             return PutOutcome::Failed(
                 Error::invalid_argument("a value must be at least 1 byte")
@@ -431,7 +446,9 @@ impl MemoryBackend {
             // A concurrent writer won; ours is dropped and its chunks return.
             return PutOutcome::Exists;
         }
-        shard.policy.insert(key.clone(), entry.charged_bytes());
+        shard
+            .policy
+            .insert_after(key.clone(), entry.charged_bytes(), ancestor);
         shard.map.insert(key, entry);
         PutOutcome::Stored
     }
@@ -463,20 +480,39 @@ impl KvBackend for MemoryBackend {
             .collect())
     }
 
+    /// A batch from the connector is one request's missing blocks in prefix
+    /// order, so each key is handed to its shard's policy with the previous
+    /// key of the batch in that shard as its ancestor: the chain policy
+    /// orders a request's blocks so its chain is evicted leaf first.
+    /// Callers that batch unrelated keys lose nothing but that ordering.
     async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
         self.check_open("put")?;
+        let mut last_in_shard: Vec<Option<usize>> = vec![None; self.shards.len()];
         Ok(items
-            .into_iter()
-            .map(|(key, iov)| self.put_one(key, &iov))
+            .iter()
+            .enumerate()
+            .map(|(i, (key, iov))| {
+                let shard = self.shard_index(key);
+                let ancestor = last_in_shard[shard].map(|j| &items[j].0);
+                last_in_shard[shard] = Some(i);
+                self.put_one(key.clone(), iov, ancestor)
+            })
             .collect())
     }
 
+    /// Like [`put`](Self::put), a batch is taken to be one request's chain
+    /// in prefix order: each hit is recorded with the batch's previous key
+    /// in the same shard as its ancestor.
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
         self.check_open("get_into")?;
+        let mut last_in_shard: Vec<Option<BlockKey>> = vec![None; self.shards.len()];
         Ok(items
             .into_iter()
             .map(|(key, dst)| {
-                let Some(entry) = self.lookup(&key, true) else {
+                let shard = self.shard_index(&key);
+                let entry = self.lookup(&key, true, last_in_shard[shard].as_ref());
+                last_in_shard[shard] = Some(key.clone());
+                let Some(entry) = entry else {
                     return GetOutcome::Miss;
                 };
                 if entry.len != dst.len() {
@@ -593,7 +629,7 @@ mod tests {
         let b = small(6400, 64);
         let src = MemRegion::from_vec(vec![3u8; 128]);
         b.put(vec![(key(1), IoVec::whole(&src))]).await.unwrap();
-        let held = b.lookup(&key(1), false).unwrap();
+        let held = b.lookup(&key(1), false, None).unwrap();
         b.remove(&[key(1)]).await.unwrap();
         assert_eq!(b.used_bytes(), 128, "a reader still holds the chunks");
         drop(held);

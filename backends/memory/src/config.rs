@@ -18,7 +18,8 @@ pub struct MemoryConfig {
     pub eviction_high_watermark_ratio: f64,
     /// One eviction pass frees this fraction of capacity.
     pub eviction_ratio: f64,
-    /// The eviction policy (`lru`).
+    /// The eviction policy: `chain` (default; see
+    /// [`kvpool_core::eviction::ChainLru`]) or `lru`.
     pub policy: String,
     /// Touch every page at open so the first puts do not pay page faults.
     pub prefault: bool,
@@ -33,7 +34,7 @@ impl Default for MemoryConfig {
             shards: 16,
             eviction_high_watermark_ratio: w.high_watermark_ratio,
             eviction_ratio: w.eviction_ratio,
-            policy: "lru".to_string(),
+            policy: kvpool_core::eviction::DEFAULT_POLICY.to_string(),
             prefault: true,
         }
     }

@@ -32,7 +32,7 @@ enum Command {
     /// Measure put/get/exists throughput against memcpy in the same run.
     Bench(bench::BenchArgs),
     /// Replay a Mooncake-format request trace through an eviction policy.
-    Replay(replay::ReplayArgs),
+    Replay(Box<replay::ReplayArgs>),
     /// Run a multi-turn workload through an in-process pool, verifying every byte.
     Demo(demo::DemoArgs),
 }
@@ -118,7 +118,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Store(cmd) => store::run(cmd),
         Command::Bench(args) => bench::run(args),
-        Command::Replay(args) => replay::run(args),
+        Command::Replay(args) => replay::run(*args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -4,27 +4,59 @@
 //! it for victims when [`Watermark`] says usage is too high, and `kvpool
 //! replay` drives the very same policy objects over a trace, so hit rates
 //! measured offline are the ones the pool delivers.
+//!
+//! Two policies ship: [`Lru`] (`"lru"`) and [`ChainLru`] (`"chain"`, the
+//! default), which knows that KV blocks come in prefix chains and that most
+//! blocks are never read again.
 
 use std::fmt::Debug;
 use std::hash::Hash;
 
-use hashlink::LinkedHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+mod chain;
+mod lru;
+
+pub use chain::ChainLru;
+pub use lru::Lru;
 
 /// Orders keys for eviction.
 ///
 /// Implementations are not thread-safe on their own; a sharded backend keeps
 /// one per shard behind the shard's lock.
+///
+/// Keys usually arrive in prefix chains: one request's blocks, root first,
+/// each block's KV valid only after all of its ancestors. Callers that know
+/// a chain say so through [`insert_after`](Self::insert_after) and
+/// [`touch_after`](Self::touch_after); a policy that ignores the hint is
+/// still correct.
 pub trait EvictionPolicy<K>: Send + Debug {
     /// The policy's name, as `--policy` and the config spell it.
     fn name(&self) -> &'static str;
     /// Records a new key of `size` bytes. Inserting a key already present
     /// updates its size and counts as an access.
     fn insert(&mut self, key: K, size: u64);
+    /// Records a new key that extends a request's chain: `ancestor` is a key
+    /// of the same request that comes earlier in the chain and was handed to
+    /// this policy just before (its parent, or the closest earlier key a
+    /// sharded caller gives this policy instance); `None` when there is none.
+    ///
+    /// The default ignores the hint.
+    fn insert_after(&mut self, key: K, size: u64, ancestor: Option<&K>) {
+        let _ = ancestor;
+        self.insert(key, size);
+    }
     /// Records an access; returns whether the key was tracked.
     fn touch(&mut self, key: &K) -> bool;
+    /// Records an access to a key of a request's chain, `ancestor` as in
+    /// [`insert_after`](Self::insert_after); returns whether the key was
+    /// tracked. The default ignores the hint.
+    fn touch_after(&mut self, key: &K, ancestor: Option<&K>) -> bool {
+        let _ = ancestor;
+        self.touch(key)
+    }
     /// Forgets a key (removed or overwritten); returns whether it was tracked.
     fn remove(&mut self, key: &K) -> bool;
     /// Removes and returns the key to evict next, with its size.
@@ -37,69 +69,42 @@ pub trait EvictionPolicy<K>: Send + Debug {
     }
 }
 
-/// Least recently used.
-#[derive(Debug)]
-pub struct Lru<K: Hash + Eq> {
-    order: LinkedHashMap<K, u64>,
-}
-
-impl<K: Hash + Eq> Default for Lru<K> {
-    fn default() -> Self {
-        Lru {
-            order: LinkedHashMap::new(),
-        }
-    }
-}
-
-impl<K: Hash + Eq> Lru<K> {
-    /// An empty LRU.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl<K: Hash + Eq + Send + Debug> EvictionPolicy<K> for Lru<K> {
-    fn name(&self) -> &'static str {
-        "lru"
-    }
-
-    fn insert(&mut self, key: K, size: u64) {
-        // `insert` moves an existing entry to the back (most recent);
-        // hashlink's `replace` would keep its old position.
-        self.order.insert(key, size);
-    }
-
-    fn touch(&mut self, key: &K) -> bool {
-        self.order.to_back(key).is_some()
-    }
-
-    fn remove(&mut self, key: &K) -> bool {
-        self.order.remove(key).is_some()
-    }
-
-    fn pop_victim(&mut self) -> Option<(K, u64)> {
-        self.order.pop_front()
-    }
-
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-}
-
 /// The names [`policy_by_name`] accepts.
-pub const POLICIES: &[&str] = &["lru"];
+pub const POLICIES: &[&str] = &["chain", "lru"];
 
-/// Builds a policy by name; an unknown name errors and lists the known ones.
+/// The policy capacity-bound backends and `kvpool replay` use unless told
+/// otherwise: [`ChainLru`].
+pub const DEFAULT_POLICY: &str = "chain";
+
+/// Builds a policy by name (case-insensitive); an unknown name errors and
+/// lists the known ones.
 pub fn policy_by_name<K>(name: &str) -> Result<Box<dyn EvictionPolicy<K>>>
 where
-    K: Hash + Eq + Send + Debug + 'static,
+    K: Hash + Eq + Clone + Send + Debug + 'static,
 {
     match name.to_ascii_lowercase().as_str() {
         "lru" => Ok(Box::new(Lru::<K>::new())),
+        "chain" => Ok(Box::new(ChainLru::<K>::new())),
         other => Err(Error::config_invalid(format!(
             "unknown eviction policy {other:?}; known policies: {}",
             POLICIES.join(", ")
         ))),
+    }
+}
+
+/// Builds `n` instances of a policy for the shards of one store. Each orders
+/// its own keys; what a policy learns from the traffic (the chain policy's
+/// aging ratio) is shared, so a sharded store behaves like one policy.
+pub fn sharded_policies_by_name<K>(name: &str, n: usize) -> Result<Vec<Box<dyn EvictionPolicy<K>>>>
+where
+    K: Hash + Eq + Clone + Send + Debug + 'static,
+{
+    match name.to_ascii_lowercase().as_str() {
+        "chain" => Ok(ChainLru::<K>::sharded(n)
+            .into_iter()
+            .map(|p| Box::new(p) as Box<dyn EvictionPolicy<K>>)
+            .collect()),
+        _ => (0..n).map(|_| policy_by_name(name)).collect(),
     }
 }
 
@@ -165,32 +170,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lru_evicts_least_recently_used_first() {
-        let mut lru = Lru::new();
-        lru.insert("a", 1);
-        lru.insert("b", 2);
-        lru.insert("c", 3);
-        assert!(lru.touch(&"a"));
-        assert_eq!(lru.pop_victim(), Some(("b", 2)));
-        lru.insert("c", 4); // re-insert refreshes and resizes
-        assert_eq!(lru.pop_victim(), Some(("a", 1)));
-        assert_eq!(lru.pop_victim(), Some(("c", 4)));
-        assert_eq!(lru.pop_victim(), None);
-        assert!(!lru.touch(&"zz"));
-    }
-
-    #[test]
-    fn remove_forgets_key() {
-        let mut lru = Lru::new();
-        lru.insert(1u64, 10);
-        lru.insert(2u64, 10);
-        assert!(lru.remove(&1));
-        assert!(!lru.remove(&1));
-        assert_eq!(lru.len(), 1);
-        assert_eq!(lru.pop_victim(), Some((2, 10)));
-    }
-
-    #[test]
     fn watermark_matches_mooncake_defaults() {
         let w = Watermark::default();
         assert_eq!(w.high_bytes(1000), 900);
@@ -226,6 +205,18 @@ mod tests {
     fn unknown_policy_lists_known_ones() {
         let err = policy_by_name::<u64>("fifo").unwrap_err();
         assert!(err.to_string().contains("lru"), "{err}");
+        assert!(err.to_string().contains("chain"), "{err}");
         assert_eq!(policy_by_name::<u64>("LRU").unwrap().name(), "lru");
+        assert_eq!(
+            policy_by_name::<u64>(DEFAULT_POLICY).unwrap().name(),
+            DEFAULT_POLICY
+        );
+        for name in POLICIES {
+            assert_eq!(policy_by_name::<u64>(name).unwrap().name(), *name);
+            let shards = sharded_policies_by_name::<u64>(name, 4).unwrap();
+            assert_eq!(shards.len(), 4);
+            assert!(shards.iter().all(|p| p.name() == *name));
+        }
+        assert!(sharded_policies_by_name::<u64>("fifo", 2).is_err());
     }
 }

@@ -1,0 +1,49 @@
+//! kvpool's `mooncake` backend: a pure-Rust client of an unmodified
+//! Mooncake Store (`mooncake_master` 0.3.13, store version "2.0.0").
+//!
+//! It speaks the master's coro_rpc/struct_pack RPC and the transfer engine's
+//! TCP data plane with P2P handshakes, so `"backend": "mooncake"` needs no
+//! C++ build. See `README.md` for configuration, modes and limits.
+
+mod backend;
+mod checksum;
+mod codec;
+mod config;
+mod master;
+mod rpc;
+mod transfer;
+mod types;
+
+#[cfg(test)]
+mod capture_tests;
+#[cfg(test)]
+mod master_tests;
+#[cfg(test)]
+mod transfer_tests;
+
+pub use backend::MooncakeBackend;
+pub use config::MooncakeConfig;
+
+use std::sync::Arc;
+
+use kvpool_core::registry::{BackendFactory, OpenFuture};
+use kvpool_core::{Config, KvBackend};
+
+/// The scheme `"backend": "mooncake"` selects.
+pub const SCHEME: &str = "mooncake";
+
+fn open(config: Config) -> OpenFuture {
+    Box::pin(async move {
+        let cfg: MooncakeConfig = config.section(SCHEME)?;
+        let backend: Arc<dyn KvBackend> = Arc::new(MooncakeBackend::open(cfg).await?);
+        Ok(backend)
+    })
+}
+
+inventory::submit! {
+    BackendFactory {
+        scheme: SCHEME,
+        description: "Mooncake Store: pure-Rust client of mooncake_master (tcp transfer engine)",
+        open,
+    }
+}
