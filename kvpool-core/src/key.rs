@@ -276,6 +276,11 @@ impl BlockKey {
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad(&format!("{field} {digits:?} is not a number")));
             }
+            // Only the canonical spelling: string-keyed backends store the
+            // key as written, so "pcp07" must not quietly become "pcp7".
+            if digits.len() > 1 && digits.starts_with('0') {
+                return Err(bad(&format!("{field} {digits:?} has a leading zero")));
+            }
             digits
                 .parse()
                 .map_err(|_| bad(&format!("{field} {digits:?} is out of range")))
@@ -288,6 +293,11 @@ impl BlockKey {
             return Err(bad("the model name is empty"));
         }
         let hash = BlockHash::from_hex(hash_hex).map_err(|e| bad(e.message()))?;
+        if hash_hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad(
+                "the hash must be lower-case hex, as Python's bytes.hex() writes it",
+            ));
+        }
         let namespace = Namespace::from_parts(model.to_string(), pcp, dcp, head, pp);
         Ok(BlockKey::new(Arc::new(namespace), hash))
     }
@@ -375,6 +385,19 @@ mod tests {
             assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
             assert!(err.to_string().contains(needle), "{input}: {err}");
         }
+        let upper = format!(
+            "m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}",
+            HEX.to_uppercase()
+        );
+        assert!(BlockKey::parse(&upper)
+            .unwrap_err()
+            .to_string()
+            .contains("lower-case"));
+        let padded = format!("m@pcp07@dcp0@head_or_tp_rank:0@pp_rank:0@{HEX}");
+        assert!(BlockKey::parse(&padded)
+            .unwrap_err()
+            .to_string()
+            .contains("leading zero"));
         let non_hex = format!(
             "m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}",
             "zz".repeat(32)

@@ -47,3 +47,64 @@ inventory::submit! {
         open,
     }
 }
+
+/// Entry points for the `cargo fuzz` targets in `fuzz/`: each decodes
+/// untrusted bytes exactly as the client does off the network. Not an API;
+/// every call must return (`Ok` or `Err`) without panicking or allocating
+/// more than the input justifies.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::codec::unpack;
+    use crate::rpc::{ResponseHeader, RESPONSE_HEADER_LEN};
+    use crate::types::*;
+
+    /// Decodes `data` as a coro_rpc response (header, then body) and the body
+    /// as the return type of every master RPC the client makes.
+    pub fn decode_master_response(data: &[u8]) {
+        if let Some(head) = data.first_chunk::<RESPONSE_HEADER_LEN>() {
+            let _ = ResponseHeader::parse(head);
+        }
+        macro_rules! each {
+            ($($rpc:ty),+) => {$(
+                let _ = unpack::<<$rpc as Rpc>::Ret>(&<$rpc>::meta().ret, data);
+            )+};
+        }
+        each!(
+            ServiceReady,
+            GetStorageConfig,
+            Ping,
+            MountSegment,
+            ReMountSegment,
+            UnmountSegment,
+            ExistKey,
+            BatchExistKey,
+            GetReplicaList,
+            BatchGetReplicaList,
+            PutStart,
+            BatchPutStart,
+            PutEnd,
+            BatchPutEnd,
+            PutRevoke,
+            BatchPutRevoke,
+            Remove,
+            BatchRemove
+        );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn hostile_inputs_return() {
+            for data in [
+                &[][..],
+                &[0x15; 16][..],
+                &[0xff; 64][..],
+                &[
+                    0x15, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+                ][..],
+            ] {
+                super::decode_master_response(data);
+            }
+        }
+    }
+}

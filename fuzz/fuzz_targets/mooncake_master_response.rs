@@ -1,0 +1,6 @@
+//! Frames off the network from a (possibly hostile) mooncake_master.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kvpool_backend_mooncake::fuzzing::decode_master_response(data);
+});
