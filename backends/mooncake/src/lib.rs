@@ -54,9 +54,7 @@ inventory::submit! {
 /// more than the input justifies.
 #[doc(hidden)]
 pub mod fuzzing {
-    use crate::codec::unpack;
     use crate::rpc::{ResponseHeader, RESPONSE_HEADER_LEN};
-    use crate::types::*;
 
     /// Decodes `data` as a coro_rpc response (header, then body) and the body
     /// as the return type of every master RPC the client makes.
@@ -64,31 +62,7 @@ pub mod fuzzing {
         if let Some(head) = data.first_chunk::<RESPONSE_HEADER_LEN>() {
             let _ = ResponseHeader::parse(head);
         }
-        macro_rules! each {
-            ($($rpc:ty),+) => {$(
-                let _ = unpack::<<$rpc as Rpc>::Ret>(&<$rpc>::meta().ret, data);
-            )+};
-        }
-        each!(
-            ServiceReady,
-            GetStorageConfig,
-            Ping,
-            MountSegment,
-            ReMountSegment,
-            UnmountSegment,
-            ExistKey,
-            BatchExistKey,
-            GetReplicaList,
-            BatchGetReplicaList,
-            PutStart,
-            BatchPutStart,
-            PutEnd,
-            BatchPutEnd,
-            PutRevoke,
-            BatchPutRevoke,
-            Remove,
-            BatchRemove
-        );
+        crate::types::unpack_every_ret(data);
     }
 
     #[cfg(test)]

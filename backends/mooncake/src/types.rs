@@ -397,6 +397,17 @@ macro_rules! rpcs {
                 }
             }
         )+
+
+        /// Decodes `body` as the return type of every RPC above, ignoring the
+        /// results: the fuzz entry point, kept next to the list so a new RPC
+        /// is fuzzed without another list to update.
+        // The test-only RPCs of capture_tests expand this too, unused there.
+        #[allow(dead_code)]
+        pub(crate) fn unpack_every_ret(body: &[u8]) {
+            $(
+                let _ = crate::codec::unpack::<$ret>(&<$name as Rpc>::meta().ret, body);
+            )+
+        }
     };
     (@args) => { () };
     (@args $one:ty) => { $one };
