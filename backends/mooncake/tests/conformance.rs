@@ -7,13 +7,14 @@
 //! values land in (and vanish with) another case's segment, and would make
 //! the eviction case's capacity meaningless.
 
+mod common;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_backend_mooncake::MooncakeBackend;
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use kvpool_conformance::Subject;
-use kvpool_core::size::ByteSize;
 use kvpool_core::{
     BackendInfo, BlockKey, Config, GetOutcome, IoVec, IoVecMut, KvBackend, PutOutcome, Result,
 };
@@ -53,20 +54,11 @@ impl KvBackend for Isolated {
     }
 }
 
-fn config(master: &MooncakeMaster, segment: u64) -> MooncakeConfig {
-    MooncakeConfig {
-        master_server_address: master.address(),
-        global_segment_size: ByteSize(segment),
-        local_hostname: "127.0.0.1".into(),
-        ..MooncakeConfig::default()
-    }
-}
-
 fn main() -> std::process::ExitCode {
     kvpool_conformance::run_all(&[
         Subject::new("mooncake_owner", Some(SEGMENT), || async {
             let master = MooncakeMaster::start();
-            let backend = MooncakeBackend::open(config(&master, SEGMENT)).await?;
+            let backend = MooncakeBackend::open(common::config(&master, SEGMENT)).await?;
             Ok(Arc::new(Isolated {
                 backend: Arc::new(backend),
                 _owner: None,
@@ -78,7 +70,7 @@ fn main() -> std::process::ExitCode {
             Some(SEGMENT),
             || async {
                 let master = MooncakeMaster::start();
-                let owner = MooncakeBackend::open(config(&master, SEGMENT)).await?;
+                let owner = MooncakeBackend::open(common::config(&master, SEGMENT)).await?;
                 let config = Config::from_extra_config(serde_json::json!({
                     "backend": "mooncake",
                     "mooncake": {

@@ -2,6 +2,8 @@
 //! Every call must end with an error (Unavailable or Timeout) in bounded
 //! time, never panic or hang, and work must resume once a master is back.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,25 +23,15 @@ fn keys(n: u8) -> Vec<BlockKey> {
         .collect()
 }
 
+/// Short timeouts, so a fault shows within the test's patience.
 fn config(master: &MooncakeMaster, segment: u64) -> MooncakeConfig {
     MooncakeConfig {
-        master_server_address: master.address(),
-        global_segment_size: ByteSize(segment),
-        local_hostname: "127.0.0.1".into(),
         rpc_timeout_ms: Some(1_000),
         connect_timeout_ms: Some(500),
         transfer_timeout_ms: Some(1_000),
         no_space_retry_ms: 500,
-        ..MooncakeConfig::default()
+        ..common::config(master, segment)
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 async fn put(b: &dyn KvBackend, key: &BlockKey, v: &[u8]) -> kvpool_core::Result<PutOutcome> {
@@ -63,7 +55,7 @@ fn is_down(e: &kvpool_core::Error) -> bool {
 #[test]
 fn master_killed_mid_run_errors_promptly_and_work_resumes_after_restart() {
     let mut master = MooncakeMaster::start();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let owner = MooncakeBackend::open(config(&master, 32 << 20))
             .await
             .unwrap();
@@ -144,7 +136,7 @@ fn keys_of_a_dead_segment_owner_become_misses() {
             .any(|l| l.contains("OWNER READY"))
     });
     assert!(ready.join().unwrap(), "the owner process did not start");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = MooncakeBackend::open(config(&master, 0)).await.unwrap();
         let k = owner_keys();
         let v = vec![3u8; 50_000];
@@ -194,7 +186,7 @@ fn owner_process() {
     let Ok(addr) = std::env::var("KVPOOL_TEST_OWNER_MASTER") else {
         return;
     };
-    rt().block_on(async {
+    common::rt().block_on(async {
         let cfg = MooncakeConfig {
             master_server_address: addr,
             global_segment_size: ByteSize(16 << 20),

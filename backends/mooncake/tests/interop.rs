@@ -10,15 +10,16 @@
 //! The Python side is `tests/python/official_client.py`, run with `python3`
 //! (or `$KVPOOL_TEST_PYTHON`); a missing `mooncake` module fails the test.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_backend_mooncake::MooncakeBackend;
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
-use kvpool_core::size::ByteSize;
 use kvpool_core::{
     BlockHash, BlockKey, GetOutcome, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
 };
@@ -182,29 +183,14 @@ async fn kv_get(b: &dyn KvBackend, key: &BlockKey, len: usize) -> Option<Vec<u8>
     }
 }
 
-fn config(master: &MooncakeMaster, segment: u64) -> MooncakeConfig {
-    MooncakeConfig {
-        master_server_address: master.address(),
-        global_segment_size: ByteSize(segment),
-        local_hostname: "127.0.0.1".into(),
-        ..MooncakeConfig::default()
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn official_owner_and_kvpool_pure_client_read_each_others_keys() {
     let master = MooncakeMaster::start();
     let mut official = Official::start(&master.address(), 64 << 20);
-    rt().block_on(async {
-        let kv = MooncakeBackend::open(config(&master, 0)).await.unwrap();
+    common::rt().block_on(async {
+        let kv = MooncakeBackend::open(common::config(&master, 0))
+            .await
+            .unwrap();
         let k = keys(14);
 
         // Official puts -> kvpool reads identical bytes (over TCP from the
@@ -264,8 +250,8 @@ fn official_owner_and_kvpool_pure_client_read_each_others_keys() {
 #[test]
 fn kvpool_owner_serves_the_official_pure_client() {
     let master = MooncakeMaster::start();
-    rt().block_on(async {
-        let kv = MooncakeBackend::open(config(&master, 64 << 20))
+    common::rt().block_on(async {
+        let kv = MooncakeBackend::open(common::config(&master, 64 << 20))
             .await
             .unwrap();
         // Started after kvpool mounted: kvpool's is the only segment.
@@ -316,7 +302,9 @@ fn kvpool_owner_serves_the_official_pure_client() {
         assert_eq!(official.cmd("close"), "0");
         // kvpool's close unmounts: its keys are gone for everyone.
         kv.close().await.unwrap();
-        let reader = MooncakeBackend::open(config(&master, 0)).await.unwrap();
+        let reader = MooncakeBackend::open(common::config(&master, 0))
+            .await
+            .unwrap();
         assert_eq!(reader.exists(&k[5..6]).await.unwrap(), [false]);
     });
 }
