@@ -32,6 +32,8 @@ pub mod backends {
     pub use ::kvpool_backend_mooncake as mooncake;
     #[cfg(feature = "redis")]
     pub use ::kvpool_backend_redis as redis;
+    #[cfg(feature = "rocksdb-ssd")]
+    pub use ::kvpool_backend_rocksdb_ssd as rocksdb_ssd;
 }
 
 /// The schemes of the backend features this build enables.
@@ -42,4 +44,6 @@ pub const ENABLED_BACKENDS: &[&str] = &[
     "mooncake",
     #[cfg(feature = "redis")]
     "redis",
+    #[cfg(feature = "rocksdb-ssd")]
+    "rocksdb-ssd",
 ];
