@@ -1,0 +1,626 @@
+"""Drive a KV connector with vLLM 0.33's real scheduler and worker plumbing, on CPU.
+
+Why: a connector is only correct if it survives the call sequence vLLM really makes.
+Mocks of that sequence drift from vLLM; so these helpers build vLLM's own objects
+(VllmConfig, v1 Scheduler, Request, KV-cache tensors from vLLM's allocator) and run the
+worker half through vLLM's own hooks (set_forward_context,
+KVConnectorModelRunnerMixin._get_kv_connector_output, @maybe_transfer_kv_layer). Only
+the model is fake: "attention" writes deterministic K/V values for the scheduled
+tokens, so a test can say exactly which bytes each block must hold.
+
+Written for vLLM 0.33.0 (pinned; the connector API is experimental). Our own code,
+modelled on what vLLM's tests/v1/kv_connector/unit/utils.py does, much smaller.
+
+Typical use::
+
+    cfg = make_vllm_config("ExampleConnector", None, {"shared_storage_path": d})
+    sched = make_scheduler(cfg, num_blocks=64)
+    rig = WorkerRig(cfg, sched.kv_cache_config)
+    sched.add_request(make_request("a", list(range(40)), max_tokens=2))
+    run_until_finished(sched, rig)
+    assert_scheduler_empty(sched)
+
+KV-cache layout handed to register_kv_caches (format "fused", the default): exactly
+what vLLM 0.33's GPU model runner passes, because it comes from vLLM's own
+get_kv_cache_config_from_groups + allocate_kv_cache. One tensor per layer, the
+standardized logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
+(RFC #42082), all layers carved from one int8 backing buffer. The physical order is
+the cache layout, default "LBNHC" (what vLLM's own unit tests and the flash backend
+use): per layer, block b is one contiguous page of block_size x num_kv_heads x
+(2 * head_size) elements, token-major; for token n and head h, K is
+content[0:head_size] and V is content[head_size:2*head_size] (flash-attn semantics:
+kv.transpose(1, 2).split(head_size, -1)). So the logical view is NOT contiguous:
+read strides, never assume .contiguous(). Other layouts ("LBHNC", "BLHNC", ...) can
+be asked for; block-outermost ones ("BL...") interleave the layers' pages per block.
+
+Format "kv_pair": each layer is a (k_cache, v_cache) tuple, each a contiguous
+[num_blocks, block_size, num_kv_heads, head_size] tensor: the Ascend-NPU shape that
+Ascend Store receives. vLLM itself never produces it; it exists so a connector can be
+tested on both shapes. vLLM's ExampleConnector only understands "fused".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from vllm import SamplingParams
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.distributed.kv_transfer import kv_transfer_state
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+)
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.attention.kv_transfer_utils import (
+    maybe_transfer_kv_layer,
+)
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+)
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+from vllm.v1.worker.kv_connector_model_runner_mixin import (
+    KVConnectorModelRunnerMixin,
+)
+from vllm.v1.worker.utils import allocate_kv_cache
+
+TINY_OPT = Path(__file__).resolve().parent / "data" / "tiny-opt"
+
+# What the fake sampler always "generates". Not the EOS id (50256 in vLLM's tests; the
+# tiny OPT's eos is 2), so requests end by max_tokens unless a test asks for EOS.
+SAMPLED_TOKEN_ID = 7
+EOS_TOKEN_ID = 2
+
+
+# --------------------------------------------------------------------------- config
+
+
+def make_vllm_config(
+    connector: str,
+    module_path: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    *,
+    kv_role: str = "kv_both",
+    block_size: int = 16,
+    model_dir: str | Path = TINY_OPT,
+    load_failure_policy: str = "recompute",
+    kv_cache_layout: str = "LBNHC",
+    hash_algo: str = "sha256",
+    max_num_batched_tokens: int = 256,
+    max_num_seqs: int = 16,
+    max_model_len: int = 2048,
+    enable_prefix_caching: bool = True,
+    engine_id: str | None = None,
+) -> VllmConfig:
+    """A real VllmConfig for a config-only local model dir, with a KV connector.
+
+    `connector`/`module_path` are kv_connector/kv_connector_module_path exactly as a
+    user writes them (module_path None for connectors vLLM registers itself).
+    load_failure_policy defaults to "recompute" (vLLM's own default is "fail", which
+    turns a failed load into a failed request): recompute is what production uses
+    with a cache pool. kv_cache_layout is fixed here because the engine core normally
+    resolves it before connectors are built.
+    """
+    model_config = ModelConfig(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        skip_tokenizer_init=True,
+        dtype="float16",
+        seed=42,
+        max_model_len=max_model_len,
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=True,
+        is_encoder_decoder=model_config.is_encoder_decoder,
+        async_scheduling=False,
+    )
+    cache_config = CacheConfig(
+        block_size=block_size,
+        cache_dtype="auto",
+        enable_prefix_caching=enable_prefix_caching,
+        prefix_caching_hash_algo=hash_algo,
+    )
+    cache_config.kv_cache_layout = kv_cache_layout
+    kv_transfer_config = KVTransferConfig(
+        kv_connector=connector,
+        kv_connector_module_path=module_path,
+        kv_role=kv_role,
+        kv_connector_extra_config=dict(extra_config or {}),
+        kv_load_failure_policy=load_failure_policy,
+        **({"engine_id": engine_id} if engine_id is not None else {}),
+    )
+    return VllmConfig(
+        model_config=model_config,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        kv_transfer_config=kv_transfer_config,
+        device_config=DeviceConfig("cpu"),
+    )
+
+
+def layer_names(vllm_config: VllmConfig) -> list[str]:
+    """Attention layer names as vLLM's OPT model registers them."""
+    n = vllm_config.model_config.hf_config.num_hidden_layers
+    return [f"model.decoder.layers.{i}.self_attn.attn" for i in range(n)]
+
+
+def make_kv_cache_config(vllm_config: VllmConfig, num_blocks: int) -> KVCacheConfig:
+    """The KVCacheConfig the engine core would hand to scheduler and workers.
+
+    One full-attention group over all layers; heads, head size and dtype come from
+    the model config; tensor placement comes from vLLM's own planner for the
+    configured layout, so allocate_kv_cache reproduces vLLM's real per-layer views.
+    """
+    mc = vllm_config.model_config
+    spec = FullAttentionSpec(
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=mc.get_head_size(),
+        dtype=mc.dtype,
+    )
+    groups = [KVCacheGroupSpec(layer_names(vllm_config), spec)]
+    vllm_config.cache_config.num_gpu_blocks_override = num_blocks
+    kv_cache_config = get_kv_cache_config_from_groups(
+        vllm_config, groups, available_memory=0
+    )
+    kv_cache_config.kv_cache_layout = vllm_config.cache_config.kv_cache_layout
+    kv_cache_config.hash_block_size = vllm_config.cache_config.block_size
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return kv_cache_config
+
+
+def make_scheduler(
+    vllm_config: VllmConfig,
+    num_blocks: int = 64,
+    kv_cache_config: KVCacheConfig | None = None,
+) -> Scheduler:
+    """vLLM's real v1 Scheduler, which builds the SCHEDULER-role connector itself.
+
+    Block 0 is vLLM's null block, so num_blocks - 1 are usable. The scheduler keeps
+    the KVCacheConfig as `scheduler.kv_cache_config`: give the same one to WorkerRig.
+    """
+    if kv_cache_config is None:
+        kv_cache_config = make_kv_cache_config(vllm_config, num_blocks)
+    block_size = vllm_config.cache_config.block_size
+    return Scheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size,
+        hash_block_size=block_size,
+        log_stats=True,
+    )
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def make_request(
+    request_id: str,
+    prompt_token_ids: list[int],
+    max_tokens: int = 1,
+    block_size: int = 16,
+    hash_algo: str = "sha256",
+    kv_transfer_params: dict[str, Any] | None = None,
+) -> Request:
+    """A real Request whose block_hashes are computed the way EngineCore does.
+
+    EngineCore: fn = get_hash_fn_by_name(cache_config.prefix_caching_hash_algo);
+    init_none_hash(fn); Request(..., block_hasher=get_request_block_hasher(
+    hash_block_size, fn)). request.block_hashes then holds one hash per FULL block of
+    the prompt, chained: h_i = fn((h_{i-1} or NONE_HASH, tuple(block_tokens), None)),
+    with NONE_HASH = fn(PYTHONHASHSEED or "vllm-none-hash") for sha256/sha256_cbor;
+    more hashes are appended as generated tokens fill blocks. Pass the same
+    hash_algo as the config's (make_vllm_config(hash_algo=...)).
+    """
+    hash_fn = get_hash_fn_by_name(hash_algo)
+    # Global in vLLM; cheap; re-run so the seed follows the algorithm in use.
+    init_none_hash(hash_fn)
+    params = SamplingParams(max_tokens=max_tokens)
+    params.update_from_generation_config({}, EOS_TOKEN_ID)
+    req = Request(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        sampling_params=params,
+        pooling_params=None,
+        block_hasher=get_request_block_hasher(block_size, hash_fn),
+    )
+    req.kv_transfer_params = kv_transfer_params
+    return req
+
+
+def model_runner_output(
+    scheduler_output: SchedulerOutput,
+    kv_connector_output: KVConnectorOutput | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    finished_sending: set[str] | None = None,
+    finished_recving: set[str] | None = None,
+    invalid_block_ids: set[int] | None = None,
+    failed_recving: set[str] | None = None,
+    use_eos: bool = False,
+) -> ModelRunnerOutput:
+    """What a model runner returns for `scheduler_output`.
+
+    A request samples SAMPLED_TOKEN_ID (EOS_TOKEN_ID if use_eos) when this step
+    reached the end of its known tokens; one still mid-prefill (chunked) samples
+    nothing, as in the real runner. That needs the request's length: pass the
+    `scheduler` (call after schedule(), which already advanced num_computed_tokens);
+    without it, new requests are judged by prompt length and running ones sample.
+    The KV part is `kv_connector_output` (from WorkerRig.step) or, for
+    scheduler-only tests, one built from the keyword sets.
+    """
+    token = EOS_TOKEN_ID if use_eos else SAMPLED_TOKEN_ID
+    new = {r.req_id: r for r in scheduler_output.scheduled_new_reqs}
+    req_ids = list(scheduler_output.num_scheduled_tokens)
+    sampled: list[list[int]] = []
+    for req_id in req_ids:
+        if scheduler is not None and req_id in scheduler.requests:
+            req = scheduler.requests[req_id]
+            mid_prefill = req.num_computed_tokens < req.num_tokens
+        elif req_id in new:
+            r = new[req_id]
+            end = r.num_computed_tokens + scheduler_output.num_scheduled_tokens[req_id]
+            mid_prefill = end < len(r.prompt_token_ids or [])
+        else:
+            mid_prefill = False
+        sampled.append([] if mid_prefill else [token])
+    if kv_connector_output is None and any(
+        x is not None
+        for x in (finished_sending, finished_recving, invalid_block_ids, failed_recving)
+    ):
+        kv_connector_output = KVConnectorOutput(
+            finished_sending=finished_sending,
+            finished_recving=finished_recving,
+            invalid_block_ids=set(invalid_block_ids or ()),
+            failed_recving=set(failed_recving or ()),
+        )
+    return ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled,
+        logprobs=None,
+        prompt_logprobs_dict={},
+        pooler_output=None,
+        kv_connector_output=kv_connector_output,
+    )
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _exact_modulus(dtype: torch.dtype) -> int:
+    # Values must be exact integers in the cache dtype, or a round trip could not be
+    # compared bit for bit: float16 has 11 significant bits, bfloat16 8.
+    mantissa_bits = round(-math.log2(torch.finfo(dtype).eps))
+    return 2 ** (mantissa_bits + 1) - 1
+
+
+def expected_kv(
+    token_ids: list[int],
+    positions: Iterable[int],
+    layer: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V the fake attention writes for `positions` of a sequence.
+
+    Each is [len(positions), num_kv_heads, head_size]; every value is a nonzero
+    integer exact in `dtype`, depending on token id, position, layer, head, channel
+    and K/V, so a block copied to the wrong place, layer or half shows up.
+    """
+    pos = torch.tensor(list(positions), dtype=torch.int64)
+    tok = torch.tensor([token_ids[p] for p in pos.tolist()], dtype=torch.int64)
+    base = (tok * 1009 + pos * 131 + layer * 17).view(-1, 1, 1)
+    h = torch.arange(num_kv_heads).view(1, -1, 1) * 7
+    c = torch.arange(head_size).view(1, 1, -1) * 3
+    m = _exact_modulus(dtype)
+    k = (base + h + c) % m + 1
+    v = (base + h + c + 1021) % m + 1
+    return k.to(dtype), v.to(dtype)
+
+
+@maybe_transfer_kv_layer
+def _fake_attention(write_kv, layer_name: str) -> None:
+    """Stands in for vLLM's unified attention op. The real decorator around it calls
+    connector.wait_for_layer_load(layer) before and
+    connector.save_kv_layer(layer, kv_cache, attn_metadata) after, exactly as for
+    real attention; in between this writes this step's K/V into the paged cache."""
+    write_kv()
+
+
+class WorkerRig:
+    """One worker: the WORKER-role connector, its CPU KV cache, and a step function.
+
+    Creates the connector through KVConnectorFactory (as ensure_kv_transfer_initialized
+    does), allocates the KV cache the way vLLM's model runner does, calls
+    register_kv_caches, and binds fake attention layers (objects with .kv_cache) into
+    vllm_config.compilation_config.static_forward_context, which is where vLLM's
+    forward context finds layers (ExampleConnector walks them).
+
+    It tracks each request's block table and token ids from the scheduler outputs it
+    is given, like the model runner's input batch. One vllm_config per rig: two rigs
+    (two "instances") need two configs.
+    """
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        kv_cache_config: KVCacheConfig,
+        kv_format: str = "fused",
+    ) -> None:
+        assert kv_format in ("fused", "kv_pair"), kv_format
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        self.kv_format = kv_format
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        self.layer_names: list[str] = list(group.layer_names)
+        self.block_size: int = spec.block_size
+        self.num_kv_heads: int = spec.num_kv_heads
+        self.head_size: int = spec.head_size
+        self.dtype: torch.dtype = spec.dtype
+        self.num_blocks: int = kv_cache_config.num_blocks
+
+        self.connector: KVConnectorBase_V1 = KVConnectorFactory.create_connector(
+            vllm_config, KVConnectorRole.WORKER, kv_cache_config
+        )
+        self.kv_caches: dict[str, Any] = self._allocate()
+        self.connector.register_kv_caches(self.kv_caches)
+        ctx = vllm_config.compilation_config.static_forward_context
+        ctx.clear()
+        for name in self.layer_names:
+            ctx[name] = SimpleNamespace(kv_cache=self.kv_caches[name], layer_name=name)
+
+        # Per request, what the model runner's input batch would hold.
+        self._block_table: dict[str, list[int]] = {}
+        self._tokens: dict[str, list[int]] = {}
+
+    # ---- KV cache
+
+    def _allocate(self) -> dict[str, Any]:
+        if self.kv_format == "fused":
+            layout = self.vllm_config.cache_config.get_resolved_kv_cache_layout()
+            return allocate_kv_cache(self.kv_cache_config, torch.device("cpu"), layout)
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
+        return {
+            name: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            for name in self.layer_names
+        }
+
+    def _kv_views(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_size]
+        views (writable, sharing memory with the registered cache)."""
+        kv = self.kv_caches[layer_name]
+        if self.kv_format == "kv_pair":
+            return kv[0], kv[1]
+        # [B, H, N, 2D] logical view -> [B, N, H, 2D] -> split K | V on the last dim.
+        k, v = kv.transpose(1, 2).split(self.head_size, dim=-1)
+        return k, v
+
+    def read_block(self, layer_name: str, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of (K, V) held in one block of one layer, each
+        [block_size, num_kv_heads, head_size]."""
+        k, v = self._kv_views(layer_name)
+        return k[block_id].clone(), v[block_id].clone()
+
+    def zero_cache(self) -> None:
+        """Wipe every layer, so that anything a later load puts there is observable."""
+        for name in self.layer_names:
+            for t in self._kv_views(name):
+                t.zero_()
+
+    def expected_block(
+        self, layer_name: str, token_ids: list[int], block_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, V) the fake model computes for the `block_index`-th block of a
+        sequence with these token ids: [n, num_kv_heads, head_size] each, n = the
+        tokens of that block present in token_ids (block_size unless it is the last,
+        partial block); compare with read_block(...)[:n]."""
+        start = block_index * self.block_size
+        end = min(start + self.block_size, len(token_ids))
+        assert end > start, f"block {block_index} is past {len(token_ids)} tokens"
+        return expected_kv(
+            token_ids,
+            range(start, end),
+            self.layer_names.index(layer_name),
+            self.num_kv_heads,
+            self.head_size,
+            self.dtype,
+        )
+
+    def block_ids(self, req_id: str) -> list[int]:
+        """The block table the worker currently holds for a request."""
+        return list(self._block_table[req_id])
+
+    # ---- one engine step
+
+    def _update_states(self, so: SchedulerOutput) -> list[tuple[str, int, int]]:
+        """Apply the scheduler output to our input batch, as the model runner's
+        _update_states does; return (req_id, first position, count) to compute."""
+        for req_id in so.finished_req_ids:
+            self._block_table.pop(req_id, None)
+            self._tokens.pop(req_id, None)
+        work = []
+        for r in so.scheduled_new_reqs:
+            self._block_table[r.req_id] = list(r.block_ids[0])
+            self._tokens[r.req_id] = list(r.prompt_token_ids or [])
+            work.append((r.req_id, r.num_computed_tokens, so.num_scheduled_tokens[r.req_id]))
+        c = so.scheduled_cached_reqs
+        for i, req_id in enumerate(c.req_ids):
+            new_ids = c.new_block_ids[i]
+            if req_id in c.resumed_req_ids:
+                # A resumed (preempted) request gets its whole block table again.
+                assert new_ids is not None
+                self._block_table[req_id] = list(new_ids[0])
+                if req_id in c.all_token_ids:
+                    self._tokens[req_id] = list(c.all_token_ids[req_id])
+            elif new_ids is not None:
+                self._block_table[req_id].extend(new_ids[0])
+            work.append((req_id, c.num_computed_tokens[i], so.num_scheduled_tokens[req_id]))
+        return work
+
+    def _token_at(self, req_id: str, pos: int) -> int:
+        toks = self._tokens[req_id]
+        # Positions past what we were told are tokens our fake sampler produced.
+        return toks[pos] if pos < len(toks) else SAMPLED_TOKEN_ID
+
+    def step(self, scheduler_output: SchedulerOutput) -> KVConnectorOutput:
+        """Run one model step for `scheduler_output` through vLLM's worker hooks.
+
+        Same structure as GPUModelRunner.execute_model in 0.33: handle_preemptions,
+        then, if nothing is scheduled, kv_connector_no_forward (forward context with
+        attn_metadata None); otherwise set_forward_context + _get_kv_connector_output
+        around the layers' attention calls. Returns the KVConnectorOutput the runner
+        would put in its ModelRunnerOutput.
+        """
+        so = scheduler_output
+        with self._installed():
+            self.connector.handle_preemptions(so.kv_connector_metadata)
+            work = self._update_states(so)
+            if not so.total_num_scheduled_tokens:
+                mro = KVConnectorModelRunnerMixin.kv_connector_no_forward(
+                    so, self.vllm_config
+                )
+                return mro.kv_connector_output or KVConnectorOutput()
+
+            slots, writes = self._plan_writes(work)
+            attn_metadata = {
+                name: SimpleNamespace(slot_mapping=slots, num_actual_tokens=len(slots))
+                for name in self.layer_names
+            }
+            with (
+                set_forward_context(
+                    attn_metadata,
+                    self.vllm_config,
+                    slot_mapping={name: slots for name in self.layer_names},
+                ),
+                KVConnectorModelRunnerMixin._get_kv_connector_output(so) as out,
+            ):
+                for li, name in enumerate(self.layer_names):
+                    _fake_attention(lambda li=li, name=name: self._write(li, name, writes), name)
+            return out
+
+    def _plan_writes(self, work):
+        slots: list[int] = []
+        writes = []  # (block_ids, offsets, token_ids_of_seq, positions)
+        for req_id, start, count in work:
+            table = self._block_table[req_id]
+            positions = list(range(start, start + count))
+            blocks = [table[p // self.block_size] for p in positions]
+            offsets = [p % self.block_size for p in positions]
+            slots += [b * self.block_size + o for b, o in zip(blocks, offsets)]
+            toks = [self._token_at(req_id, p) for p in range(start + count)]
+            writes.append((blocks, offsets, toks, positions))
+        return torch.tensor(slots, dtype=torch.int64), writes
+
+    def _write(self, layer_idx: int, layer_name: str, writes) -> None:
+        k_cache, v_cache = self._kv_views(layer_name)
+        for blocks, offsets, toks, positions in writes:
+            k, v = expected_kv(
+                toks, positions, layer_idx, self.num_kv_heads, self.head_size, self.dtype
+            )
+            b = torch.tensor(blocks)
+            o = torch.tensor(offsets)
+            k_cache[b, o] = k
+            v_cache[b, o] = v
+
+    @contextlib.contextmanager
+    def _installed(self) -> Iterator[None]:
+        """Make our connector vLLM's global worker connector for one step.
+
+        ensure_kv_transfer_initialized would set it once per process (it needs a TP
+        group); swapping it per step lets one test run two workers ("instances").
+        """
+        prev = kv_transfer_state._KV_CONNECTOR_AGENT
+        kv_transfer_state._KV_CONNECTOR_AGENT = self.connector
+        try:
+            yield
+        finally:
+            kv_transfer_state._KV_CONNECTOR_AGENT = prev
+
+    def shutdown(self) -> None:
+        self.connector.shutdown()
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def engine_step(
+    scheduler: Scheduler, rig: WorkerRig, *, use_eos: bool = False
+) -> tuple[SchedulerOutput, KVConnectorOutput, dict]:
+    """One EngineCore.step: schedule -> worker step -> update_from_output.
+    Returns (scheduler_output, kv_connector_output, engine_core_outputs)."""
+    so = scheduler.schedule()
+    kvo = rig.step(so)
+    mro = model_runner_output(so, kvo, scheduler=scheduler, use_eos=use_eos)
+    eco = scheduler.update_from_output(so, mro)
+    return so, kvo, eco
+
+
+def run_until_finished(
+    scheduler: Scheduler, rig: WorkerRig, max_steps: int = 200
+) -> list[tuple[SchedulerOutput, KVConnectorOutput]]:
+    """Step until the scheduler holds no request and has handed every finished id on
+    to the worker (it passes them in the step after the one that finished them).
+
+    Returns every (scheduler_output, kv_connector_output) pair for assertions.
+    """
+    history = []
+    for _ in range(max_steps):
+        if not scheduler.requests and not scheduler.finished_req_ids:
+            return history
+        so, kvo, _ = engine_step(scheduler, rig)
+        history.append((so, kvo))
+    raise AssertionError(
+        f"requests still unfinished after {max_steps} steps: {list(scheduler.requests)}"
+    )
+
+
+def assert_scheduler_empty(scheduler: Scheduler) -> None:
+    """No request, block or transfer state left behind in the scheduler (leak check).
+
+    Block hashes may stay on free blocks: vLLM evicts prefix-cache entries lazily.
+    """
+    assert not scheduler.requests, list(scheduler.requests)
+    assert len(scheduler.waiting) == 0
+    assert len(scheduler.running) == 0
+    assert len(scheduler.kv_holding_waiting) == 0
+    assert not scheduler.finished_req_ids
+    assert not scheduler.finished_recving_kv_req_ids
+    assert not scheduler.failed_recving_kv_req_ids
+    mgr = scheduler.kv_cache_manager
+    for single in mgr.coordinator.single_type_managers:
+        assert not single.req_to_blocks, dict(single.req_to_blocks)
+        assert not single.num_cached_block
+    pool = mgr.block_pool
+    # Every block but the null block is free.
+    assert pool.free_block_queue.num_free_blocks == pool.num_gpu_blocks - 1
+    assert all(b.ref_cnt == 0 for b in pool.blocks if not b.is_null)
