@@ -52,6 +52,8 @@ const CONNECTOR_KEYS: &[&str] = &[
     "discard_partial_chunks",
     "prefill_pp_size",
     "prefill_pp_layer_partition",
+    "lookup_timeout_ms",
+    "metrics_port",
 ];
 
 /// Ascend Store keys for features kvpool does not implement. A config written for Ascend Store
@@ -160,6 +162,13 @@ pub struct ConnectorConfig {
     /// A TOML array of integers is accepted too.
     #[serde(deserialize_with = "flex::partition")]
     pub prefill_pp_layer_partition: Option<String>,
+    /// How long the scheduler waits for the lookup service before it treats a request as a
+    /// miss. Ascend Store waits forever, so one dead worker hangs the whole engine.
+    #[serde(deserialize_with = "flex::u32")]
+    pub lookup_timeout_ms: u32,
+    /// Serve Prometheus metrics over HTTP on this port (plus the worker's rank); 0 = off.
+    #[serde(deserialize_with = "flex::u32")]
+    pub metrics_port: u32,
 }
 
 impl Default for ConnectorConfig {
@@ -174,6 +183,8 @@ impl Default for ConnectorConfig {
             discard_partial_chunks: true,
             prefill_pp_size: 1,
             prefill_pp_layer_partition: None,
+            lookup_timeout_ms: 2000,
+            metrics_port: 0,
         }
     }
 }
@@ -224,7 +235,7 @@ pub struct Config {
     /// as in Ascend Store. Checked here only for shape; the registry checks it exists.
     pub backend: String,
     /// How block keys are derived.
-    pub hashing: HashingMode,
+    pub hash_mode: HashingMode,
     /// The vLLM connector keys.
     pub connector: ConnectorConfig,
     figment: Figment,
@@ -236,7 +247,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("backend", &self.backend)
-            .field("hashing", &self.hashing)
+            .field("hash_mode", &self.hash_mode)
             .field("connector", &self.connector)
             .field("sections", &self.sections)
             .finish()
@@ -367,7 +378,7 @@ impl Config {
     pub fn to_json(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
         out.insert("backend".into(), self.backend.clone().into());
-        out.insert("hashing".into(), self.hashing.as_str().into());
+        out.insert("hash_mode".into(), self.hash_mode.as_str().into());
         if let Ok(serde_json::Value::Object(connector)) = serde_json::to_value(&self.connector) {
             out.extend(connector);
         }
@@ -406,7 +417,7 @@ impl Config {
         let mut unknown = Vec::new();
         for (key, value) in &data {
             let origin = origin_of(&figment, &[key.as_str()]);
-            if key == "backend" || key == "hashing" || key == "mooncake_rpc_port" {
+            if key == "backend" || key == "hash_mode" || key == "mooncake_rpc_port" {
                 continue;
             }
             if CONNECTOR_KEYS.contains(&key.as_str()) {
@@ -437,20 +448,20 @@ impl Config {
             return Err(unknown_keys_error(&unknown, &allowed_sections));
         }
 
-        // figment reads an integer as an enum variant index; `hashing = 1` is a mistake.
+        // figment reads an integer as an enum variant index; `hash_mode = 1` is a mistake.
         if let Some(value) = data
-            .get("hashing")
+            .get("hash_mode")
             .filter(|v| !matches!(v, Value::String(..)))
         {
             return Err(Error::config_invalid(format!(
-                "invalid type for `hashing` in {}: found {}, expected `tokens` or `vllm`",
-                origin_of(&figment, &["hashing"]),
+                "invalid type for `hash_mode` in {}: found {}, expected `tokens` or `vllm`",
+                origin_of(&figment, &["hash_mode"]),
                 value.to_actual()
             )));
         }
         #[derive(Deserialize)]
         struct Head {
-            hashing: HashingMode,
+            hash_mode: HashingMode,
         }
         let head: Head = figment
             .extract_lossy()
@@ -503,7 +514,7 @@ impl Config {
 
         Ok(Config {
             backend,
-            hashing: head.hashing,
+            hash_mode: head.hash_mode,
             connector,
             figment,
             sections,
@@ -540,7 +551,7 @@ fn resolve_backend(figment: &Figment) -> Result<String> {
 }
 
 fn unknown_keys_error(unknown: &[(String, String)], sections: &BTreeSet<String>) -> Error {
-    let mut known: Vec<&str> = vec!["backend", "hashing"];
+    let mut known: Vec<&str> = vec!["backend", "hash_mode"];
     known.extend_from_slice(CONNECTOR_KEYS);
     let candidates: Vec<&str> = known
         .iter()
@@ -738,7 +749,7 @@ fn defaults_layer() -> Layer {
     let mut dict = Dict::new();
     dict.insert("backend".into(), Value::from("mooncake"));
     dict.insert(
-        "hashing".into(),
+        "hash_mode".into(),
         Value::from(HashingMode::default().as_str()),
     );
     if let Ok(Value::Dict(_, connector)) = Value::serialize(ConnectorConfig::default()) {
@@ -1133,7 +1144,7 @@ mod tests {
     fn defaults_match_ascend_store() {
         let config = Config::from_extra_config(json!({})).unwrap();
         assert_eq!(config.backend, "mooncake");
-        assert_eq!(config.hashing, HashingMode::Tokens);
+        assert_eq!(config.hash_mode, HashingMode::Tokens);
         assert_eq!(config.connector, ConnectorConfig::default());
         assert_eq!(config.connector.lookup_rpc_port, 0);
         assert!(config.connector.discard_partial_chunks);
@@ -1182,7 +1193,7 @@ mod tests {
             "discard_partial_chunks": "false",
             "prefill_pp_size": "2",
             "prefill_pp_layer_partition": "30,31",
-            "hashing": "vllm",
+            "hash_mode": "vllm",
         }))
         .unwrap();
         let c = &config.connector;
@@ -1190,7 +1201,7 @@ mod tests {
         assert!(c.consumer_is_to_load && c.save_decode_cache && !c.discard_partial_chunks);
         assert_eq!(c.prefill_pp_size, 2);
         assert_eq!(c.layer_partition().unwrap(), Some(vec![30, 31]));
-        assert_eq!(config.hashing, HashingMode::Vllm);
+        assert_eq!(config.hash_mode, HashingMode::Vllm);
     }
 
     #[test]
@@ -1377,7 +1388,7 @@ mod tests {
         assert!(msg.contains("in kv_connector_extra_config"), "{msg}");
         assert!(msg.contains("did you mean `lookup_rpc_port`"), "{msg}");
         assert!(
-            msg.contains("known keys: backend, hashing, lookup_rpc_port"),
+            msg.contains("known keys: backend, hash_mode, lookup_rpc_port"),
             "{msg}"
         );
 
@@ -1422,10 +1433,10 @@ mod tests {
         let msg = config_err(extra(json!({"load_async": "maybe"})));
         assert!(msg.contains("`load_async`"), "{msg}");
 
-        let msg = config_err(extra(json!({"hashing": "sha"})));
-        assert!(msg.contains("`hashing`") && msg.contains("vllm"), "{msg}");
-        let msg = config_err(extra(json!({"hashing": 1})));
-        assert!(msg.contains("`hashing`"), "{msg}");
+        let msg = config_err(extra(json!({"hash_mode": "sha"})));
+        assert!(msg.contains("`hash_mode`") && msg.contains("vllm"), "{msg}");
+        let msg = config_err(extra(json!({"hash_mode": 1})));
+        assert!(msg.contains("`hash_mode`"), "{msg}");
 
         let msg = config_err(extra(json!({"backend": 7})));
         assert!(msg.contains("`backend`"), "{msg}");
@@ -1575,7 +1586,7 @@ mod tests {
         ];
         let c = with_env(None, None, &vars).unwrap();
         assert_eq!(c.backend, "rocksdb-ssd");
-        assert_eq!(c.hashing, HashingMode::Vllm);
+        assert_eq!(c.hash_mode, HashingMode::Vllm);
         assert_eq!(c.section_names(), vec!["memory", "rocksdb_ssd"]);
         let memory: MemorySection = c.section("memory").unwrap();
         assert_eq!(memory.capacity, Some(ByteSize(GIB)));
@@ -1655,7 +1666,7 @@ mod tests {
         .unwrap();
         let j = c.to_json();
         assert_eq!(j["backend"], json!("redis"));
-        assert_eq!(j["hashing"], json!("tokens"));
+        assert_eq!(j["hash_mode"], json!("tokens"));
         assert_eq!(j["lookup_rpc_port"], json!(3));
         assert_eq!(j["discard_partial_chunks"], json!(true));
         assert_eq!(j["prefill_pp_layer_partition"], json!(null));

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod buffer;
 pub mod checked;
 pub mod config;
+pub mod connector;
 pub mod error;
 pub mod eviction;
 pub mod hash;

@@ -32,7 +32,7 @@ pub(crate) fn run(args: CheckArgs) -> kvpool::Result<ExitCode> {
         let c = info.capabilities;
         println!("backend:       {}", info.scheme);
         println!("description:   {}", info.description);
-        println!("hashing:       {}", config.hashing);
+        println!("hash_mode:     {}", config.hash_mode);
         println!("capabilities:");
         println!("  shared                 {}", c.shared);
         println!("  persistent             {}", c.persistent);

@@ -1,0 +1,286 @@
+"""kvpool as a vLLM KV connector (vLLM 0.33, KV connector API v1).
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector": "KvPoolConnector",
+                           "kv_connector_module_path": "kvpool.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"backend": "mooncake",
+                                                         "lookup_rpc_port": "0"}}'
+
+This module only translates: vLLM objects become plain values, tensors become (pointer,
+shape, strides) descriptions, and every decision is taken in Rust (``kvpool._native``), with
+the GIL released around anything that blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvpool import _native
+from kvpool._native import KvPoolError
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvpool")
+
+__all__ = ["KvPoolConnector", "KvPoolConnectorMetadata"]
+
+
+class KvPoolConnectorMetadata(KVConnectorMetadata):
+    """One step's plan, encoded by the scheduler half and decoded by each worker."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+def _engine_layout(vllm_config: "VllmConfig", role: KVConnectorRole) -> str:
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    tp_size = parallel.tensor_parallel_size
+    pp_size = parallel.pipeline_parallel_size
+    worker = role == KVConnectorRole.WORKER
+    rank = parallel.rank if worker else 0
+    return json.dumps(
+        {
+            "model": str(model.model),
+            "block_size": vllm_config.cache_config.block_size,
+            "tp_size": tp_size,
+            "tp_rank": rank % tp_size,
+            "pp_size": pp_size,
+            "pp_rank": (rank // tp_size) % pp_size,
+            "dp_rank": parallel.data_parallel_rank,
+            "num_kv_heads": model.get_total_num_kv_heads(),
+            "use_mla": bool(getattr(model, "use_mla", False)),
+            "role": _role_name(vllm_config),
+        }
+    )
+
+
+def _role_name(vllm_config: "VllmConfig") -> str:
+    role = vllm_config.kv_transfer_config.kv_role
+    return "kv_both" if role is None else str(role)
+
+
+def _hashes(request: "Request") -> list:
+    return [bytes(h) for h in request.block_hashes]
+
+
+def _lora_name(request: Any) -> Optional[str]:
+    lora = getattr(request, "lora_request", None)
+    return None if lora is None else lora.lora_name
+
+
+class KvPoolConnector(KVConnectorBase_V1):
+    """vLLM KV connector over a kvpool backend (Ascend Store's behaviour)."""
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "Optional[KVCacheConfig]" = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        config_json = json.dumps(dict(extra))
+        layout_json = _engine_layout(vllm_config, role)
+        effective = json.loads(_native.load_config(config_json, True))
+        self._vllm_hashes = effective.get("hash_mode") == "vllm"
+        self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
+        self._scheduler: Optional[_native.Scheduler] = None
+        self._worker: Optional[_native.Worker] = None
+        # Scheduler side: requests seen in update_state_after_alloc, for their block hashes
+        # and tokens when a step describes them only by id.
+        self._requests: dict = {}
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _native.Scheduler(config_json, layout_json)
+        else:
+            self._worker = _native.Worker(config_json, layout_json)
+            logger.info("kvpool connector worker on %s", self._worker.backend_description())
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[Optional[int], bool]:
+        assert self._scheduler is not None
+        prompt = request.prompt_token_ids
+        if prompt is None:
+            return 0, False
+        return self._scheduler.get_num_new_matched_tokens(
+            request.request_id,
+            prompt,
+            _hashes(request) if self._vllm_hashes else [],
+            request.num_tokens,
+            num_computed_tokens,
+            _lora_name(request),
+            request.cache_salt,
+        )
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        assert self._scheduler is not None
+        self._requests[request.request_id] = request
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self._scheduler.update_state_after_alloc(
+            request.request_id, list(block_ids), num_external_tokens
+        )
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        scheduled = scheduler_output.num_scheduled_tokens
+        new_requests = []
+        for r in scheduler_output.scheduled_new_reqs:
+            request = self._requests.get(r.req_id)
+            new_requests.append(
+                (
+                    r.req_id,
+                    r.prompt_token_ids or [],
+                    _hashes(request) if self._vllm_hashes and request is not None else [],
+                    list(r.block_ids[0]) if r.block_ids else [],
+                    r.num_computed_tokens,
+                    scheduled.get(r.req_id, 0),
+                    _lora_name(r),
+                    getattr(request, "cache_salt", None),
+                )
+            )
+        cached = scheduler_output.scheduled_cached_reqs
+        running = self._scheduler.needs_running_tokens()
+        cached_requests = []
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            request = self._requests.get(req_id)
+            tokens, hashes = [], []
+            if running and request is not None:
+                tokens = list(request.all_token_ids)
+                hashes = _hashes(request) if self._vllm_hashes else []
+            cached_requests.append(
+                (
+                    req_id,
+                    req_id in cached.resumed_req_ids,
+                    list(new_ids[0]) if new_ids else [],
+                    cached.num_computed_tokens[i],
+                    scheduled.get(req_id, 0),
+                    tokens,
+                    hashes,
+                )
+            )
+        payload = self._scheduler.build_connector_meta(
+            new_requests,
+            cached_requests,
+            list(scheduler_output.finished_req_ids),
+            list(scheduler_output.preempted_req_ids or ()),
+        )
+        return KvPoolConnectorMetadata(payload)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_connector_output(
+            list(connector_output.finished_sending or ()),
+            list(connector_output.finished_recving or ()),
+        )
+
+    def request_finished(
+        self, request: "Request", block_ids: list
+    ) -> tuple[bool, Optional[dict]]:
+        assert self._scheduler is not None
+        self._requests.pop(request.request_id, None)
+        return self._scheduler.request_finished(request.request_id, len(block_ids)), None
+
+    # ------------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        assert self._worker is not None
+        tensors = []
+        for name, value in kv_caches.items():
+            parts = list(value) if isinstance(value, (tuple, list)) else [value]
+            if (
+                len(parts) == 1
+                and self._num_blocks is not None
+                and parts[0].dim() >= 2
+                and parts[0].shape[0] == 2
+                and parts[0].shape[1] == self._num_blocks
+            ):
+                # The older [2, blocks, ...] layout: K and V stacked in front of the blocks.
+                parts = [parts[0][0], parts[0][1]]
+            for t in parts:
+                if t.device.type != "cpu":
+                    raise KvPoolError(
+                        f"layer {name!r}: the KV cache is on {t.device}; kvpool's connector "
+                        "reads and writes host memory, so it needs CPU KV-cache tensors"
+                    )
+                tensors.append(
+                    (name, t.data_ptr(), list(t.shape), list(t.stride()), t.element_size())
+                )
+        value_len = self._worker.register_kv_caches(tensors, kv_caches)
+        logger.info("kvpool: %d cache tensors, %d bytes per block", len(tensors), value_len)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert self._worker is not None
+        assert isinstance(connector_metadata, KvPoolConnectorMetadata)
+        self._worker.bind_connector_metadata(connector_metadata.payload)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self._worker is not None:
+            self._worker.clear_connector_metadata()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self._worker is not None
+        if isinstance(kv_connector_metadata, KvPoolConnectorMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata.payload)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        assert self._worker is not None
+        self._worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads complete in start_load_kv (sync) or before the request is scheduled (async).
+        return None
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: "torch.Tensor",
+        attn_metadata: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Whole blocks are saved at the end of the step, in wait_for_save.
+        return None
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        self._worker.wait_for_save()
+
+    def get_finished(
+        self, finished_req_ids: set
+    ) -> tuple[Optional[set], Optional[set]]:
+        assert self._worker is not None
+        sending, recving = self._worker.get_finished(list(finished_req_ids))
+        return (set(sending) or None, set(recving) or None)
+
+    def get_block_ids_with_load_errors(self) -> set:
+        assert self._worker is not None
+        return set(self._worker.get_block_ids_with_load_errors())
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(30.0)

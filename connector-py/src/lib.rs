@@ -1,0 +1,503 @@
+//! `kvpool._native`: the Rust side of the Python package.
+//!
+//! Everything here converts Python values to Rust ones and back, and releases the GIL around
+//! every call that can block (backend I/O, lookups, waits). The logic lives in
+//! `kvpool::connector` and the backends.
+
+use std::any::Any;
+use std::num::NonZeroUsize;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvpool::config::{Config, ConfigSources};
+use kvpool::connector::{
+    CachedRequest, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
+    TensorDesc, WorkerConnector,
+};
+use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
+use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(
+    _native,
+    KvPoolError,
+    PyException,
+    "A kvpool error. `kind` names what went wrong (config_invalid, invalid_argument, \
+     unavailable, timeout, no_space, corrupted, unsupported, closed, unexpected) and \
+     `temporary` says whether retrying may help."
+);
+
+fn to_py(err: Error) -> PyErr {
+    Python::with_gil(|py| {
+        let e = KvPoolError::new_err(err.to_string());
+        let value = e.value(py);
+        let _ = value.setattr("kind", err.kind().as_str());
+        let _ = value.setattr("temporary", err.is_temporary());
+        e
+    })
+}
+
+fn config_from_json(config_json: Option<&str>, use_env: bool) -> PyResult<Config> {
+    let extra = match config_json {
+        None => None,
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+            to_py(Error::config_invalid(format!(
+                "kv_connector_extra_config is not valid JSON: {e}"
+            )))
+        })?),
+    };
+    let sources = ConfigSources {
+        file: None,
+        extra_config: extra,
+        use_env,
+    };
+    Config::load(&sources).map_err(to_py)
+}
+
+fn layout_from_json(layout_json: &str) -> PyResult<EngineLayout> {
+    let layout: EngineLayout = serde_json::from_str(layout_json)
+        .map_err(|e| to_py(Error::invalid_argument(format!("engine layout: {e}"))))?;
+    layout.validate().map_err(to_py)?;
+    Ok(layout)
+}
+
+fn hashes_from_py(items: Vec<Vec<u8>>) -> PyResult<Vec<BlockHash>> {
+    items
+        .iter()
+        .map(|b| BlockHash::from_slice(b).map_err(to_py))
+        .collect()
+}
+
+fn runtime() -> PyResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvpool")
+        .enable_all()
+        .build()
+        .map_err(|e| to_py(Error::new(kvpool::ErrorKind::Unexpected, e.to_string())))
+}
+
+/// A handle on the configured backend, for scripts and tools.
+#[pyclass(module = "kvpool._native", frozen)]
+struct Pool {
+    backend: Arc<dyn KvBackend>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn parse_key(key: &str) -> PyResult<BlockKey> {
+    BlockKey::parse(key).map_err(to_py)
+}
+
+#[pymethods]
+impl Pool {
+    #[new]
+    #[pyo3(signature = (config_json=None, use_env=true))]
+    fn new(py: Python<'_>, config_json: Option<&str>, use_env: bool) -> PyResult<Self> {
+        let config = config_from_json(config_json, use_env)?;
+        let runtime = runtime()?;
+        let backend = py
+            .allow_threads(|| runtime.block_on(kvpool::open(&config)))
+            .map_err(to_py)?;
+        Ok(Pool { backend, runtime })
+    }
+
+    /// `{"scheme": ..., "description": ..., "capabilities": {...}}` as JSON.
+    fn info(&self) -> String {
+        serde_json::to_string(self.backend.info()).unwrap_or_default()
+    }
+
+    /// Stores `data` under `key`; returns "stored" or "exists" (the first value is kept).
+    fn put(&self, py: Python<'_>, key: &str, data: Vec<u8>) -> PyResult<&'static str> {
+        let key = parse_key(key)?;
+        let outcome = py
+            .allow_threads(|| {
+                self.runtime
+                    .block_on(self.backend.put_bytes(key, data.into()))
+            })
+            .map_err(to_py)?;
+        match outcome {
+            PutOutcome::Stored => Ok("stored"),
+            PutOutcome::Exists => Ok("exists"),
+            PutOutcome::Failed(e) => Err(to_py(e)),
+        }
+    }
+
+    /// The value under `key`, or None on a miss.
+    fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let key = parse_key(key)?;
+        let value = py
+            .allow_threads(|| self.runtime.block_on(self.backend.get_bytes(&key)))
+            .map_err(to_py)?;
+        Ok(value.map(|v| PyBytes::new(py, &v)))
+    }
+
+    /// One bool per key, in order.
+    fn exists(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<Vec<bool>> {
+        let keys: Vec<BlockKey> = keys.iter().map(|k| parse_key(k)).collect::<PyResult<_>>()?;
+        py.allow_threads(|| self.runtime.block_on(self.backend.exists(&keys)))
+            .map_err(to_py)
+    }
+
+    /// Removes the keys (absent keys are fine).
+    fn remove(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
+        let keys: Vec<BlockKey> = keys.iter().map(|k| parse_key(k)).collect::<PyResult<_>>()?;
+        py.allow_threads(|| self.runtime.block_on(self.backend.remove(&keys)))
+            .map_err(to_py)
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.runtime.block_on(self.backend.close()))
+            .map_err(to_py)
+    }
+}
+
+/// The scheduler half of the vLLM connector.
+#[pyclass(module = "kvpool._native", frozen)]
+struct Scheduler {
+    inner: SchedulerConnector,
+}
+
+type NewReqTuple = (
+    String,
+    Vec<u32>,
+    Vec<Vec<u8>>,
+    Vec<u32>,
+    usize,
+    usize,
+    Option<String>,
+    Option<String>,
+);
+type CachedReqTuple = (String, bool, Vec<u32>, usize, usize, Vec<u32>, Vec<Vec<u8>>);
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    fn new(config_json: &str, layout_json: &str) -> PyResult<Self> {
+        let config = config_from_json(Some(config_json), true)?;
+        let layout = layout_from_json(layout_json)?;
+        Ok(Scheduler {
+            inner: SchedulerConnector::new(&config, layout).map_err(to_py)?,
+        })
+    }
+
+    /// Whether `build_connector_meta` needs running requests' tokens and hashes.
+    fn needs_running_tokens(&self) -> bool {
+        self.inner.needs_running_tokens()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (req_id, prompt_token_ids, block_hashes, num_tokens, num_computed_tokens, lora_name=None, cache_salt=None))]
+    fn get_num_new_matched_tokens(
+        &self,
+        py: Python<'_>,
+        req_id: &str,
+        prompt_token_ids: Vec<u32>,
+        block_hashes: Vec<Vec<u8>>,
+        num_tokens: usize,
+        num_computed_tokens: usize,
+        lora_name: Option<&str>,
+        cache_salt: Option<&str>,
+    ) -> PyResult<(usize, bool)> {
+        let hashes = hashes_from_py(block_hashes)?;
+        let info = RequestInfo {
+            req_id,
+            prompt_token_ids: &prompt_token_ids,
+            block_hashes: &hashes,
+            num_tokens,
+            lora_name,
+            cache_salt,
+        };
+        Ok(py.allow_threads(|| {
+            self.inner
+                .get_num_new_matched_tokens(&info, num_computed_tokens)
+        }))
+    }
+
+    fn update_state_after_alloc(
+        &self,
+        req_id: &str,
+        block_ids: Vec<u32>,
+        num_external_tokens: usize,
+    ) {
+        self.inner
+            .update_state_after_alloc(req_id, block_ids, num_external_tokens);
+    }
+
+    /// `new_requests`: (req_id, prompt_token_ids, block_hashes, block_ids, num_computed,
+    /// num_scheduled, lora_name, cache_salt); `cached_requests`: (req_id, resumed,
+    /// new_block_ids, num_computed, num_scheduled, all_token_ids, block_hashes).
+    fn build_connector_meta<'py>(
+        &self,
+        py: Python<'py>,
+        new_requests: Vec<NewReqTuple>,
+        cached_requests: Vec<CachedReqTuple>,
+        finished_req_ids: Vec<String>,
+        preempted_req_ids: Vec<String>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut step = StepInput {
+            finished_req_ids,
+            preempted_req_ids,
+            ..StepInput::default()
+        };
+        for (req_id, prompt, hashes, block_ids, computed, scheduled, lora, salt) in new_requests {
+            step.new_requests.push(NewRequest {
+                req_id,
+                prompt_token_ids: prompt,
+                block_hashes: hashes_from_py(hashes)?,
+                block_ids,
+                num_computed_tokens: computed,
+                num_scheduled_tokens: scheduled,
+                lora_name: lora,
+                cache_salt: salt,
+            });
+        }
+        for (req_id, resumed, new_block_ids, computed, scheduled, tokens, hashes) in cached_requests
+        {
+            step.cached_requests.push(CachedRequest {
+                req_id,
+                resumed_from_preemption: resumed,
+                new_block_ids,
+                num_computed_tokens: computed,
+                num_scheduled_tokens: scheduled,
+                all_token_ids: tokens,
+                block_hashes: hashes_from_py(hashes)?,
+            });
+        }
+        let bytes = py.allow_threads(|| self.inner.build_connector_meta(step));
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Whether freeing the request's blocks must wait for `finished_sending`.
+    fn request_finished(&self, req_id: &str, num_blocks: usize) -> bool {
+        self.inner.request_finished(req_id, num_blocks)
+    }
+
+    fn update_connector_output(
+        &self,
+        finished_sending: Vec<String>,
+        finished_recving: Vec<String>,
+    ) {
+        self.inner
+            .update_connector_output(&finished_sending, &finished_recving);
+    }
+
+    fn tracked_requests(&self) -> usize {
+        self.inner.tracked_requests()
+    }
+}
+
+/// The worker half of the vLLM connector.
+#[pyclass(module = "kvpool._native", frozen)]
+struct Worker {
+    inner: WorkerConnector,
+}
+
+/// Keeps the Python objects that own the registered tensors alive as long as the regions.
+struct PyOwner(#[allow(dead_code)] PyObject);
+
+#[pymethods]
+impl Worker {
+    #[new]
+    fn new(py: Python<'_>, config_json: &str, layout_json: &str) -> PyResult<Self> {
+        let config = config_from_json(Some(config_json), true)?;
+        let layout = layout_from_json(layout_json)?;
+        let inner = py
+            .allow_threads(|| WorkerConnector::open(&config, layout))
+            .map_err(to_py)?;
+        Ok(Worker { inner })
+    }
+
+    fn backend_description(&self) -> String {
+        self.inner.backend_description()
+    }
+
+    /// `tensors`: (layer name, data pointer, shape, strides in elements, element size) for
+    /// every cache tensor in registration order; `owner` keeps them alive.
+    fn register_kv_caches(
+        &self,
+        py: Python<'_>,
+        tensors: Vec<(String, usize, Vec<usize>, Vec<isize>, usize)>,
+        owner: PyObject,
+    ) -> PyResult<usize> {
+        let descs: Vec<TensorDesc> = tensors
+            .into_iter()
+            .map(|(layer, ptr, shape, strides, elem_size)| TensorDesc {
+                layer,
+                ptr,
+                shape,
+                strides,
+                elem_size,
+            })
+            .collect();
+        let owner: Arc<dyn Any + Send + Sync> = Arc::new(PyOwner(owner));
+        // SAFETY: the descriptions come from live tensors, and `owner` (holding them) lives
+        // as long as the regions, so the memory stays valid.
+        py.allow_threads(|| unsafe { self.inner.register_kv_caches(&descs, Some(owner)) })
+            .map_err(to_py)?;
+        Ok(self.inner.value_len().unwrap_or(0))
+    }
+
+    fn bind_connector_metadata(&self, meta: &[u8]) -> PyResult<()> {
+        self.inner.bind_connector_metadata(meta).map_err(to_py)
+    }
+
+    fn clear_connector_metadata(&self) {
+        self.inner.clear_connector_metadata();
+    }
+
+    fn start_load_kv(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.start_load_kv())
+            .map_err(to_py)
+    }
+
+    fn wait_for_save(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.wait_for_save())
+            .map_err(to_py)
+    }
+
+    fn handle_preemptions(&self, py: Python<'_>, meta: &[u8]) -> PyResult<()> {
+        py.allow_threads(|| self.inner.handle_preemptions(meta))
+            .map_err(to_py)
+    }
+
+    fn get_finished(&self, finished_req_ids: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let done = self.inner.get_finished(&finished_req_ids);
+        (done.sending, done.recving)
+    }
+
+    fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
+        self.inner.get_block_ids_with_load_errors()
+    }
+
+    /// Blocks until the saves in flight are done or `timeout_s` passes; True when done.
+    fn wait_for_saves(&self, py: Python<'_>, timeout_s: f64) -> bool {
+        py.allow_threads(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
+            while self.inner.saves_in_flight() > 0 {
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        })
+    }
+
+    fn saves_in_flight(&self) -> usize {
+        self.inner.saves_in_flight()
+    }
+
+    fn tracked_requests(&self) -> usize {
+        self.inner.tracked_requests()
+    }
+
+    #[pyo3(signature = (timeout_s=30.0))]
+    fn shutdown(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
+        py.allow_threads(|| {
+            self.inner
+                .shutdown(Duration::from_secs_f64(timeout_s.max(0.0)))
+        })
+        .map_err(to_py)
+    }
+}
+
+fn block_size(n: usize) -> PyResult<NonZeroUsize> {
+    NonZeroUsize::new(n).ok_or_else(|| to_py(Error::invalid_argument("block_size must be > 0")))
+}
+
+/// kvpool's `tokens`-mode hashes of every full block (32 bytes each).
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size, lora_name=None, cache_salt=None))]
+fn token_hashes<'py>(
+    py: Python<'py>,
+    tokens: Vec<u32>,
+    block_size: usize,
+    lora_name: Option<&str>,
+    cache_salt: Option<&str>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let bs = self::block_size(block_size)?;
+    let hashes = py.allow_threads(|| token_block_hashes(&tokens, bs, lora_name, cache_salt));
+    Ok(hashes
+        .iter()
+        .map(|h| PyBytes::new(py, h.as_bytes()))
+        .collect())
+}
+
+/// vLLM's block hashes (`sha256` or `sha256_cbor`), reproduced in Rust; `seed` is
+/// `PYTHONHASHSEED` (None = unset).
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size, algo="sha256", seed=None, lora_name=None, cache_salt=None))]
+fn vllm_hashes<'py>(
+    py: Python<'py>,
+    tokens: Vec<u32>,
+    block_size: usize,
+    algo: &str,
+    seed: Option<&str>,
+    lora_name: Option<&str>,
+    cache_salt: Option<&str>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let bs = self::block_size(block_size)?;
+    let algo = VllmHashAlgo::from_str(algo).map_err(to_py)?;
+    let seed = seed
+        .map(str::to_string)
+        .unwrap_or_else(kvpool::hash::none_hash_seed_from_env);
+    let hashes = vllm_block_hashes(algo, &seed, &tokens, bs, lora_name, cache_salt);
+    Ok(hashes
+        .iter()
+        .map(|h| PyBytes::new(py, h.as_bytes()))
+        .collect())
+}
+
+/// The vllm-ascend string key of a block: `{model}@pcp0@dcp0@head_or_tp_rank:{h}@pp_rank:{p}@{hex}`.
+#[pyfunction]
+#[pyo3(signature = (model, block_hash, head_or_tp_rank=0, pp_rank=0))]
+fn block_key(
+    model: &str,
+    block_hash: Vec<u8>,
+    head_or_tp_rank: u32,
+    pp_rank: u32,
+) -> PyResult<String> {
+    let hash = BlockHash::from_slice(&block_hash).map_err(to_py)?;
+    let ns = kvpool::Namespace::new(model, 0, 0, head_or_tp_rank, pp_rank).map_err(to_py)?;
+    Ok(BlockKey::new(Arc::new(ns), hash).to_key_string())
+}
+
+/// The effective configuration for `config_json` as JSON (secrets redacted by each backend).
+#[pyfunction]
+#[pyo3(signature = (config_json=None, use_env=true))]
+fn load_config(config_json: Option<&str>, use_env: bool) -> PyResult<String> {
+    let config = config_from_json(config_json, use_env)?;
+    Ok(config.to_json().to_string())
+}
+
+/// Prometheus text of every metric in this process.
+#[pyfunction]
+fn metrics_text() -> String {
+    kvpool::metrics::global().encode()
+}
+
+/// The backends compiled in.
+#[pyfunction]
+fn backends() -> Vec<&'static str> {
+    kvpool::ENABLED_BACKENDS.to_vec()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("KvPoolError", m.py().get_type::<KvPoolError>())?;
+    m.add_class::<Pool>()?;
+    m.add_class::<Scheduler>()?;
+    m.add_class::<Worker>()?;
+    m.add_function(wrap_pyfunction!(token_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(vllm_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(block_key, m)?)?;
+    m.add_function(wrap_pyfunction!(load_config, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics_text, m)?)?;
+    m.add_function(wrap_pyfunction!(backends, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The per-step plan the scheduler sends to every worker.
+//!
+//! vLLM pickles the connector metadata and ships it to each worker process; kvpool's is this
+//! struct encoded as JSON (bytes), so the Python side carries an opaque blob and the worker
+//! decodes exactly what the scheduler encoded. Decoding checks everything a worker relies on:
+//! a malformed blob is an error, never a wrong block.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::key::BlockHash;
+
+/// Blocks of one request to load into the engine's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadPlan {
+    /// vLLM's request id.
+    pub req_id: String,
+    /// Destination block ids, one per hash.
+    pub block_ids: Vec<u32>,
+    /// The blocks' hashes, hex, 64 characters each, concatenated.
+    pub hashes: String,
+    /// Load in the background and report through `get_finished`.
+    pub is_async: bool,
+}
+
+/// Blocks of one request to save from the engine's cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavePlan {
+    /// vLLM's request id.
+    pub req_id: String,
+    /// Source block ids, one per hash.
+    pub block_ids: Vec<u32>,
+    /// Index of the first block within the request (each tensor-parallel rank's share is
+    /// decided by this position, so it must be stable across steps).
+    pub first_block: u32,
+    /// The blocks' hashes, hex, 64 characters each, concatenated.
+    pub hashes: String,
+}
+
+/// One step's plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepMeta {
+    /// Loads, in scheduling order.
+    pub loads: Vec<LoadPlan>,
+    /// Saves, in scheduling order.
+    pub saves: Vec<SavePlan>,
+    /// Requests preempted in this step: their blocks are about to be reused.
+    pub preempted: Vec<String>,
+}
+
+pub(crate) fn encode_hashes(hashes: &[BlockHash]) -> String {
+    let mut s = String::with_capacity(hashes.len() * 64);
+    for h in hashes {
+        s.push_str(&h.to_hex());
+    }
+    s
+}
+
+pub(crate) fn decode_hashes(hex: &str, expected: usize, req_id: &str) -> Result<Vec<BlockHash>> {
+    if hex.len() != expected * 64 {
+        return Err(Error::invalid_argument(format!(
+            "connector metadata for request {req_id:?}: {} hex digits of hashes for {expected} \
+             blocks",
+            hex.len()
+        )));
+    }
+    (0..expected)
+        .map(|i| {
+            hex.get(i * 64..(i + 1) * 64)
+                .ok_or_else(|| Error::invalid_argument("connector metadata: non-ASCII hashes"))
+                .and_then(BlockHash::from_hex)
+        })
+        .collect()
+}
+
+impl StepMeta {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.loads.is_empty() && self.saves.is_empty() && self.preempted.is_empty()
+    }
+
+    /// The wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("StepMeta always serializes")
+    }
+
+    /// Parses and checks the wire form.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for anything but a well-formed plan whose hash lists match their
+    /// block lists.
+    pub fn decode(bytes: &[u8]) -> Result<StepMeta> {
+        let meta: StepMeta = serde_json::from_slice(bytes).map_err(|e| {
+            Error::invalid_argument(format!("connector metadata is not a kvpool step plan: {e}"))
+        })?;
+        for l in &meta.loads {
+            decode_hashes(&l.hashes, l.block_ids.len(), &l.req_id)?;
+        }
+        for s in &meta.saves {
+            decode_hashes(&s.hashes, s.block_ids.len(), &s.req_id)?;
+        }
+        Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_mismatched_hash_lists() {
+        let h = BlockHash([7u8; 32]);
+        let meta = StepMeta {
+            loads: vec![LoadPlan {
+                req_id: "a".into(),
+                block_ids: vec![3, 4],
+                hashes: encode_hashes(&[h, h]),
+                is_async: false,
+            }],
+            saves: vec![],
+            preempted: vec!["b".into()],
+        };
+        let back = StepMeta::decode(&meta.encode()).unwrap();
+        assert_eq!(back, meta);
+        assert_eq!(
+            decode_hashes(&back.loads[0].hashes, 2, "a").unwrap(),
+            vec![h, h]
+        );
+
+        let mut bad = meta.clone();
+        bad.loads[0].block_ids.push(5);
+        let err = StepMeta::decode(&bad.encode()).unwrap_err();
+        assert!(err.to_string().contains("\"a\""), "{err}");
+        assert!(StepMeta::decode(b"{\"loads\": 1}").is_err());
+        assert!(StepMeta::decode(b"\xff").is_err());
+    }
+}

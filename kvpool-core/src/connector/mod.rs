@@ -1,0 +1,207 @@
+//! The vLLM KV connector's logic, split as vLLM splits it: a scheduler half and a worker half.
+//!
+//! The Python package (`connector-py`) is a shim over these types: it turns vLLM objects into
+//! the plain values below and tensors into [`TensorDesc`]s, and holds no logic of its own.
+//!
+//! - [`SchedulerConnector`] answers "how many prompt tokens can the pool supply?"
+//!   (through the lookup service), records the load plan after vLLM allocates blocks, and
+//!   emits each step's [`StepMeta`]: which blocks every worker loads and saves.
+//! - [`WorkerConnector`] owns the KV-cache layout ([`KvLayout`]) and the backend: it loads
+//!   before the forward (synchronously, or in the background with `load_async`), saves newly
+//!   completed full blocks after it, reports finished transfers and blocks whose load failed
+//!   (vLLM recomputes those: the pool never hands back garbage KV), and on rank 0 serves
+//!   [`lookup`] requests from the scheduler.
+//!
+//! The rules are Ascend Store's (vllm-ascend v0.18 `pool_scheduler.py` / `pool_worker.py`):
+//! whole blocks only, a prefix walk that ends at the first block missing on any rank, one token
+//! less than a full hit so vLLM computes the last token's logits, blocks already in the engine's
+//! own prefix cache are not loaded again, each tensor-parallel rank saves only its share of
+//! blocks whose KV is identical across ranks, and `exists` before `put`.
+
+mod layout;
+pub mod lookup;
+mod meta;
+mod scheduler;
+mod worker;
+
+pub use layout::{KvLayout, TensorDesc};
+pub use meta::{LoadPlan, SavePlan, StepMeta};
+pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
+pub use worker::{FinishedTransfers, WorkerConnector};
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::key::{BlockHash, BlockKey, Namespace};
+
+/// vLLM's `kv_role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvRole {
+    /// `kv_producer`: saves, never loads (a prefill node).
+    Producer,
+    /// `kv_consumer`: loads, never saves (a decode node), unless `consumer_is_to_put`.
+    Consumer,
+    /// `kv_both`: loads and saves.
+    Both,
+}
+
+impl FromStr for KvRole {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kv_producer" => Ok(KvRole::Producer),
+            "kv_consumer" => Ok(KvRole::Consumer),
+            "kv_both" => Ok(KvRole::Both),
+            other => Err(Error::config_invalid(format!(
+                "unknown kv_role {other:?}; expected kv_producer, kv_consumer or kv_both"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for KvRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvRole::Producer => "kv_producer",
+            KvRole::Consumer => "kv_consumer",
+            KvRole::Both => "kv_both",
+        })
+    }
+}
+
+/// What the connector needs to know about the engine: model, block size and parallel layout.
+/// The Python shim reads it from vLLM's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineLayout {
+    /// The model path or Hugging Face id; only its last component enters keys.
+    pub model: String,
+    /// Tokens per KV block (vLLM's `cache_config.block_size`).
+    pub block_size: usize,
+    /// Tensor-parallel size and this process's rank in it (0 on the scheduler).
+    pub tp_size: u32,
+    pub tp_rank: u32,
+    /// Pipeline-parallel size and this process's stage (0 on the scheduler).
+    pub pp_size: u32,
+    pub pp_rank: u32,
+    /// Data-parallel rank of this engine: it names the lookup socket.
+    pub dp_rank: u32,
+    /// The model's total number of KV heads.
+    pub num_kv_heads: u32,
+    /// Multi-head latent attention: every tensor-parallel rank holds the same KV.
+    pub use_mla: bool,
+    /// vLLM's `kv_role`.
+    pub role: KvRole,
+}
+
+impl EngineLayout {
+    /// Checks the layout before anything is built on it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::config_invalid(format!("engine layout: {what}")));
+        if self.block_size == 0 {
+            return bad("block_size is 0".into());
+        }
+        if self.tp_size == 0 || self.tp_rank >= self.tp_size {
+            return bad(format!(
+                "tp_rank {} is not below tp_size {}",
+                self.tp_rank, self.tp_size
+            ));
+        }
+        if self.pp_size == 0 || self.pp_rank >= self.pp_size {
+            return bad(format!(
+                "pp_rank {} is not below pp_size {}",
+                self.pp_rank, self.pp_size
+            ));
+        }
+        if self.num_kv_heads == 0 && !self.use_mla {
+            return bad("num_kv_heads is 0".into());
+        }
+        Namespace::new(&self.model, 0, 0, 0, 0).map(|_| ())
+    }
+
+    pub(crate) fn block_size_nz(&self) -> NonZeroUsize {
+        NonZeroUsize::new(self.block_size).unwrap_or(NonZeroUsize::MIN)
+    }
+
+    /// KV heads as far as key sharing goes: 1 with MLA, where every rank holds the same KV.
+    fn effective_kv_heads(&self) -> u32 {
+        if self.use_mla {
+            1
+        } else {
+            self.num_kv_heads.max(1)
+        }
+    }
+
+    /// How many consecutive tensor-parallel ranks hold identical KV (and share one key).
+    pub fn put_step(&self) -> u32 {
+        let heads = self.effective_kv_heads();
+        if heads < self.tp_size {
+            self.tp_size / heads
+        } else {
+            1
+        }
+    }
+
+    /// The `head_or_tp_rank` field of this rank's keys.
+    pub fn head_or_tp_rank(&self) -> u32 {
+        self.tp_rank / self.put_step()
+    }
+
+    /// Whether this process ever saves: producers and `kv_both`, consumers only with
+    /// `consumer_is_to_put`.
+    pub fn saves(&self, consumer_is_to_put: bool) -> bool {
+        self.role != KvRole::Consumer || consumer_is_to_put
+    }
+
+    /// Whether this process ever loads. As in Ascend Store, a producer (the prefill node of a
+    /// P/D pair, which the seed configures as `kv_producer`) loads prefixes from the pool too:
+    /// that reuse is the pool's point. A consumer loads only with `consumer_is_to_load`, since
+    /// its KV normally arrives from the producer directly.
+    pub fn loads(&self, consumer_is_to_load: bool) -> bool {
+        self.role != KvRole::Consumer || consumer_is_to_load
+    }
+}
+
+/// The namespaces a worker writes under and the scheduler's lookup checks.
+#[derive(Debug, Clone)]
+pub struct RankKeys {
+    own: Arc<Namespace>,
+    all: Vec<Arc<Namespace>>,
+}
+
+impl RankKeys {
+    /// Namespaces for `layout`: this rank's, and every (head_or_tp_rank, pp_rank) that stores
+    /// data, which a lookup must find before it counts a block as present.
+    pub fn new(layout: &EngineLayout) -> Result<Self> {
+        let own = Arc::new(Namespace::new(
+            &layout.model,
+            0,
+            0,
+            layout.head_or_tp_rank(),
+            layout.pp_rank,
+        )?);
+        let heads = layout.tp_size.min(layout.effective_kv_heads());
+        let mut all = Vec::with_capacity((heads * layout.pp_size) as usize);
+        for pp in 0..layout.pp_size {
+            for head in 0..heads {
+                all.push(Arc::new(Namespace::new(&layout.model, 0, 0, head, pp)?));
+            }
+        }
+        Ok(RankKeys { own, all })
+    }
+
+    /// This rank's key for a block.
+    pub fn own_key(&self, hash: BlockHash) -> BlockKey {
+        BlockKey::new(self.own.clone(), hash)
+    }
+
+    /// The namespaces of every rank that stores data, pipeline stage major.
+    pub fn all(&self) -> &[Arc<Namespace>] {
+        &self.all
+    }
+}

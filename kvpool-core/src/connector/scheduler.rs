@@ -1,0 +1,502 @@
+//! The scheduler half: hit lookup, load planning, save planning, delayed block free.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::config::{Config, HashingMode};
+use crate::connector::lookup::{socket_path_from_env, LookupClient};
+use crate::connector::meta::{encode_hashes, LoadPlan, SavePlan, StepMeta};
+use crate::connector::EngineLayout;
+use crate::error::{Error, Result};
+use crate::hash::extend_token_block_hashes;
+use crate::key::BlockHash;
+
+/// A waiting request, as `get_num_new_matched_tokens` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// vLLM's request id.
+    pub req_id: &'a str,
+    /// The prompt's token ids.
+    pub prompt_token_ids: &'a [u32],
+    /// vLLM's `request.block_hashes` (`hash_mode = "vllm"`; ignored in `tokens` mode).
+    pub block_hashes: &'a [BlockHash],
+    /// `request.num_tokens`: prompt plus tokens generated so far.
+    pub num_tokens: usize,
+    /// The LoRA adapter name, which enters every block hash in `tokens` mode.
+    pub lora_name: Option<&'a str>,
+    /// `request.cache_salt`, which enters the first block hash in `tokens` mode.
+    pub cache_salt: Option<&'a str>,
+}
+
+/// A request scheduled for the first time in this step (`scheduled_new_reqs`).
+#[derive(Debug, Clone, Default)]
+pub struct NewRequest {
+    pub req_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// vLLM's block hashes (`hash_mode = "vllm"`).
+    pub block_hashes: Vec<BlockHash>,
+    /// The request's blocks (first KV-cache group).
+    pub block_ids: Vec<u32>,
+    pub num_computed_tokens: usize,
+    pub num_scheduled_tokens: usize,
+    pub lora_name: Option<String>,
+    pub cache_salt: Option<String>,
+}
+
+/// A request that ran before (`scheduled_cached_reqs`).
+#[derive(Debug, Clone, Default)]
+pub struct CachedRequest {
+    pub req_id: String,
+    /// Resumed after preemption: `new_block_ids` is then its whole block list.
+    pub resumed_from_preemption: bool,
+    /// Blocks added in this step (first KV-cache group), if any.
+    pub new_block_ids: Vec<u32>,
+    pub num_computed_tokens: usize,
+    pub num_scheduled_tokens: usize,
+    /// All token ids so far; needed only with `save_decode_cache`, else empty.
+    pub all_token_ids: Vec<u32>,
+    /// vLLM's block hashes so far (`hash_mode = "vllm"`), else empty.
+    pub block_hashes: Vec<BlockHash>,
+}
+
+/// The parts of vLLM's `SchedulerOutput` the connector reads.
+#[derive(Debug, Clone, Default)]
+pub struct StepInput {
+    pub new_requests: Vec<NewRequest>,
+    pub cached_requests: Vec<CachedRequest>,
+    pub finished_req_ids: Vec<String>,
+    pub preempted_req_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct LoadSpec {
+    /// Tokens the engine's own prefix cache already held.
+    vllm_cached: usize,
+    /// Tokens the pool holds (after the "compute the last token" rule).
+    pool_cached: usize,
+    /// Set once vLLM allocated the blocks.
+    can_load: bool,
+    block_ids: Vec<u32>,
+    is_async: bool,
+}
+
+#[derive(Debug)]
+struct Tracker {
+    hashes: Vec<BlockHash>,
+    block_ids: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose blocks were handed to the workers for saving.
+    saved_tokens: usize,
+    lora_name: Option<String>,
+    cache_salt: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Hashes computed during lookup, kept until the request is tracked or finished.
+    lookup_hashes: HashMap<String, Vec<BlockHash>>,
+    load_specs: HashMap<String, LoadSpec>,
+    trackers: HashMap<String, Tracker>,
+    /// Requests with saves handed to workers: freeing their blocks waits for `finished_sending`.
+    saving: HashSet<String>,
+    /// Requests whose async load is in flight.
+    loading: HashSet<String>,
+}
+
+/// The scheduler half of the connector.
+#[derive(Debug)]
+pub struct SchedulerConnector {
+    layout: EngineLayout,
+    hash_mode: HashingMode,
+    load_async: bool,
+    discard_partial_chunks: bool,
+    save_decode_cache: bool,
+    saves: bool,
+    loads: bool,
+    lookup: Mutex<LookupClient>,
+    state: Mutex<State>,
+}
+
+impl SchedulerConnector {
+    /// The scheduler half for `config` and the engine `layout`.
+    ///
+    /// # Errors
+    /// `ConfigInvalid` for a malformed layout or options kvpool does not implement
+    /// (`use_layerwise`).
+    pub fn new(config: &Config, layout: EngineLayout) -> Result<SchedulerConnector> {
+        layout.validate()?;
+        let c = &config.connector;
+        if c.use_layerwise {
+            return Err(Error::config_invalid(
+                "`use_layerwise` is not supported by kvpool: blocks are saved and loaded whole \
+                 at the step boundary; remove the key",
+            ));
+        }
+        let path = socket_path_from_env(c.lookup_rpc_port, layout.dp_rank);
+        let timeout = Duration::from_millis(u64::from(c.lookup_timeout_ms.max(1)));
+        Ok(SchedulerConnector {
+            hash_mode: config.hash_mode,
+            load_async: c.load_async,
+            discard_partial_chunks: c.discard_partial_chunks,
+            save_decode_cache: c.save_decode_cache,
+            saves: layout.saves(c.consumer_is_to_put),
+            loads: layout.loads(c.consumer_is_to_load),
+            lookup: Mutex::new(LookupClient::new(path, timeout)),
+            state: Mutex::new(State::default()),
+            layout,
+        })
+    }
+
+    /// Whether the engine must pass `all_token_ids` (tokens mode) or the block hashes of
+    /// running requests: only when decode blocks are saved too.
+    pub fn needs_running_tokens(&self) -> bool {
+        self.saves && self.save_decode_cache
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping the engine would; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hashes_for(&self, req: &RequestInfo<'_>, full_blocks: usize) -> Result<Vec<BlockHash>> {
+        match self.hash_mode {
+            HashingMode::Vllm => {
+                if req.block_hashes.len() < full_blocks {
+                    return Err(Error::invalid_argument(format!(
+                        "request {:?} has {} block hashes for {full_blocks} full blocks; \
+                         hash_mode \"vllm\" needs vLLM's prefix-caching hashes",
+                        req.req_id,
+                        req.block_hashes.len()
+                    )));
+                }
+                let hashes = req.block_hashes[..full_blocks].to_vec();
+                // Kept for an async load, whose plan is emitted when the request is not
+                // scheduled (and so not described) in the step.
+                self.lock()
+                    .lookup_hashes
+                    .insert(req.req_id.to_string(), hashes.clone());
+                Ok(hashes)
+            }
+            HashingMode::Tokens => {
+                let mut state = self.lock();
+                let hashes = state
+                    .lookup_hashes
+                    .entry(req.req_id.to_string())
+                    .or_default();
+                extend_token_block_hashes(
+                    hashes,
+                    req.prompt_token_ids,
+                    self.layout.block_size_nz(),
+                    req.lora_name,
+                    req.cache_salt,
+                );
+                Ok(hashes[..full_blocks.min(hashes.len())].to_vec())
+            }
+        }
+    }
+
+    /// vLLM's `get_num_new_matched_tokens`: how many tokens beyond `num_computed_tokens` the
+    /// pool can supply, and whether they load asynchronously.
+    ///
+    /// A lookup that fails or times out counts as a miss (and is logged): the request is
+    /// computed, never stalled.
+    pub fn get_num_new_matched_tokens(
+        &self,
+        req: &RequestInfo<'_>,
+        num_computed_tokens: usize,
+    ) -> (usize, bool) {
+        if !self.loads {
+            return (0, false);
+        }
+        let b = self.layout.block_size;
+        let prompt_len = req.prompt_token_ids.len();
+        let token_len = if self.discard_partial_chunks {
+            prompt_len / b * b
+        } else {
+            prompt_len
+        };
+        if token_len < b || num_computed_tokens >= token_len {
+            return (0, false);
+        }
+        let full_blocks = token_len.div_ceil(b);
+        let hashes = match self.hashes_for(req, prompt_len / b) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(req = req.req_id, error = %e, "lookup skipped");
+                return (0, false);
+            }
+        };
+        let hashes = &hashes[..full_blocks.min(hashes.len())];
+        let result = self
+            .lookup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(token_len.min(hashes.len() * b), hashes);
+        let mut hit = match result {
+            Ok(hit) => hit.min(token_len),
+            Err(e) => {
+                tracing::warn!(req = req.req_id, error = %e, "lookup failed; treating as a miss");
+                return (0, false);
+            }
+        };
+        // vLLM must compute at least one token to produce logits.
+        if hit == req.num_tokens {
+            hit -= 1;
+        }
+        if hit <= num_computed_tokens {
+            return (0, false);
+        }
+        let need = hit - num_computed_tokens;
+        let is_async = self.load_async;
+        self.lock().load_specs.insert(
+            req.req_id.to_string(),
+            LoadSpec {
+                vllm_cached: num_computed_tokens,
+                pool_cached: hit,
+                can_load: false,
+                block_ids: Vec::new(),
+                is_async,
+            },
+        );
+        (need, is_async)
+    }
+
+    /// vLLM's `update_state_after_alloc`: the blocks the request got, and how many external
+    /// tokens vLLM accepted.
+    pub fn update_state_after_alloc(
+        &self,
+        req_id: &str,
+        block_ids: Vec<u32>,
+        num_external_tokens: usize,
+    ) {
+        let mut state = self.lock();
+        if num_external_tokens == 0 {
+            // MultiConnector tells the children it did not choose with 0 tokens; an async
+            // request is also told twice. Only a spec not yet armed is dropped.
+            if state.load_specs.get(req_id).is_some_and(|s| !s.can_load) {
+                state.load_specs.remove(req_id);
+            }
+            return;
+        }
+        let Some(spec) = state.load_specs.get_mut(req_id) else {
+            tracing::warn!(
+                req = req_id,
+                "allocation for a load kvpool did not offer; ignored"
+            );
+            return;
+        };
+        if num_external_tokens != spec.pool_cached - spec.vllm_cached {
+            tracing::warn!(
+                req = req_id,
+                offered = spec.pool_cached - spec.vllm_cached,
+                accepted = num_external_tokens,
+                "vLLM accepted a different number of external tokens; not loading"
+            );
+            state.load_specs.remove(req_id);
+            return;
+        }
+        spec.can_load = true;
+        spec.block_ids = block_ids;
+    }
+
+    fn load_plan(&self, req_id: &str, spec: &LoadSpec, hashes: &[BlockHash]) -> Option<LoadPlan> {
+        let b = self.layout.block_size;
+        let first = spec.vllm_cached / b;
+        let end = spec.pool_cached.div_ceil(b);
+        if end > hashes.len() || end > spec.block_ids.len() || first >= end {
+            tracing::warn!(
+                req = req_id,
+                "load plan does not match the request's blocks; skipped"
+            );
+            return None;
+        }
+        Some(LoadPlan {
+            req_id: req_id.to_string(),
+            block_ids: spec.block_ids[first..end].to_vec(),
+            hashes: encode_hashes(&hashes[first..end]),
+            is_async: spec.is_async,
+        })
+    }
+
+    fn save_plan(&self, req_id: &str, t: &mut Tracker, token_len: usize) -> Option<SavePlan> {
+        if !self.saves {
+            return None;
+        }
+        let b = self.layout.block_size;
+        let limit = if self.save_decode_cache {
+            token_len
+        } else {
+            token_len.min(t.prompt_len)
+        };
+        let blocks = (limit / b).min(t.hashes.len()).min(t.block_ids.len());
+        let first = t.saved_tokens / b;
+        if blocks <= first {
+            return None;
+        }
+        t.saved_tokens = blocks * b;
+        Some(SavePlan {
+            req_id: req_id.to_string(),
+            block_ids: t.block_ids[first..blocks].to_vec(),
+            first_block: first as u32,
+            hashes: encode_hashes(&t.hashes[first..blocks]),
+        })
+    }
+
+    /// vLLM's `build_connector_meta`: this step's loads and saves, encoded for the workers.
+    pub fn build_connector_meta(&self, step: StepInput) -> Vec<u8> {
+        let mut meta = StepMeta::default();
+        let mut state = self.lock();
+        for id in &step.finished_req_ids {
+            state.trackers.remove(id);
+            state.load_specs.remove(id);
+            state.lookup_hashes.remove(id);
+        }
+        for id in &step.preempted_req_ids {
+            state.trackers.remove(id);
+        }
+        meta.preempted = step.preempted_req_ids.clone();
+
+        for req in step.new_requests {
+            let hashes = match self.hash_mode {
+                HashingMode::Vllm => req.block_hashes,
+                HashingMode::Tokens => {
+                    let mut h = state.lookup_hashes.remove(&req.req_id).unwrap_or_default();
+                    extend_token_block_hashes(
+                        &mut h,
+                        &req.prompt_token_ids,
+                        self.layout.block_size_nz(),
+                        req.lora_name.as_deref(),
+                        req.cache_salt.as_deref(),
+                    );
+                    h
+                }
+            };
+            if let Some(spec) = state.load_specs.remove(&req.req_id) {
+                if spec.can_load {
+                    let spec = LoadSpec {
+                        block_ids: req.block_ids.clone(),
+                        ..spec
+                    };
+                    meta.loads
+                        .extend(self.load_plan(&req.req_id, &spec, &hashes));
+                }
+            }
+            let mut tracker = Tracker {
+                hashes,
+                block_ids: req.block_ids,
+                prompt_len: req.prompt_token_ids.len(),
+                saved_tokens: 0,
+                lora_name: req.lora_name,
+                cache_salt: req.cache_salt,
+            };
+            let token_len = req.num_computed_tokens + req.num_scheduled_tokens;
+            if let Some(save) = self.save_plan(&req.req_id, &mut tracker, token_len) {
+                state.saving.insert(req.req_id.clone());
+                meta.saves.push(save);
+            }
+            state.trackers.insert(req.req_id, tracker);
+        }
+
+        for req in step.cached_requests {
+            let token_len = req.num_computed_tokens + req.num_scheduled_tokens;
+            let Some(tracker) = state.trackers.get_mut(&req.req_id) else {
+                if req.resumed_from_preemption {
+                    tracing::debug!(req = req.req_id.as_str(), "resumed request not re-tracked");
+                }
+                continue;
+            };
+            if req.resumed_from_preemption {
+                tracker.block_ids = req.new_block_ids;
+                tracker.saved_tokens = 0;
+            } else {
+                tracker.block_ids.extend_from_slice(&req.new_block_ids);
+            }
+            match self.hash_mode {
+                HashingMode::Vllm if req.block_hashes.len() > tracker.hashes.len() => {
+                    tracker.hashes = req.block_hashes;
+                }
+                HashingMode::Tokens if !req.all_token_ids.is_empty() => {
+                    let (lora, salt) = (tracker.lora_name.clone(), tracker.cache_salt.clone());
+                    extend_token_block_hashes(
+                        &mut tracker.hashes,
+                        &req.all_token_ids,
+                        self.layout.block_size_nz(),
+                        lora.as_deref(),
+                        salt.as_deref(),
+                    );
+                }
+                _ => {}
+            }
+            let req_id = req.req_id;
+            let save = {
+                let tracker = state.trackers.get_mut(&req_id).expect("looked up above");
+                self.save_plan(&req_id, tracker, token_len)
+            };
+            if let Some(save) = save {
+                state.saving.insert(req_id);
+                meta.saves.push(save);
+            }
+        }
+
+        // Async loads: the request waits in WAITING_FOR_REMOTE_KVS and is not scheduled, so
+        // its load is emitted from the armed spec.
+        let armed: Vec<String> = state
+            .load_specs
+            .iter()
+            .filter(|(_, s)| s.can_load && s.is_async)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in armed {
+            let spec = state.load_specs.remove(&id).expect("listed above");
+            let hashes = state.lookup_hashes.get(&id).cloned().unwrap_or_default();
+            if let Some(plan) = self.load_plan(&id, &spec, &hashes) {
+                state.loading.insert(id);
+                meta.loads.push(plan);
+            }
+        }
+        meta.encode()
+    }
+
+    /// vLLM's `request_finished`: whether freeing the request's blocks must wait for the
+    /// workers' `finished_sending` (a save of them may still be in flight).
+    pub fn request_finished(&self, req_id: &str, num_blocks: usize) -> bool {
+        let mut state = self.lock();
+        state.load_specs.remove(req_id);
+        state.lookup_hashes.remove(req_id);
+        state.trackers.remove(req_id);
+        state.loading.remove(req_id);
+        let delay = state.saving.contains(req_id) && num_blocks > 0;
+        if !delay {
+            state.saving.remove(req_id);
+        }
+        delay
+    }
+
+    /// vLLM's `update_connector_output`: transfers the workers finished.
+    pub fn update_connector_output(
+        &self,
+        finished_sending: &[String],
+        finished_recving: &[String],
+    ) {
+        let mut state = self.lock();
+        for id in finished_sending {
+            state.saving.remove(id);
+        }
+        for id in finished_recving {
+            state.loading.remove(id);
+        }
+    }
+
+    /// Requests with any state held: the number must return to 0 once the engine is idle.
+    pub fn tracked_requests(&self) -> usize {
+        let state = self.lock();
+        let mut ids: HashSet<&String> = state.trackers.keys().collect();
+        ids.extend(state.load_specs.keys());
+        ids.extend(state.lookup_hashes.keys());
+        ids.extend(state.saving.iter());
+        ids.extend(state.loading.iter());
+        ids.len()
+    }
+}
