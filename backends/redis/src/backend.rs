@@ -1,5 +1,4 @@
 use std::collections::hash_map::{Entry, HashMap};
-use std::io::Write;
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
@@ -9,11 +8,10 @@ use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
     PutOutcome, Result,
 };
-use redis::{Pipeline, RedisWrite, Value};
 use tokio::sync::Semaphore;
 
 use crate::config::RedisConfig;
-use crate::conn::{Pool, Reply};
+use crate::conn::{Out, Pool, Reply, Val};
 use crate::frame::{self, HEADER_LEN};
 use crate::SCHEME;
 
@@ -136,23 +134,31 @@ impl RedisBackend {
     }
 
     /// Runs one pipeline per planned run, `pool_size` at a time, each once its bytes fit
-    /// under `max_inflight_bytes`; `build` makes a run's pipeline only then, so values are
-    /// encoded no earlier than they can be sent. Returns each run's replies.
-    async fn run_plan<'a, T, B, F>(
-        &'a self,
+    /// under `max_inflight_bytes`; commands are encoded only then, so values are copied no
+    /// earlier than they can be sent.
+    ///
+    /// Each item of the batch is `per_item` commands: `encode(item, part, out)` makes one,
+    /// `decode(item, part, reply, acc)` folds its reply into the item's accumulator as it
+    /// arrives, and `finish(item, acc)` makes the item's result once its run is done.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_plan<A, T, E, D, F>(
+        &self,
         op: &'static str,
-        pool: &'a Pool,
+        pool: &Pool,
         plan: Vec<(Range<usize>, usize)>,
-        build: B,
+        per_item: usize,
+        encode: E,
+        decode: D,
         finish: F,
     ) -> Result<Vec<T>>
     where
-        B: Fn(Range<usize>) -> Pipeline + Sync + 'a,
-        F: Fn(Range<usize>, Vec<Reply>) -> Result<Vec<T>> + Sync + 'a,
+        A: Default + Send,
         T: Send,
+        E: Fn(usize, usize, &mut Out<'_>) + Sync,
+        D: Fn(usize, usize, Reply<'_>, &mut A) + Sync,
+        F: Fn(usize, A) -> Result<T> + Sync,
     {
-        let build = &build;
-        let finish = &finish;
+        let (encode, decode, finish) = (&encode, &decode, &finish);
         let runs = stream::iter(plan)
             .map(|(range, bytes)| async move {
                 let permits = u32::try_from(bytes)
@@ -163,8 +169,26 @@ impl RedisBackend {
                     .acquire_many(permits)
                     .await
                     .map_err(|_| Error::closed(SCHEME))?;
-                let replies = pool.run(op, build(range.clone())).await?;
-                finish(range, replies)
+                let first = range.start;
+                let mut acc: Vec<A> = range.clone().map(|_| A::default()).collect();
+                pool.run(
+                    op,
+                    range.len() * per_item,
+                    &|i, out| encode(first + i / per_item, i % per_item, out),
+                    &mut |i, reply| {
+                        decode(
+                            first + i / per_item,
+                            i % per_item,
+                            reply,
+                            &mut acc[i / per_item],
+                        )
+                    },
+                )
+                .await?;
+                range
+                    .zip(acc)
+                    .map(|(item, a)| finish(item, a))
+                    .collect::<Result<Vec<T>>>()
             })
             .buffered(self.parallel)
             .try_collect::<Vec<Vec<T>>>()
@@ -173,7 +197,7 @@ impl RedisBackend {
     }
 
     /// Per-key outcome of a `GET` reply for a destination of `dst.len()` bytes.
-    fn decode(&self, pool: &Pool, item: &Item, reply: Reply, dst: &IoVecMut) -> GetOutcome {
+    fn decode(&self, pool: &Pool, item: &Item, reply: Reply<'_>, dst: &IoVecMut) -> GetOutcome {
         let corrupted = |why: String| {
             GetOutcome::Failed(
                 Error::new(ErrorKind::Corrupted, why)
@@ -182,14 +206,14 @@ impl RedisBackend {
             )
         };
         let stored = match reply {
-            Ok(Value::Nil) => return GetOutcome::Miss,
-            Ok(Value::BulkString(stored)) => stored,
+            Ok(Val::Nil) => return GetOutcome::Miss,
+            Ok(Val::Bulk(stored)) => stored,
             Ok(other) => return corrupted(format!("redis answered GET with {other:?}")),
             Err(e) => {
                 return GetOutcome::Failed(pool.error("get_into", e).with_context("key", &item.key))
             }
         };
-        let declared = match frame::declared_len(&stored, stored.len()) {
+        let declared = match frame::declared_len(stored, stored.len()) {
             Ok(len) => len,
             Err(why) => return corrupted(why),
         };
@@ -205,7 +229,7 @@ impl RedisBackend {
         }
         // Verified whole before a byte reaches the destination, so a failed key leaves
         // its destination as it was.
-        match frame::verify(&stored, self.seed(item)) {
+        match frame::verify(stored, self.seed(item)) {
             Ok(payload) => match dst.copy_from_slice(payload) {
                 Ok(()) => GetOutcome::Hit,
                 Err(e) => GetOutcome::Failed(e.with_operation("get_into")),
@@ -214,19 +238,24 @@ impl RedisBackend {
         }
     }
 
-    /// A pipeline of one single-key command per item.
-    fn key_commands(&self, items: &[Item], cmd: &str, extra: &[&str]) -> Pipeline {
-        let mut pipe = redis::pipe();
-        for item in items {
-            let mut c = redis::cmd(cmd);
-            c.arg(&item.key);
-            for a in extra {
-                c.arg(*a);
-            }
-            pipe.add_command(c);
-        }
-        pipe
+    /// Encodes `cmd key` for `item`.
+    fn key_command(item: &Item, cmd: &[u8], out: &mut Out<'_>) {
+        out.command(2);
+        out.arg(cmd);
+        out.arg(item.key.as_bytes());
     }
+}
+
+/// The result an item gets once its run is done; every command was answered by then
+/// (`Pool::run` fails the run otherwise), so a missing one is a bug, reported as an error.
+fn answered<T>(op: &'static str, acc: Option<T>) -> Result<T> {
+    acc.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unexpected,
+            "a command of the pipeline got no reply",
+        )
+        .with_operation(op)
+    })
 }
 
 /// Splits `costs` (bytes per item, in order) into runs of at most `max_bytes` and
@@ -267,20 +296,29 @@ fn redis_key(prefix: &str, key: &BlockKey) -> String {
     k
 }
 
-/// Replies that must each be an integer, as `i64`s; anything else fails the call.
-fn integers(pool: &Pool, op: &'static str, replies: Vec<Reply>) -> Result<Vec<i64>> {
-    replies
-        .into_iter()
-        .map(|r| match r {
-            Ok(Value::Int(n)) => Ok(n),
-            Ok(other) => Err(Error::new(
-                ErrorKind::Unexpected,
-                format!("redis answered {other:?} where an integer was expected"),
-            )
-            .with_operation(op)),
-            Err(e) => Err(pool.error(op, e)),
-        })
-        .collect()
+/// The error for a STRLEN or GETRANGE reply that is neither a length nor a header.
+fn unexpected_lens<T>(pool: &Pool, cmd: &str, reply: Reply<'_>) -> Result<T> {
+    Err(match reply {
+        Err(e) => pool.error("value_lens", e),
+        Ok(other) => Error::new(
+            ErrorKind::Unexpected,
+            format!("redis answered {cmd} with {other:?}"),
+        )
+        .with_operation("value_lens"),
+    })
+}
+
+/// A reply that must be an integer; anything else fails the call.
+fn integer(pool: &Pool, op: &'static str, reply: Reply<'_>) -> Result<i64> {
+    match reply {
+        Ok(Val::Int(n)) => Ok(n),
+        Ok(other) => Err(Error::new(
+            ErrorKind::Unexpected,
+            format!("redis answered {other:?} where an integer was expected"),
+        )
+        .with_operation(op)),
+        Err(e) => Err(pool.error(op, e)),
+    }
 }
 
 #[async_trait]
@@ -297,13 +335,12 @@ impl KvBackend for RedisBackend {
             "exists",
             &pool,
             plan,
-            |r| self.key_commands(&items[r], "EXISTS", &[]),
-            |_, replies| {
-                Ok(integers(&pool, "exists", replies)?
-                    .into_iter()
-                    .map(|n| n > 0)
-                    .collect())
+            1,
+            |i, _, out| Self::key_command(&items[i], b"EXISTS", out),
+            |_, _, reply, acc: &mut Option<Result<bool>>| {
+                *acc = Some(integer(&pool, "exists", reply).map(|n| n > 0));
             },
+            |_, acc| answered("exists", acc)?,
         )
         .await
     }
@@ -313,44 +350,59 @@ impl KvBackend for RedisBackend {
         let items = self.items(keys);
         let plan = self.plan(items.iter().map(|i| i.key.len()));
         let header_end = (HEADER_LEN - 1).to_string();
+        /// The replies of one key: its STRLEN, then the stored header if it has one.
+        #[derive(Default)]
+        struct Lens {
+            strlen: Option<Result<Option<usize>>>,
+            header: Option<Result<Option<[u8; HEADER_LEN]>>>,
+        }
         self.run_plan(
             "value_lens",
             &pool,
             plan,
-            |r| {
-                // The length our header declares, checked against the stored length.
-                let mut pipe = redis::pipe();
-                for item in &items[r] {
-                    pipe.cmd("STRLEN").arg(&item.key);
-                    pipe.cmd("GETRANGE").arg(&item.key).arg(0).arg(&header_end);
+            2,
+            // The length our header declares, checked against the stored length.
+            |i, part, out| {
+                let key = items[i].key.as_bytes();
+                if part == 0 {
+                    out.command(2);
+                    out.arg(b"STRLEN");
+                    out.arg(key);
+                } else {
+                    out.command(4);
+                    out.arg(b"GETRANGE");
+                    out.arg(key);
+                    out.arg(b"0");
+                    out.arg(header_end.as_bytes());
                 }
-                pipe
             },
-            |_, replies| {
-                let mut out = Vec::with_capacity(replies.len() / 2);
-                let mut replies = replies.into_iter();
-                while let (Some(strlen), Some(head)) = (replies.next(), replies.next()) {
-                    out.push(match (strlen, head) {
-                        (Ok(Value::Int(0)), _) => None,
-                        (Ok(Value::Int(n)), Ok(Value::BulkString(head))) => {
-                            let n = n as usize;
-                            // A value kvpool did not write is present, with its raw length;
-                            // a get_into of it reports Corrupted.
-                            Some(frame::declared_len(&head, n).unwrap_or(n))
-                        }
-                        // A key of another redis type: present, and never a hit.
-                        (Err(e), _) if e.code() == Some("WRONGTYPE") => Some(1),
-                        (Err(e), _) | (_, Err(e)) => return Err(pool.error("value_lens", e)),
-                        (a, b) => {
-                            return Err(Error::new(
-                                ErrorKind::Unexpected,
-                                format!("redis answered STRLEN/GETRANGE with {a:?}, {b:?}"),
-                            )
-                            .with_operation("value_lens"))
-                        }
+            |_, part, reply, acc: &mut Lens| {
+                // A key of another redis type: present, and never a hit.
+                let wrong_type = matches!(&reply, Err(e) if e.code() == Some("WRONGTYPE"));
+                if part == 0 {
+                    acc.strlen = Some(match reply {
+                        _ if wrong_type => Ok(Some(1)),
+                        Ok(Val::Int(n)) => Ok(usize::try_from(n).ok()),
+                        other => unexpected_lens(&pool, "STRLEN", other),
+                    });
+                } else {
+                    acc.header = Some(match reply {
+                        _ if wrong_type => Ok(None),
+                        Ok(Val::Bulk(head)) => Ok(head.try_into().ok()),
+                        other => unexpected_lens(&pool, "GETRANGE", other),
                     });
                 }
-                Ok(out)
+            },
+            |_, acc| {
+                let strlen = answered("value_lens", acc.strlen)??;
+                let header = answered("value_lens", acc.header)??;
+                Ok(match (strlen, header) {
+                    (None | Some(0), _) => None,
+                    // A value kvpool did not write is present, with its raw length; a
+                    // get_into of it reports Corrupted.
+                    (Some(n), Some(head)) => Some(frame::declared_len(&head, n).unwrap_or(n)),
+                    (Some(n), None) => Some(n),
+                })
             },
         )
         .await
@@ -406,56 +458,42 @@ impl KvBackend for RedisBackend {
                 "put",
                 &pool,
                 plan,
-                |r| {
-                    let mut pipe = redis::pipe();
-                    for w in &work[r] {
-                        let iov = &items[w.index].1;
-                        let hdr = frame::header(self.seed(w), iov.len(), iov.chunks());
-                        let mut c = redis::cmd("SET");
-                        c.arg(&w.key);
-                        // The value goes straight from the caller's slices into the command
-                        // buffer: one copy, no intermediate Vec.
-                        c.reserve_space_for_args([HEADER_LEN + iov.len()]);
-                        {
-                            let mut arg = c.writer_for_next_arg();
-                            arg.write_all(&hdr).expect("writing to a Vec");
-                            for chunk in iov.chunks() {
-                                arg.write_all(chunk).expect("writing to a Vec");
-                            }
-                        }
-                        // NX: keys name their content, so a present key keeps its value.
-                        c.arg("NX");
-                        if self.ttl_ms > 0 {
-                            c.arg("PX").arg(&ttl);
-                        }
-                        pipe.add_command(c);
+                1,
+                |i, _, out| {
+                    let w = &work[i];
+                    let iov = &items[w.index].1;
+                    let hdr = frame::header(self.seed(w), iov.len(), iov.chunks());
+                    out.command(if self.ttl_ms > 0 { 6 } else { 4 });
+                    out.arg(b"SET");
+                    out.arg(w.key.as_bytes());
+                    out.arg_parts(
+                        HEADER_LEN + iov.len(),
+                        std::iter::once(&hdr[..]).chain(iov.chunks()),
+                    );
+                    // NX: keys name their content, so a present key keeps its value.
+                    out.arg(b"NX");
+                    if self.ttl_ms > 0 {
+                        out.arg(b"PX");
+                        out.arg(ttl.as_bytes());
                     }
-                    pipe
                 },
-                |r, replies| {
-                    Ok(work[r]
-                        .iter()
-                        .zip(replies)
-                        .map(|(w, reply)| {
-                            let outcome = match reply {
-                                Ok(Value::Okay) => PutOutcome::Stored,
-                                Ok(Value::SimpleString(s)) if s == "OK" => PutOutcome::Stored,
-                                Ok(Value::Nil) => PutOutcome::Exists,
-                                Ok(other) => PutOutcome::Failed(
-                                    Error::new(
-                                        ErrorKind::Unexpected,
-                                        format!("redis answered SET with {other:?}"),
-                                    )
-                                    .with_operation("put"),
-                                ),
-                                Err(e) => PutOutcome::Failed(
-                                    pool.error("put", e).with_context("key", &w.key),
-                                ),
-                            };
-                            (w.index, outcome)
-                        })
-                        .collect())
+                |i, _, reply, acc: &mut Option<PutOutcome>| {
+                    *acc = Some(match reply {
+                        Ok(Val::Simple(b"OK")) => PutOutcome::Stored,
+                        Ok(Val::Nil) => PutOutcome::Exists,
+                        Ok(other) => PutOutcome::Failed(
+                            Error::new(
+                                ErrorKind::Unexpected,
+                                format!("redis answered SET with {other:?}"),
+                            )
+                            .with_operation("put"),
+                        ),
+                        Err(e) => PutOutcome::Failed(
+                            pool.error("put", e).with_context("key", &work[i].key),
+                        ),
+                    });
                 },
+                |i, acc| Ok((work[i].index, answered("put", acc)?)),
             )
             .await?;
         for (index, outcome) in stored {
@@ -486,22 +524,21 @@ impl KvBackend for RedisBackend {
             work.iter()
                 .map(|w| items[w.index].1.len() + HEADER_LEN + w.key.len()),
         );
-        // Each run is decoded and scattered as soon as it arrives, so no more than
+        // Each reply is verified and scattered as soon as it arrives, so no more than
         // max_inflight_bytes of replies exist at once.
         self.run_plan(
             "get_into",
             &pool,
             plan,
+            1,
             // Pipelined GETs rather than MGET: measured no faster, and MGET answers nil
             // for a key of another type, which must be Corrupted, not a miss.
-            |r| self.key_commands(&work[r], "GET", &[]),
-            |r, replies| {
-                Ok(work[r]
-                    .iter()
-                    .zip(replies)
-                    .map(|(w, reply)| self.decode(&pool, w, reply, &items[w.index].1))
-                    .collect())
+            |i, _, out| Self::key_command(&work[i], b"GET", out),
+            |i, _, reply, acc: &mut Option<GetOutcome>| {
+                let w = &work[i];
+                *acc = Some(self.decode(&pool, w, reply, &items[w.index].1));
             },
+            |_, acc| answered("get_into", acc),
         )
         .await
     }
@@ -515,8 +552,12 @@ impl KvBackend for RedisBackend {
             "remove",
             &pool,
             plan,
-            |r| self.key_commands(&items[r], "UNLINK", &[]),
-            |_, replies| integers(&pool, "remove", replies).map(|_| Vec::<()>::new()),
+            1,
+            |i, _, out| Self::key_command(&items[i], b"UNLINK", out),
+            |_, _, reply, acc: &mut Option<Result<i64>>| {
+                *acc = Some(integer(&pool, "remove", reply));
+            },
+            |_, acc| answered("remove", acc)?.map(drop),
         )
         .await?;
         Ok(())

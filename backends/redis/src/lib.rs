@@ -7,6 +7,7 @@ mod backend;
 mod config;
 mod conn;
 mod frame;
+mod resp;
 
 pub use backend::{RedisBackend, MAX_VALUE_SIZE};
 pub use config::{redact_url, RedisConfig, DEFAULT_URL};
