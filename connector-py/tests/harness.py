@@ -20,20 +20,29 @@ Typical use::
     run_until_finished(sched, rig)
     assert_scheduler_empty(sched)
 
-KV-cache layout handed to register_kv_caches (format "fused", the default): exactly
+KV-cache layout handed to register_kv_caches (kv_format "fused", the default): exactly
 what vLLM 0.33's GPU model runner passes, because it comes from vLLM's own
-get_kv_cache_config_from_groups + allocate_kv_cache. One tensor per layer, the
-standardized logical view [num_blocks, num_kv_heads, block_size, 2 * head_size]
-(RFC #42082), all layers carved from one int8 backing buffer. The physical order is
-the cache layout, default "LBNHC" (what vLLM's own unit tests and the flash backend
-use): per layer, block b is one contiguous page of block_size x num_kv_heads x
-(2 * head_size) elements, token-major; for token n and head h, K is
-content[0:head_size] and V is content[head_size:2*head_size] (flash-attn semantics:
-kv.transpose(1, 2).split(head_size, -1)). So the logical view is NOT contiguous:
-read strides, never assume .contiguous(). Other layouts ("LBHNC", "BLHNC", ...) can
-be asked for; block-outermost ones ("BL...") interleave the layers' pages per block.
+get_kv_cache_config_from_groups + allocate_kv_cache:
+- {layer_name: tensor}, one tensor per layer, each the standardized logical view
+  [num_blocks, num_kv_heads, block_size, 2 * head_size] (RFC #42082), dtype float16
+  for the tiny model; all layers are views into ONE int8 backing buffer
+  (kv_cache_config.kv_cache_tensors[0]: size, layer_stride, block_stride in bytes).
+- Physical order = the cache layout, default "LBNHC" (vLLM's unit tests and the
+  flash backend): layer l, block i occupy the contiguous byte range
+  [l * layer_stride + i * block_stride, ... + page), page = block_stride =
+  block_size * num_kv_heads * 2 * head_size * elem_size (tiny model:
+  16 * 4 * 32 * 2 = 4096 B; layer_stride = num_blocks * 4096). Inside a page the
+  order is [token n][head h][c], c < head_size is K, c >= head_size is V
+  (flash semantics: kv.transpose(1, 2).split(head_size, -1); vLLM's CPU attention
+  backend reads C differently, so treat a page as opaque bytes). The logical view is
+  therefore NOT contiguous (strides (2048, 32, 128, 1) in elements): take block
+  addresses from strides / data_ptr(), never from .contiguous().
+- Other layouts can be asked for (make_vllm_config(kv_cache_layout=...)): "LBHNC"
+  (page order [h][n][c]), "BLHNC"/"BLNHC" (block-outermost: block i holds every
+  layer's page side by side, so layer_stride = page, block_stride = L * page);
+  "LHBNC"/"BHLNC" split a block into per-head runs.
 
-Format "kv_pair": each layer is a (k_cache, v_cache) tuple, each a contiguous
+kv_format "kv_pair": {layer_name: (k_cache, v_cache)}, each a contiguous
 [num_blocks, block_size, num_kv_heads, head_size] tensor: the Ascend-NPU shape that
 Ascend Store receives. vLLM itself never produces it; it exists so a connector can be
 tested on both shapes. vLLM's ExampleConnector only understands "fused".
@@ -89,8 +98,8 @@ from vllm.v1.worker.utils import allocate_kv_cache
 
 TINY_OPT = Path(__file__).resolve().parent / "data" / "tiny-opt"
 
-# What the fake sampler always "generates". Not the EOS id (50256 in vLLM's tests; the
-# tiny OPT's eos is 2), so requests end by max_tokens unless a test asks for EOS.
+# What the fake sampler always "generates". Not the EOS id (the tiny OPT's eos is 2),
+# so requests end by max_tokens unless a test asks for EOS.
 SAMPLED_TOKEN_ID = 7
 EOS_TOKEN_ID = 2
 
@@ -228,6 +237,8 @@ def make_request(
     block_size: int = 16,
     hash_algo: str = "sha256",
     kv_transfer_params: dict[str, Any] | None = None,
+    *,
+    vllm_config: VllmConfig | None = None,
 ) -> Request:
     """A real Request whose block_hashes are computed the way EngineCore does.
 
@@ -236,9 +247,12 @@ def make_request(
     hash_block_size, fn)). request.block_hashes then holds one hash per FULL block of
     the prompt, chained: h_i = fn((h_{i-1} or NONE_HASH, tuple(block_tokens), None)),
     with NONE_HASH = fn(PYTHONHASHSEED or "vllm-none-hash") for sha256/sha256_cbor;
-    more hashes are appended as generated tokens fill blocks. Pass the same
-    hash_algo as the config's (make_vllm_config(hash_algo=...)).
+    more hashes are appended as generated tokens fill blocks. block_size and
+    hash_algo must match the config's; pass `vllm_config` to take them from it.
     """
+    if vllm_config is not None:
+        block_size = vllm_config.cache_config.block_size
+        hash_algo = vllm_config.cache_config.prefix_caching_hash_algo
     hash_fn = get_hash_fn_by_name(hash_algo)
     # Global in vLLM; cheap; re-run so the seed follows the algorithm in use.
     init_none_hash(hash_fn)

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
 )
+from vllm.v1.engine import FinishReason
 from vllm.v1.request import RequestStatus
 
 BS = 16
@@ -162,11 +163,11 @@ class RecordingConnector(KVConnectorBase_V1):
         self._rec("get_num_new_matched_tokens", request.request_id, num_computed_tokens)
         self._reqs[request.request_id] = request
         self._local_tokens[request.request_id] = num_computed_tokens
-        # Leave at least one token to compute, so the request can sample.
         if request.request_id in self._failed:
-            # After a failed load vLLM asks again (async) or recomputes (sync);
+            # After a failed async load vLLM frees the blocks and asks again;
             # claiming the same hit again would fail the same way forever.
             return 0, False
+        # Leave at least one token to compute, so the request can sample.
         limit = (request.num_tokens - 1) // self.block_size
         hit = 0
         while hit < limit and request.block_hashes[hit] in STORE:
@@ -400,6 +401,28 @@ def test_failed_load_is_recomputed(recording, load_async):
     # the request is looked up again (our connector then claims no hit): 40 once.
     computed = [so.num_scheduled_tokens["b"] for so, _ in history if "b" in so.num_scheduled_tokens]
     assert computed == ([8, 40] if not load_async else [40])
+
+
+@pytest.mark.parametrize("load_async", [False, True])
+def test_failed_load_with_fail_policy_errors_the_request(recording, load_async):
+    """kv_load_failure_policy="fail" (vLLM's default): the request ends with
+    FinishReason.ERROR and no token, in the step that reports the failed blocks."""
+    cfg = H.make_vllm_config(
+        "RecordingConnector", __name__, {"load_async": load_async, "fail_loads": True},
+        block_size=BS, load_failure_policy="fail",
+    )
+    sched = H.make_scheduler(cfg, num_blocks=32)
+    rig = H.WorkerRig(cfg, sched.kv_cache_config)
+    _save_prompt(sched, rig)
+    req = H.make_request("b", PROMPT, max_tokens=1, block_size=BS)
+    sched.add_request(req)
+    _, kvo, eco = H.engine_step(sched, rig)
+    assert len(kvo.invalid_block_ids) == 2
+    (out,) = [o for v in eco.values() for o in v.outputs]
+    assert (out.request_id, out.finish_reason, out.new_token_ids) == ("b", FinishReason.ERROR, [])
+    assert req.status == RequestStatus.FINISHED_ERROR
+    H.run_until_finished(sched, rig)
+    H.assert_scheduler_empty(sched)
 
 
 @pytest.mark.parametrize("algo", ["sha256", "sha256_cbor"])
