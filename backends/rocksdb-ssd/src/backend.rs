@@ -2,7 +2,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kvpool_core::eviction::{sharded_policies_by_name, EvictionPolicy, Watermark};
@@ -37,6 +37,26 @@ const SHARDS: usize = 16;
 /// it reaches a blob file, so values far past the block sizes kvpool stores
 /// (16 KiB – 16 MiB) would only stall writers.
 const MAX_VALUE: u64 = 256 << 20;
+/// Memtables per database: one filling while others flush.
+const MEMTABLES: u64 = 3;
+/// RocksDB's fixed files: manifest (preallocated), info logs, options.
+const FIXED_FILES: u64 = 3 << 19;
+
+/// The memtable size: memtables and the WAL hold values until a flush moves
+/// them to blob files, so both are sized from the capacity, and a small
+/// tier does not spend most of its bytes on them.
+fn write_buffer_for(capacity: u64) -> u64 {
+    (capacity / 32).clamp(1 << 20, 64 << 20)
+}
+
+/// Bytes of the directory that RocksDB's own files may take at any moment:
+/// a WAL per memtable (preallocated 10% past the memtable size), the output
+/// of a flush in progress (its data still in the WAL too), and the fixed
+/// files. Values get the rest of the capacity.
+pub(crate) fn reserved_bytes(capacity: u64) -> u64 {
+    let wb = write_buffer_for(capacity);
+    MEMTABLES * wb * 11 / 10 + wb + FIXED_FILES
+}
 
 /// What the index keeps per key.
 #[derive(Debug, Clone, Copy)]
@@ -54,11 +74,17 @@ struct Shard {
 }
 
 /// The last measurement of the database directory, plus what was written since.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DiskEstimate {
     measured: u64,
     written_since: u64,
+    at: Instant,
 }
+
+/// How old a measurement of the directory may get: files appear there that
+/// the backend did not write (flush and compaction output, or anything
+/// else), and reading a directory of a few hundred files costs microseconds.
+const DISK_REFRESH: Duration = Duration::from_millis(200);
 
 /// The persistent SSD backend.
 pub struct RocksDbSsdBackend {
@@ -73,7 +99,13 @@ struct Inner {
     db: RwLock<Option<Arc<DB>>>,
     closed: AtomicBool,
     shards: Box<[Mutex<Shard>]>,
+    /// The bytes values may take: the configured capacity less what
+    /// RocksDB's own files may need ([`reserved_bytes`]).
     capacity: u64,
+    /// The configured capacity: the most the directory may hold.
+    disk_capacity: u64,
+    /// Headroom kept under `disk_capacity` for files RocksDB is writing.
+    transient: u64,
     watermark: Watermark,
     /// Logical bytes: the sum of the stored keys' charges plus reservations
     /// of puts in flight.
@@ -82,7 +114,8 @@ struct Inner {
     wal: bool,
     sync: bool,
     disk: Mutex<DiskEstimate>,
-    /// Re-measure the directory after this many bytes were written.
+    /// Re-measure the directory after this many bytes were written (or
+    /// after `DISK_REFRESH`).
     disk_refresh_bytes: u64,
     // One evictor at a time: concurrent passes would each free a full
     // `eviction_ratio` and overshoot.
@@ -207,10 +240,7 @@ fn prepare_directory(cfg: &RocksDbSsdConfig) -> Result<()> {
 fn rocksdb_options(cfg: &RocksDbSsdConfig) -> Result<Options> {
     let capacity = cfg.capacity.0;
     let compression = cfg.compression_type()?;
-    // Memtables and the WAL hold values until a flush moves them to blob
-    // files, so both are sized from the capacity: a small tier must not
-    // spend most of its bytes on them.
-    let write_buffer = (capacity / 16).clamp(2 << 20, 64 << 20);
+    let write_buffer = write_buffer_for(capacity);
 
     let mut db = Options::default();
     db.create_if_missing(true);
@@ -223,8 +253,11 @@ fn rocksdb_options(cfg: &RocksDbSsdConfig) -> Result<Options> {
     db.set_wal_bytes_per_sync(1 << 20);
     // RocksDB's info log lives in the same directory and counts against capacity.
     db.set_keep_log_file_num(2);
-    db.set_max_log_file_size(1 << 20);
+    db.set_max_log_file_size(512 << 10);
     db.set_max_manifest_file_size(4 << 20);
+    // The default preallocates 4 MiB of manifest, a fixed cost a small tier
+    // would feel; the manifest grows by a few KiB per flush.
+    db.set_manifest_preallocation_size(256 << 10);
     db.set_max_background_jobs(2);
 
     let mut table = BlockBasedOptions::default();
@@ -236,7 +269,7 @@ fn rocksdb_options(cfg: &RocksDbSsdConfig) -> Result<Options> {
     // a filter would never save a lookup.
 
     db.set_write_buffer_size(write_buffer as usize);
-    db.set_max_write_buffer_number(4);
+    db.set_max_write_buffer_number(MEMTABLES as i32);
     db.set_compression_type(compression);
     db.set_block_based_table_factory(&table);
     db.set_level_compaction_dynamic_level_bytes(true);
@@ -245,7 +278,7 @@ fn rocksdb_options(cfg: &RocksDbSsdConfig) -> Result<Options> {
     // evicted value never rewrites the others.
     db.set_enable_blob_files(true);
     db.set_min_blob_size(cfg.min_blob_size.0);
-    db.set_blob_file_size((capacity / 64).clamp(4 << 20, 256 << 20));
+    db.set_blob_file_size((capacity / 64).clamp(1 << 20, 256 << 20));
     db.set_blob_compression_type(compression);
     // Garbage collection relocates the live values of the oldest quarter of
     // blob files during compaction. A cache evicts oldest first, so those
@@ -293,7 +326,8 @@ impl RocksDbSsdBackend {
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
-        let capacity = cfg.capacity.0;
+        let disk_capacity = cfg.capacity.0;
+        let capacity = disk_capacity - reserved_bytes(disk_capacity);
         let info = BackendInfo {
             scheme: SCHEME,
             description: format!(
@@ -323,12 +357,18 @@ impl RocksDbSsdBackend {
             closed: AtomicBool::new(false),
             shards,
             capacity,
+            disk_capacity,
+            transient: 2 * write_buffer_for(disk_capacity),
             watermark: cfg.watermark(),
             used: AtomicU64::new(0),
             stamp: AtomicU64::new(0),
             wal: cfg.wal,
             sync: cfg.sync,
-            disk: Mutex::new(DiskEstimate::default()),
+            disk: Mutex::new(DiskEstimate {
+                measured: 0,
+                written_since: 0,
+                at: Instant::now(),
+            }),
             disk_refresh_bytes: (capacity / 64).clamp(1 << 20, 64 << 20),
             evicting: Mutex::new(()),
             evict_cursor: AtomicUsize::new(0),
@@ -357,8 +397,14 @@ impl RocksDbSsdBackend {
         directory_bytes(&self.inner.path)
     }
 
-    /// The configured capacity in bytes.
+    /// The configured capacity in bytes: the most the directory holds.
     pub fn capacity_bytes(&self) -> u64 {
+        self.inner.disk_capacity
+    }
+
+    /// The bytes values may take: the capacity less what RocksDB's own
+    /// files (WAL, manifest, info log, flush output) may need.
+    pub fn value_capacity_bytes(&self) -> u64 {
         self.inner.capacity
     }
 
@@ -424,7 +470,12 @@ impl Inner {
         let mut malformed = Vec::new();
         let from = [INDEX_PREFIX];
         let mode = rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward);
-        for item in db.iterator(mode) {
+        // The bound keeps the iterator off the value records: positioned on
+        // one, RocksDB 7.8 reads its blob, so a damaged value would fail the
+        // open instead of its own read.
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound([INDEX_PREFIX + 1]);
+        for item in db.iterator_opt(mode, ro) {
             let (k, v) = item.map_err(|e| db_error(e, "open"))?;
             let Some(name) = k.strip_prefix(&[INDEX_PREFIX]) else {
                 break;
@@ -472,6 +523,7 @@ impl Inner {
         let mut disk = self.disk.lock();
         disk.measured = measured;
         disk.written_since = 0;
+        disk.at = Instant::now();
         measured
     }
 
@@ -480,7 +532,7 @@ impl Inner {
     fn disk_estimate(&self) -> u64 {
         let stale = {
             let disk = self.disk.lock();
-            if disk.written_since < self.disk_refresh_bytes {
+            if disk.written_since < self.disk_refresh_bytes && disk.at.elapsed() < DISK_REFRESH {
                 return disk.measured + disk.written_since;
             }
             true
@@ -526,7 +578,7 @@ impl Inner {
         let no_space = |why: String| {
             Error::new(ErrorKind::NoSpace, why)
                 .with_operation("put")
-                .with_context("capacity", ByteSize(self.capacity))
+                .with_context("capacity", ByteSize(self.disk_capacity))
         };
         if incoming > self.capacity {
             return Err(no_space(format!(
@@ -550,13 +602,16 @@ impl Inner {
         // Evicted values leave the directory only once compaction drops them
         // (and blob garbage collection their files), so the bytes on disk can
         // run ahead of the logical size.
-        if self.disk_estimate() + incoming > self.capacity {
+        let disk_limit = self.disk_capacity - self.transient;
+        if self.disk_estimate() + incoming > disk_limit
+            && self.refresh_disk() + incoming > disk_limit
+        {
             let mut fits = false;
             for thorough in [false, true] {
                 if let Err(e) = self.reclaim(db, thorough) {
                     tracing::warn!("rocksdb-ssd: reclaiming space failed: {e}");
                 }
-                if self.refresh_disk() + incoming <= self.capacity {
+                if self.refresh_disk() + incoming <= disk_limit {
                     fits = true;
                     break;
                 }

@@ -54,9 +54,9 @@ impl Default for RocksDbSsdConfig {
     }
 }
 
-/// The smallest capacity: RocksDB's own files (manifest, options, log) take
-/// a few hundred KiB before any value is stored.
-pub const MIN_CAPACITY: u64 = 4 << 20;
+/// The smallest capacity: RocksDB's own files (WAL, manifest, info log, the
+/// output of a flush) may take 6 MiB of a small tier.
+pub const MIN_CAPACITY: u64 = 16 << 20;
 
 impl RocksDbSsdConfig {
     /// The watermark these settings describe.
