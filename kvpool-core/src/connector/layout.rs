@@ -253,7 +253,13 @@ fn checked_span(t: &TensorDesc) -> Result<(usize, usize)> {
     }
 }
 
-/// The runs of block 0 of `t`, relative to the block's start, in logical element order.
+/// The runs of block 0 of `t`, relative to the block's start, in address order.
+///
+/// Address order, not logical element order: a block is then one run in the common layouts
+/// (vLLM's default keeps each block's page contiguous even though its logical view is
+/// strided), and the stored value is the block's page exactly as Ascend Store stores it.
+/// Instances sharing a pool must therefore use the same KV-cache layout and dtype, as with
+/// Ascend Store.
 fn block_runs(t: &TensorDesc) -> Vec<Run> {
     let dims = &t.shape[1..];
     let strides = &t.strides[1..];
@@ -272,7 +278,7 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
     let run_len = run_elems * t.elem_size;
     let outer = &dims[..inner];
     let count: usize = outer.iter().product();
-    let mut runs: Vec<Run> = Vec::with_capacity(count);
+    let mut offsets: Vec<usize> = Vec::with_capacity(count);
     let mut index = vec![0usize; outer.len()];
     for _ in 0..count {
         let elem: usize = index
@@ -280,14 +286,7 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
             .zip(strides)
             .map(|(&i, &s)| i * s as usize)
             .sum();
-        let offset = elem * t.elem_size;
-        match runs.last_mut() {
-            Some(last) if last.offset + last.len == offset => last.len += run_len,
-            _ => runs.push(Run {
-                offset,
-                len: run_len,
-            }),
-        }
+        offsets.push(elem * t.elem_size);
         // Odometer increment, last dimension fastest.
         for d in (0..index.len()).rev() {
             index[d] += 1;
@@ -295,6 +294,17 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
                 break;
             }
             index[d] = 0;
+        }
+    }
+    offsets.sort_unstable();
+    let mut runs: Vec<Run> = Vec::with_capacity(count);
+    for offset in offsets {
+        match runs.last_mut() {
+            Some(last) if last.offset + last.len == offset => last.len += run_len,
+            _ => runs.push(Run {
+                offset,
+                len: run_len,
+            }),
         }
     }
     runs
@@ -335,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn heads_outermost_layout_gives_one_run_per_head_in_logical_order() {
+    fn heads_outermost_layout_gives_one_run_per_head() {
         // Physical order [heads, blocks, tokens, content]; logical [blocks, heads, tokens, content].
         let (b, h, n, c) = (3usize, 2usize, 4usize, 8usize);
         let mut buf: Vec<u8> = (0..b * h * n * c).map(|i| i as u8).collect();
@@ -355,6 +365,26 @@ mod tests {
         assert_eq!(bytes.len(), h * n * c);
         // Head 1 of block 1 starts at physical element (1 * b + 1) * n * c.
         assert_eq!(bytes[n * c], ((b + 1) * n * c) as u8);
+    }
+
+    #[test]
+    fn vllm_default_layout_block_is_one_page() {
+        // Logical [blocks, heads, tokens, 2 * head_size], physical [blocks, tokens, heads, ..].
+        let (b, h, n, c) = (4usize, 4usize, 16usize, 64usize);
+        let mut buf = vec![0u16; b * h * n * c];
+        let t = TensorDesc {
+            layer: "l0".into(),
+            ptr: buf.as_mut_ptr() as usize,
+            shape: vec![b, h, n, c],
+            strides: vec![(h * n * c) as isize, c as isize, (h * c) as isize, 1],
+            elem_size: 2,
+        };
+        // SAFETY: `buf` outlives the layout.
+        let layout = unsafe { KvLayout::new(&[t], None) }.unwrap();
+        let g = layout.gather(3).unwrap();
+        assert_eq!(g.slices().len(), 1);
+        assert_eq!(g.slices()[0].offset(), 3 * h * n * c * 2);
+        assert_eq!(g.len(), h * n * c * 2);
     }
 
     #[test]

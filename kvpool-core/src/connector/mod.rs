@@ -42,11 +42,15 @@ use crate::key::{BlockHash, BlockKey, Namespace};
 /// vLLM's `kv_role`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvRole {
-    /// `kv_producer`: saves, never loads (a prefill node).
+    /// `kv_producer`: saves, and loads prefixes (a prefill node).
+    #[serde(rename = "kv_producer")]
     Producer,
-    /// `kv_consumer`: loads, never saves (a decode node), unless `consumer_is_to_put`.
+    /// `kv_consumer`: a decode node; loads only with `consumer_is_to_load`, saves only with
+    /// `consumer_is_to_put`.
+    #[serde(rename = "kv_consumer")]
     Consumer,
     /// `kv_both`: loads and saves.
+    #[serde(rename = "kv_both")]
     Both,
 }
 
