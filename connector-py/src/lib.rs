@@ -280,9 +280,13 @@ impl Scheduler {
         &self,
         finished_sending: Vec<String>,
         finished_recving: Vec<String>,
+        invalid_block_ids: Vec<u32>,
     ) {
-        self.inner
-            .update_connector_output(&finished_sending, &finished_recving);
+        self.inner.update_connector_output(
+            &finished_sending,
+            &finished_recving,
+            &invalid_block_ids,
+        );
     }
 
     fn tracked_requests(&self) -> usize {

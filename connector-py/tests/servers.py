@@ -71,3 +71,49 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class MooncakeMaster:
+    """An unmodified mooncake_master (PyPI mooncake-transfer-engine-non-cuda) on loopback."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("mooncake_master")
+        assert binary, (
+            "mooncake_master is not on PATH "
+            "(pip install mooncake-transfer-engine-non-cuda==0.3.13.post1)"
+        )
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [binary, f"--rpc_port={self.port}", "--rpc_address=127.0.0.1",
+             f"--metrics_port={free_port()}", "--metrics_host=127.0.0.1",
+             "--enable_http_metadata_server=false",
+             f"--http_metadata_server_port={free_port()}",
+             "--http_metadata_server_host=127.0.0.1", "--rpc_thread_num=4",
+             "--default_kv_lease_ttl=11000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, "mooncake_master exited at start"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mooncake_master did not listen in 20 s"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@contextmanager
+def mooncake_master() -> Iterator[MooncakeMaster]:
+    master = MooncakeMaster()
+    try:
+        yield master
+    finally:
+        master.stop()

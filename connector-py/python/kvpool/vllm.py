@@ -195,6 +195,7 @@ class KvPoolConnector(KVConnectorBase_V1):
         self._scheduler.update_connector_output(
             list(connector_output.finished_sending or ()),
             list(connector_output.finished_recving or ()),
+            list(connector_output.invalid_block_ids or ()),
         )
 
     def request_finished(

@@ -102,6 +102,11 @@ struct State {
     saving: HashSet<String>,
     /// Requests whose async load is in flight.
     loading: HashSet<String>,
+    /// Destination blocks of each load handed to workers, until the request finishes.
+    load_blocks: HashMap<String, Vec<u32>>,
+    /// Requests with a failed load: they are computed, never offered the pool again (after a
+    /// failed async load vLLM asks again, and offering the same blocks would loop).
+    load_failed: HashSet<String>,
 }
 
 /// The scheduler half of the connector.
@@ -207,7 +212,7 @@ impl SchedulerConnector {
         req: &RequestInfo<'_>,
         num_computed_tokens: usize,
     ) -> (usize, bool) {
-        if !self.loads {
+        if !self.loads || self.lock().load_failed.contains(req.req_id) {
             return (0, false);
         }
         let b = self.layout.block_size;
@@ -452,6 +457,7 @@ impl SchedulerConnector {
             let spec = state.load_specs.remove(&id).expect("listed above");
             let hashes = state.lookup_hashes.get(&id).cloned().unwrap_or_default();
             if let Some(plan) = self.load_plan(&id, &spec, &hashes) {
+                state.load_blocks.insert(id.clone(), plan.block_ids.clone());
                 state.loading.insert(id);
                 meta.loads.push(plan);
             }
@@ -467,6 +473,8 @@ impl SchedulerConnector {
         state.lookup_hashes.remove(req_id);
         state.trackers.remove(req_id);
         state.loading.remove(req_id);
+        state.load_blocks.remove(req_id);
+        state.load_failed.remove(req_id);
         let delay = state.saving.contains(req_id) && num_blocks > 0;
         if !delay {
             state.saving.remove(req_id);
@@ -474,15 +482,34 @@ impl SchedulerConnector {
         delay
     }
 
-    /// vLLM's `update_connector_output`: transfers the workers finished.
+    /// vLLM's `update_connector_output`: transfers the workers finished, and blocks whose
+    /// load failed.
     pub fn update_connector_output(
         &self,
         finished_sending: &[String],
         finished_recving: &[String],
+        invalid_block_ids: &[u32],
     ) {
         let mut state = self.lock();
         for id in finished_sending {
             state.saving.remove(id);
+        }
+        if !invalid_block_ids.is_empty() {
+            let invalid: HashSet<u32> = invalid_block_ids.iter().copied().collect();
+            let failed: Vec<String> = state
+                .load_blocks
+                .iter()
+                .filter(|(_, blocks)| blocks.iter().any(|b| invalid.contains(b)))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in failed {
+                tracing::warn!(
+                    req = id.as_str(),
+                    "kvpool load failed; the request is recomputed"
+                );
+                state.load_blocks.remove(&id);
+                state.load_failed.insert(id);
+            }
         }
         for id in finished_recving {
             state.loading.remove(id);
@@ -497,6 +524,8 @@ impl SchedulerConnector {
         ids.extend(state.lookup_hashes.keys());
         ids.extend(state.saving.iter());
         ids.extend(state.loading.iter());
+        ids.extend(state.load_blocks.keys());
+        ids.extend(state.load_failed.iter());
         ids.len()
     }
 }
