@@ -171,6 +171,8 @@ type NewReqTuple = (
     Option<String>,
     Option<String>,
 );
+/// (layer name, data pointer, shape, strides in elements, element size).
+type TensorTuple = (String, usize, Vec<usize>, Vec<isize>, usize);
 type CachedReqTuple = (String, bool, Vec<u32>, usize, usize, Vec<u32>, Vec<Vec<u8>>);
 
 #[pymethods]
@@ -324,7 +326,7 @@ impl Worker {
     fn register_kv_caches(
         &self,
         py: Python<'_>,
-        tensors: Vec<(String, usize, Vec<usize>, Vec<isize>, usize)>,
+        tensors: Vec<TensorTuple>,
         owner: PyObject,
     ) -> PyResult<usize> {
         let descs: Vec<TensorDesc> = tensors
