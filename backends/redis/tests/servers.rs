@@ -471,3 +471,138 @@ async fn a_cluster_that_lost_a_master_is_unavailable_not_a_hang() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_and_database_number_from_the_url_are_used() {
+    let server = RedisServer::start(RedisOptions {
+        password: Some("admin-password".into()),
+        ..RedisOptions::default()
+    });
+    server.cli(&["ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all"]);
+    let url = format!("redis://127.0.0.1:{}/3", server.port());
+    let b = RedisBackend::connect(RedisConfig {
+        username: Some("alice".into()),
+        password: Some("alice-pw".into()),
+        ..config(url.clone())
+    })
+    .await
+    .unwrap();
+    let k = keys(2);
+    assert!(put(&b, &[(&k[0], value(0, 100)), (&k[1], value(1, 100))])
+        .await
+        .iter()
+        .all(PutOutcome::is_present));
+    // The keys went to database 3 (SELECT after AUTH), none to database 0.
+    assert_eq!(server.cli(&["-n", "3", "DBSIZE"]).trim(), "2");
+    assert_eq!(server.cli(&["-n", "0", "DBSIZE"]).trim(), "0");
+    let (o, bytes) = get(&b, &k[1], 100).await;
+    assert!(o.is_hit(), "{o:?}");
+    assert_eq!(bytes, value(1, 100));
+
+    let err = RedisBackend::connect(RedisConfig {
+        username: Some("alice".into()),
+        password: Some("not-alice-pw".into()),
+        ..config(url)
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{err}");
+    assert!(
+        err.to_string().contains("rejected the credentials"),
+        "{err}"
+    );
+}
+
+/// A server on a loopback port that answers `PING` and then `reply` to every later
+/// command of a connection, for as long as the test runs.
+fn fake_server(reply: &'static [u8]) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64 << 10];
+                let mut first = true;
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+                    let answer = if first { &b"+PONG\r\n"[..] } else { reply };
+                    first = false;
+                    if stream.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reply_is_a_clear_error_not_a_panic_or_a_hang() {
+    let k = keys(1);
+    // A RESP3 map, an array, a bulk string with a broken length, an integer that is not.
+    for reply in [
+        &b"%1\r\n+a\r\n+b\r\n"[..],
+        b"*1\r\n$1\r\nx\r\n",
+        b"$-7\r\n",
+        b":12x4\r\n",
+        b"$3\r\nabcdef\r\n",
+    ] {
+        let port = fake_server(reply);
+        let b = RedisBackend::connect(RedisConfig {
+            pool_size: 1,
+            request_timeout_ms: 3_000,
+            ..config(format!("redis://127.0.0.1:{port}"))
+        })
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let region = MemRegion::from_vec(vec![0xAA; 10]);
+        let err = b
+            .get_into(vec![(k[0].clone(), IoVecMut::whole(&region))])
+            .await
+            .unwrap_err();
+        let shown = String::from_utf8_lossy(reply);
+        assert_eq!(err.kind(), ErrorKind::Unexpected, "{shown:?}: {err}");
+        assert!(!err.is_temporary(), "{shown:?}: {err}");
+        assert!(
+            err.to_string().contains("malformed reply"),
+            "{shown:?}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{shown:?}");
+        assert_eq!(region.read(0, 10).unwrap(), vec![0xAA; 10], "{shown:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_larger_than_the_connection_buffers_round_trip_repeatedly() {
+    let server = RedisServer::plain();
+    let b = RedisBackend::connect(RedisConfig {
+        pool_size: 1,
+        ..config(server.url())
+    })
+    .await
+    .unwrap();
+    let k = keys(4);
+    // 6 MiB values grow a connection's buffers past what it keeps; small ones after
+    // them use the same, shrunk connection.
+    let sizes = [6 << 20, 1, 4096, (6 << 20) + 3];
+    for round in 0..2 {
+        let items: Vec<_> = k
+            .iter()
+            .zip(sizes)
+            .enumerate()
+            .map(|(i, (key, len))| (key, value(i as u64 + round, len)))
+            .collect();
+        if round == 0 {
+            assert!(put(&b, &items).await.iter().all(PutOutcome::is_present));
+        }
+        for (i, (key, v)) in items.iter().enumerate() {
+            let (o, bytes) = get(&b, key, v.len()).await;
+            assert!(o.is_hit(), "round {round}, key {i}: {o:?}");
+            // Round 1 asks for other bytes than were stored: only round 0 matches.
+            assert_eq!(bytes == *v, round == 0, "round {round}, key {i}");
+        }
+    }
+}
