@@ -321,6 +321,11 @@ impl Worker {
         self.inner.backend_description()
     }
 
+    /// `host:port` of the metrics endpoint when `metrics_port` is set.
+    fn metrics_address(&self) -> Option<String> {
+        self.inner.metrics_addr().map(|a| a.to_string())
+    }
+
     /// `tensors`: (layer name, data pointer, shape, strides in elements, element size) for
     /// every cache tensor in registration order; `owner` keeps them alive.
     fn register_kv_caches(

@@ -502,3 +502,22 @@ def test_pool_api_round_trip_and_errors():
     with pytest.raises(kvpool.KvPoolError) as err:
         kvpool.Pool({"backend": "memroy"}, use_env=False)
     assert "memroy" in str(err.value)
+
+
+def test_metrics_port_serves_connector_counters(rpc_base_path):
+    import urllib.request
+
+    from servers import free_port
+
+    port = free_port()
+    inst = Instance({"backend": "memory", "lookup_rpc_port": "14", "metrics_port": port})
+    tokens = prompt(48)
+    inst.run(inst.request("r1", tokens))
+    inst.drain_saves()
+    assert inst.rig.connector._worker.metrics_address().endswith(f":{port}")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    stored = [line for line in text.splitlines()
+              if 'backend="connector"' in line and 'op="save"' in line
+              and 'outcome="stored"' in line and not line.startswith("#")]
+    assert stored and float(stored[0].split()[-1]) >= 3, stored
+    inst.shutdown()

@@ -113,6 +113,8 @@ class KvPoolConnector(KVConnectorBase_V1):
         else:
             self._worker = _native.Worker(config_json, layout_json)
             logger.info("kvpool connector worker on %s", self._worker.backend_description())
+            if self._worker.metrics_address():
+                logger.info("kvpool metrics on http://%s/metrics", self._worker.metrics_address())
 
     # ---------------------------------------------------------------- scheduler side
 

@@ -21,6 +21,7 @@
 mod layout;
 pub mod lookup;
 mod meta;
+mod metrics_server;
 mod scheduler;
 mod worker;
 

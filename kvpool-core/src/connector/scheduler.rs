@@ -378,21 +378,29 @@ impl SchedulerConnector {
                     h
                 }
             };
+            // Blocks the lookup found are in the pool already: saving starts after them.
+            let mut present_tokens = 0;
             if let Some(spec) = state.load_specs.remove(&req.req_id) {
                 if spec.can_load {
                     let spec = LoadSpec {
                         block_ids: req.block_ids.clone(),
                         ..spec
                     };
-                    meta.loads
-                        .extend(self.load_plan(&req.req_id, &spec, &hashes));
+                    if let Some(plan) = self.load_plan(&req.req_id, &spec, &hashes) {
+                        present_tokens =
+                            spec.pool_cached / self.layout.block_size * self.layout.block_size;
+                        state
+                            .load_blocks
+                            .insert(req.req_id.clone(), plan.block_ids.clone());
+                        meta.loads.push(plan);
+                    }
                 }
             }
             let mut tracker = Tracker {
                 hashes,
                 block_ids: req.block_ids,
                 prompt_len: req.prompt_token_ids.len(),
-                saved_tokens: 0,
+                saved_tokens: present_tokens,
                 lora_name: req.lora_name,
                 cache_salt: req.cache_salt,
             };

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::connector::layout::{KvLayout, TensorDesc};
 use crate::connector::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::connector::meta::{decode_hashes, LoadPlan, SavePlan, StepMeta};
+use crate::connector::metrics_server::MetricsServer;
 use crate::connector::{EngineLayout, RankKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{BlockHash, BlockKey, Namespace};
@@ -72,6 +73,7 @@ pub struct WorkerConnector {
     saves: bool,
     loads: bool,
     _lookup: Option<LookupServer>,
+    metrics: Option<MetricsServer>,
     // Declared last: dropped after everything that spawned tasks on it.
     runtime: Runtime,
 }
@@ -138,6 +140,19 @@ impl WorkerConnector {
         } else {
             None
         };
+        let metrics = if c.metrics_port != 0 {
+            let rank = layout.pp_rank * layout.tp_size + layout.tp_rank;
+            let port = u16::try_from(c.metrics_port + rank).map_err(|_| {
+                Error::config_invalid(format!(
+                    "`metrics_port` {} plus rank {rank} is not a TCP port",
+                    c.metrics_port
+                ))
+            })?;
+            let _guard = runtime.enter();
+            Some(MetricsServer::bind(port)?)
+        } else {
+            None
+        };
         Ok(WorkerConnector {
             saves: layout.saves(c.consumer_is_to_put),
             loads: layout.loads(c.consumer_is_to_load),
@@ -146,6 +161,7 @@ impl WorkerConnector {
             kv: Mutex::new(None),
             meta: Mutex::new(None),
             _lookup: lookup,
+            metrics,
             runtime,
         })
     }
@@ -396,6 +412,11 @@ impl WorkerConnector {
             tracing::warn!("kvpool shutdown: saves still running after {timeout:?}");
         }
         self.runtime.block_on(self.shared.backend.close())
+    }
+
+    /// Where metrics are served (`metrics_port` set), for logs and tests.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::addr)
     }
 
     /// The engine layout this worker was built for.

@@ -1,0 +1,316 @@
+//! The connector's scheduler and worker halves together, without vLLM: the plans, the lookup
+//! service, tensor-parallel shares and load failures, over the memory backend.
+//! (`connector-py/tests` drives the same code from the real vLLM scheduler.)
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use kvpool::connector::{
+    CachedRequest, EngineLayout, KvRole, NewRequest, RequestInfo, SchedulerConnector, StepInput,
+    TensorDesc, WorkerConnector,
+};
+use kvpool::{Config, KvBackend, MemRegion};
+
+const BLOCK: usize = 4;
+const PAGE: usize = 64;
+const BLOCKS: usize = 32;
+
+fn rpc_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    std::env::set_var("VLLM_RPC_BASE_PATH", dir.path());
+    dir.path()
+}
+
+fn config(port: u32) -> Config {
+    rpc_dir();
+    Config::from_extra_config(serde_json::json!({
+        "backend": "memory",
+        "lookup_rpc_port": port,
+        "lookup_timeout_ms": 2000,
+    }))
+    .unwrap()
+}
+
+fn layout(tp_size: u32, tp_rank: u32, heads: u32) -> EngineLayout {
+    EngineLayout {
+        model: "/models/test-model".into(),
+        block_size: BLOCK,
+        tp_size,
+        tp_rank,
+        pp_size: 1,
+        pp_rank: 0,
+        dp_rank: 0,
+        num_kv_heads: heads,
+        use_mla: false,
+        role: KvRole::Both,
+    }
+}
+
+struct Worker {
+    connector: WorkerConnector,
+    cache: Arc<MemRegion>,
+}
+
+impl Worker {
+    fn new(config: &Config, layout: EngineLayout, backend: Arc<dyn KvBackend>) -> Worker {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let connector = WorkerConnector::with_backend(config, layout, backend, rt).unwrap();
+        let cache = MemRegion::alloc(BLOCKS * PAGE);
+        let tensor = TensorDesc {
+            layer: "layer0".into(),
+            ptr: cache.as_ptr() as usize,
+            shape: vec![BLOCKS, PAGE],
+            strides: vec![PAGE as isize, 1],
+            elem_size: 1,
+        };
+        // SAFETY: `cache` lives as long as the worker.
+        unsafe { connector.register_kv_caches(&[tensor], None) }.unwrap();
+        Worker { connector, cache }
+    }
+
+    fn fill(&self, block: u32, byte: u8) {
+        self.cache
+            .write(block as usize * PAGE, &[byte; PAGE])
+            .unwrap();
+    }
+
+    fn block(&self, block: u32) -> Vec<u8> {
+        self.cache.read(block as usize * PAGE, PAGE).unwrap()
+    }
+
+    fn run_step(&self, meta: &[u8]) {
+        self.connector.bind_connector_metadata(meta).unwrap();
+        self.connector.start_load_kv().unwrap();
+        self.connector.wait_for_save().unwrap();
+        self.connector.clear_connector_metadata();
+        let ids: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        assert!(self
+            .connector
+            .wait_for_requests(&ids, Duration::from_secs(10)));
+    }
+}
+
+fn memory_backend(config: &Config) -> Arc<dyn KvBackend> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(kvpool::open(config)).unwrap()
+}
+
+fn new_request(id: &str, tokens: &[u32], blocks: Vec<u32>, computed: usize) -> NewRequest {
+    NewRequest {
+        req_id: id.into(),
+        prompt_token_ids: tokens.to_vec(),
+        block_ids: blocks,
+        num_computed_tokens: computed,
+        num_scheduled_tokens: tokens.len() - computed,
+        ..NewRequest::default()
+    }
+}
+
+fn info<'a>(id: &'a str, tokens: &'a [u32]) -> RequestInfo<'a> {
+    RequestInfo {
+        req_id: id,
+        prompt_token_ids: tokens,
+        block_hashes: &[],
+        num_tokens: tokens.len(),
+        lora_name: None,
+        cache_salt: None,
+    }
+}
+
+#[test]
+fn saved_blocks_are_found_and_loaded_into_other_blocks() {
+    let config = config(101);
+    let backend = memory_backend(&config);
+    let worker = Worker::new(&config, layout(1, 0, 2), backend);
+    let sched = SchedulerConnector::new(&config, layout(1, 0, 2)).unwrap();
+    let tokens: Vec<u32> = (0..18).collect(); // 4 full blocks and 2 tokens
+
+    // First request: nothing in the pool; its 4 full blocks are saved.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("a", &tokens), 0),
+        (0, false)
+    );
+    sched.update_state_after_alloc("a", vec![], 0);
+    for b in 0..5 {
+        worker.fill(b, 10 + b as u8);
+    }
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    assert!(
+        sched.request_finished("a", 5),
+        "a save was planned: free waits"
+    );
+    let done = worker.connector.get_finished(&["a".into()]);
+    assert_eq!(done.sending, vec!["a".to_string()]);
+    sched.update_connector_output(&done.sending, &[], &[]);
+
+    // Same prompt again: 16 tokens from the pool (18 > 16, so no "one short" rule).
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false)
+    );
+    // With 2 blocks in the engine's own cache, only the other 2 load.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 8),
+        (8, false)
+    );
+    sched.update_state_after_alloc("b", vec![20, 21, 22, 23, 24], 8);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("b", &tokens, vec![20, 21, 22, 23, 24], 16)],
+        finished_req_ids: vec!["a".into()],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    assert!(worker.connector.get_block_ids_with_load_errors().is_empty());
+    assert_eq!(
+        worker.block(20),
+        vec![0; PAGE],
+        "blocks the engine had are not loaded"
+    );
+    assert_eq!(worker.block(22), vec![12; PAGE]);
+    assert_eq!(worker.block(23), vec![13; PAGE]);
+    assert!(!sched.request_finished("b", 5), "b saved nothing new");
+
+    // A prompt that is exactly 4 blocks: a full hit is reported one token short.
+    let exact = &tokens[..16];
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", exact), 0),
+        (15, false)
+    );
+    sched.request_finished("c", 0);
+    assert_eq!(sched.tracked_requests(), 0);
+    assert_eq!(worker.connector.tracked_requests(), 0);
+}
+
+#[test]
+fn tensor_parallel_ranks_sharing_kv_split_the_saves_and_lookup_needs_every_rank() {
+    // 2 ranks, 1 KV head: both hold the same KV, so each saves every other block.
+    let shared = config(102);
+    let backend = memory_backend(&shared);
+    let rank0 = Worker::new(&shared, layout(2, 0, 1), backend.clone());
+    let rank1 = Worker::new(&shared, layout(2, 1, 1), backend.clone());
+    let sched = SchedulerConnector::new(&shared, layout(2, 0, 1)).unwrap();
+    let tokens: Vec<u32> = (100..117).collect();
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    rank0.run_step(&meta);
+    // Only rank 0's share (blocks 0 and 2) is in the pool: the prefix ends at block 1.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (4, false)
+    );
+    rank1.run_step(&meta);
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false)
+    );
+
+    // 2 ranks, 2 heads: each rank's blocks are its own keys; the lookup needs both.
+    let own_heads = config(103);
+    let backend = memory_backend(&own_heads);
+    let rank0 = Worker::new(&own_heads, layout(2, 0, 2), backend.clone());
+    let rank1 = Worker::new(&own_heads, layout(2, 1, 2), backend);
+    let sched = SchedulerConnector::new(&own_heads, layout(2, 0, 2)).unwrap();
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    rank0.run_step(&meta);
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (0, false)
+    );
+    rank1.run_step(&meta);
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false)
+    );
+}
+
+#[test]
+fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors() {
+    let config = config(104);
+    let backend = memory_backend(&config);
+    let worker = Worker::new(&config, layout(1, 0, 2), backend.clone());
+    let sched = SchedulerConnector::new(&config, layout(1, 0, 2)).unwrap();
+    let tokens: Vec<u32> = (500..520).collect(); // 5 blocks
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let mut first = new_request("a", &tokens, vec![0, 1], 0);
+    first.num_scheduled_tokens = 6; // chunk 1: one full block
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![first],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(plan["saves"][0]["block_ids"], serde_json::json!([0]));
+    worker.run_step(&meta);
+    let meta = sched.build_connector_meta(StepInput {
+        cached_requests: vec![CachedRequest {
+            req_id: "a".into(),
+            new_block_ids: vec![2, 3, 4],
+            num_computed_tokens: 6,
+            num_scheduled_tokens: 14,
+            ..CachedRequest::default()
+        }],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(
+        plan["saves"][0]["block_ids"],
+        serde_json::json!([1, 2, 3, 4])
+    );
+    assert_eq!(plan["saves"][0]["first_block"], 1);
+    worker.run_step(&meta);
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (19, false)
+    );
+    sched.update_state_after_alloc("b", vec![10, 11, 12, 13, 14], 19);
+
+    // Two of the blocks vanish between the lookup and the load.
+    let ns = Arc::new(kvpool::Namespace::new("/models/test-model", 0, 0, 0, 0).unwrap());
+    let hashes = kvpool::hash::token_block_hashes(
+        &tokens,
+        std::num::NonZeroUsize::new(BLOCK).unwrap(),
+        None,
+        None,
+    );
+    let gone: Vec<kvpool::BlockKey> = [1, 3]
+        .iter()
+        .map(|&i| kvpool::BlockKey::new(ns.clone(), hashes[i]))
+        .collect();
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(backend.remove(&gone))
+        .unwrap();
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("b", &tokens, vec![10, 11, 12, 13, 14], 19)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    assert_eq!(
+        worker.connector.get_block_ids_with_load_errors(),
+        vec![11, 13]
+    );
+    sched.update_connector_output(&[], &[], &[11, 13]);
+    // The failed request is computed from now on, not offered the pool again.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (0, false)
+    );
+}
