@@ -371,6 +371,18 @@ impl IoVecMut {
     pub fn copy_from_slice(&self, data: &[u8]) -> Result<()> {
         self.scatter_from(std::iter::once(data))
     }
+
+    /// Reads back what the slices hold, as one buffer (after a `get_into` filled them, to
+    /// pass the value on, as a tiered pool's promotion does).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.total);
+        for s in &self.slices {
+            // SAFETY: bounds were checked at push; the region contract gives the holder of
+            // the descriptor access to these ranges.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(s.as_ptr(), s.len) });
+        }
+        out
+    }
 }
 
 /// Copies bytes from one list of segments to another, walking both in step.

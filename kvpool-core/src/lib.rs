@@ -9,6 +9,8 @@
 //! - [`eviction`]: eviction policies and watermark semantics.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`replay`]: trace replay through an eviction policy.
+//! - [`connector`]: the vLLM connector's scheduler and worker halves.
+//! - [`tiered`]: the `tiered` backend, a stack of other backends.
 
 pub mod backend;
 pub mod buffer;
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod registry;
 pub mod replay;
 pub mod size;
+pub mod tiered;
 
 pub use backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, KvBackendExt, PutOutcome};
 pub use buffer::{IoVec, IoVecMut, MemRegion};
