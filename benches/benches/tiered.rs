@@ -5,6 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// Linked for its registry entry: the stack opens its tiers by scheme.
+use kvpool_backend_rocksdb_ssd as _;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvpool::{BlockHash, BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace};
 
