@@ -30,6 +30,8 @@ pub mod backends {
     pub use ::kvpool_backend_memory as memory;
     #[cfg(feature = "mooncake")]
     pub use ::kvpool_backend_mooncake as mooncake;
+    #[cfg(feature = "object")]
+    pub use ::kvpool_backend_object as object;
     #[cfg(feature = "redis")]
     pub use ::kvpool_backend_redis as redis;
     #[cfg(feature = "rocksdb-ssd")]
@@ -42,6 +44,8 @@ pub const ENABLED_BACKENDS: &[&str] = &[
     "memory",
     #[cfg(feature = "mooncake")]
     "mooncake",
+    #[cfg(feature = "object")]
+    "object",
     #[cfg(feature = "redis")]
     "redis",
     #[cfg(feature = "rocksdb-ssd")]
