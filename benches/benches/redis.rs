@@ -59,6 +59,9 @@ struct Rate {
     rps: f64,
     client_cpu: f64,
     server_cpu: f64,
+    /// The server's read and write system calls per request: how well requests and
+    /// replies are batched on the wire.
+    server_syscalls: f64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -82,6 +85,16 @@ fn cpu_seconds(pid: &str, children: bool) -> f64 {
     ticks / 100.0
 }
 
+/// Read and write system calls `pid` made so far (`syscr` + `syscw` of /proc/PID/io).
+fn syscalls(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("syscr:") || l.starts_with("syscw:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Measures `f`, which runs `requests` requests, with the client's CPU read by `client`.
 fn measured(
     server: &RedisServer,
@@ -90,16 +103,17 @@ fn measured(
     f: impl FnOnce(),
 ) -> Rate {
     let pid = server.pid().expect("the server runs").to_string();
-    let (c0, s0) = (client(), cpu_seconds(&pid, false));
+    let (c0, s0, n0) = (client(), cpu_seconds(&pid, false), syscalls(&pid));
     let started = Instant::now();
     f();
     let secs = started.elapsed().as_secs_f64();
-    let (c1, s1) = (client(), cpu_seconds(&pid, false));
+    let (c1, s1, n1) = (client(), cpu_seconds(&pid, false), syscalls(&pid));
     let per_million = 1e6 / requests as f64;
     Rate {
         rps: requests as f64 / secs,
         client_cpu: (c1 - c0) * per_million,
         server_cpu: (s1 - s0) * per_million,
+        server_syscalls: (n1 - n0) / requests as f64,
     }
 }
 
@@ -164,22 +178,27 @@ fn main() {
         let mut same = Vec::new();
         let mut ours = Vec::new();
         let only = std::env::var("KVPOOL_REDIS_BENCH_ONLY").unwrap_or_default();
-        for _ in 0..rounds {
-            if only != "kvpool" {
+        for round in 0..rounds {
+            // Each round starts with another of the three, so that none always runs
+            // right after the same one (the server's allocator reuses the pages the
+            // previous run's keys held).
+            for turn in 0..3 {
                 server.cli(&["FLUSHALL"]);
-                theirs.push(redis_benchmark(&server, shape, None));
-                server.cli(&["FLUSHALL"]);
-                same.push(redis_benchmark(&server, shape, Some(&kvpool_shaped)));
-            }
-            if only != "redis-benchmark" {
-                server.cli(&["FLUSHALL"]);
-                ours.push(kvpool_run(&rt, &server, shape));
+                match (round + turn) % 3 {
+                    0 if only != "kvpool" => theirs.push(redis_benchmark(&server, shape, None)),
+                    1 if only != "kvpool" => {
+                        same.push(redis_benchmark(&server, shape, Some(&kvpool_shaped)))
+                    }
+                    2 if only != "redis-benchmark" => ours.push(kvpool_run(&rt, &server, shape)),
+                    _ => {}
+                }
             }
         }
         let none = Rate {
             rps: f64::NAN,
             client_cpu: f64::NAN,
             server_cpu: f64::NAN,
+            server_syscalls: f64::NAN,
         };
         for runs in [&mut theirs, &mut same, &mut ours] {
             runs.resize(
@@ -206,13 +225,17 @@ fn main() {
         ] {
             let row = |name: &str, runs: &[Rates]| {
                 let (m, best) = (median(runs, pick), best(runs, pick));
+                let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", pick(r).rps)).collect();
                 println!(
-                    "  {op} {name:<28} median {:>8.0} ({:5.2} GB/s)  best {:>8.0}  CPU {:>5.1} / {:>5.1}",
+                    "  {op} {name:<28} median {:>8.0} ({:5.2} GB/s)  best {:>8.0}  CPU {:>5.1} / {:>5.1}  \
+                     server syscalls/req {:.2}  rounds: {}",
                     m.rps,
                     gbps(m),
                     best.rps,
                     m.client_cpu,
                     m.server_cpu,
+                    m.server_syscalls,
+                    all.join(" ")
                 );
             };
             row("redis-benchmark -t", &theirs);
