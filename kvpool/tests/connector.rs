@@ -314,3 +314,30 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
         (0, false)
     );
 }
+
+#[test]
+fn a_finished_request_whose_free_was_not_delayed_is_never_reported_as_sent() {
+    // vLLM asserts that every finished_sending id is a request it still holds.
+    let config = config(105);
+    let backend = memory_backend(&config);
+    let worker = Worker::new(&config, layout(1, 0, 2), backend);
+    let sched = SchedulerConnector::new(&config, layout(1, 0, 2)).unwrap();
+    let tokens: Vec<u32> = (900..912).collect();
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2], 0)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    // Preempted, then aborted while waiting: it holds no blocks, so nothing is delayed.
+    assert!(!sched.request_finished("a", 0));
+    let meta = sched.build_connector_meta(StepInput {
+        finished_req_ids: vec!["a".into()],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    let done = worker.connector.get_finished(&["a".into()]);
+    assert!(done.sending.is_empty(), "{done:?}");
+    assert_eq!(sched.tracked_requests(), 0);
+    assert_eq!(worker.connector.tracked_requests(), 0);
+}

@@ -46,6 +46,10 @@ pub struct StepMeta {
     pub saves: Vec<SavePlan>,
     /// Requests preempted in this step: their blocks are about to be reused.
     pub preempted: Vec<String>,
+    /// Finished requests whose block free vLLM did not delay (they held no blocks): workers
+    /// must not report them as finished sending, which vLLM would take for an unknown request.
+    #[serde(default)]
+    pub forget: Vec<String>,
 }
 
 pub(crate) fn encode_hashes(hashes: &[BlockHash]) -> String {
@@ -76,7 +80,10 @@ pub(crate) fn decode_hashes(hex: &str, expected: usize, req_id: &str) -> Result<
 impl StepMeta {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.loads.is_empty() && self.saves.is_empty() && self.preempted.is_empty()
+        self.loads.is_empty()
+            && self.saves.is_empty()
+            && self.preempted.is_empty()
+            && self.forget.is_empty()
     }
 
     /// The wire form.
@@ -119,6 +126,7 @@ mod tests {
             }],
             saves: vec![],
             preempted: vec!["b".into()],
+            forget: vec![],
         };
         let back = StepMeta::decode(&meta.encode()).unwrap();
         assert_eq!(back, meta);

@@ -107,6 +107,8 @@ struct State {
     /// Requests with a failed load: they are computed, never offered the pool again (after a
     /// failed async load vLLM asks again, and offering the same blocks would loop).
     load_failed: HashSet<String>,
+    /// Finished requests with saves whose free was not delayed, for the next plan's `forget`.
+    forget: Vec<String>,
 }
 
 /// The scheduler half of the connector.
@@ -362,6 +364,7 @@ impl SchedulerConnector {
             state.trackers.remove(id);
         }
         meta.preempted = step.preempted_req_ids.clone();
+        meta.forget = std::mem::take(&mut state.forget);
 
         for req in step.new_requests {
             let hashes = match self.hash_mode {
@@ -484,8 +487,8 @@ impl SchedulerConnector {
         state.load_blocks.remove(req_id);
         state.load_failed.remove(req_id);
         let delay = state.saving.contains(req_id) && num_blocks > 0;
-        if !delay {
-            state.saving.remove(req_id);
+        if !delay && state.saving.remove(req_id) {
+            state.forget.push(req_id.to_string());
         }
         delay
     }
@@ -534,6 +537,7 @@ impl SchedulerConnector {
         ids.extend(state.loading.iter());
         ids.extend(state.load_blocks.keys());
         ids.extend(state.load_failed.iter());
+        ids.extend(state.forget.iter());
         ids.len()
     }
 }

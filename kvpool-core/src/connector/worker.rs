@@ -230,6 +230,10 @@ impl WorkerConnector {
             for save in &meta.saves {
                 p.saving.insert(save.req_id.clone());
             }
+            for id in &meta.forget {
+                p.saving.remove(id);
+                p.finished.remove(id);
+            }
         }
         *self.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(meta);
         Ok(())
