@@ -77,7 +77,7 @@ impl ObjectBackend {
     /// `Timeout` when it does not answer within `request_timeout_ms`.
     pub async fn open(cfg: ObjectConfig) -> Result<Self> {
         let target = cfg.target()?;
-        let store = store::build(&cfg, &target)?;
+        let (store, instance_credentials) = store::build(&cfg, &target)?;
         let (dir, leaf_prefix) = split_key_prefix(&target.prefix, &cfg.key_prefix);
         let permits = Arc::new(Semaphore::new(cfg.max_concurrent_requests));
         let mut inner = Inner {
@@ -91,10 +91,24 @@ impl ObjectBackend {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         };
         let location = cfg.location();
-        let resolved = inner
-            .probe(cfg.put_mode)
-            .await
-            .map_err(|e| e.with_operation("open").with_context("store", &location))?;
+        let resolved = inner.probe(cfg.put_mode).await.map_err(|e| {
+            let e = if instance_credentials && e.kind() != ErrorKind::ConfigInvalid {
+                Error::new(
+                    ErrorKind::ConfigInvalid,
+                    format!(
+                        "no S3 credentials were given (object.access_key_id and \
+                         object.secret_access_key, or AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY), so they were asked of the cloud instance's \
+                         metadata service, and the store could not be used: {}",
+                        e.message()
+                    ),
+                )
+                .set_source(e)
+            } else {
+                e
+            };
+            e.with_operation("open").with_context("store", &location)
+        })?;
         inner.create = resolved == Resolved::Create;
         let in_memory = target.kind == StoreKind::Memory;
         let description = format!(

@@ -22,7 +22,10 @@ fn config_error(key: &str, msg: impl std::fmt::Display) -> Error {
 
 /// The store `target` names, configured from `cfg` over the provider's environment
 /// variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`): keys set in the config win.
-pub(crate) fn build(cfg: &ObjectConfig, target: &Target) -> Result<Arc<dyn ObjectStore>> {
+/// The store, and whether its credentials are left to the cloud instance's metadata
+/// service (no keys given anywhere): then a failing open says so.
+pub(crate) fn build(cfg: &ObjectConfig, target: &Target) -> Result<(Arc<dyn ObjectStore>, bool)> {
+    let mut instance_credentials = false;
     let client = ClientOptions::new()
         .with_timeout(cfg.request_timeout())
         .with_connect_timeout(cfg.connect_timeout())
@@ -70,21 +73,27 @@ pub(crate) fn build(cfg: &ObjectConfig, target: &Target) -> Result<Arc<dyn Objec
                     b = b.with_token(token);
                 }
             }
-            let has_keys = b
-                .get_config_value(&AmazonS3ConfigKey::AccessKeyId)
-                .is_some_and(|v| !v.is_empty());
+            let set = |k: AmazonS3ConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+            let has_keys = set(AmazonS3ConfigKey::AccessKeyId);
             let unsigned = b
                 .get_config_value(&AmazonS3ConfigKey::SkipSignature)
                 .is_some_and(|v| v == "true");
-            // Without keys the client asks the cloud's instance metadata service, which an
-            // S3-compatible server on another network does not have: it would fail on the
-            // first request with an unhelpful connection error.
-            if cfg.endpoint.is_some() && !has_keys && !unsigned {
-                return Err(config_error(
-                    "object.access_key_id",
-                    "and object.secret_access_key are missing (nor are AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY set): an S3-compatible endpoint needs credentials",
-                ));
+            let other_provider = set(AmazonS3ConfigKey::WebIdentityTokenFile)
+                || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+                || set(AmazonS3ConfigKey::ContainerCredentialsFullUri);
+            if !has_keys && !unsigned && !other_provider {
+                // Without keys the client asks the cloud's instance metadata service, which
+                // an S3-compatible server elsewhere does not have: it would fail on the
+                // first request with an unhelpful connection error.
+                if set(AmazonS3ConfigKey::Endpoint) || set(AmazonS3ConfigKey::S3Endpoint) {
+                    return Err(config_error(
+                        "object.access_key_id",
+                        "and object.secret_access_key are missing (nor are AWS_ACCESS_KEY_ID \
+                         and AWS_SECRET_ACCESS_KEY set): an S3-compatible endpoint needs \
+                         credentials",
+                    ));
+                }
+                instance_credentials = true;
             }
             Arc::new(
                 b.with_client_options(client)
@@ -135,7 +144,7 @@ pub(crate) fn build(cfg: &ObjectConfig, target: &Target) -> Result<Arc<dyn Objec
         }
         StoreKind::Memory => Arc::new(InMemory::new()),
     };
-    Ok(store)
+    Ok((store, instance_credentials))
 }
 
 /// rustls needs a process-wide crypto provider: the workspace builds it with ring only
@@ -191,7 +200,8 @@ pub(crate) fn classify(op: &'static str, e: object_store::Error) -> Error {
             },
         },
     };
-    let mut err = Error::new(kind, format!("{hint}: {e}")).with_operation(op);
+    // The store's own message follows as the source (Display prints it after ours).
+    let mut err = Error::new(kind, hint).with_operation(op);
     if kind == ErrorKind::Unavailable || kind == ErrorKind::Timeout {
         err = err.set_temporary();
     }

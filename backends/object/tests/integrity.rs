@@ -351,6 +351,27 @@ async fn bad_configurations_fail_at_open_with_errors_that_say_what_to_fix() {
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
     assert!(e.to_string().contains("needs credentials"), "{e}");
 
+    // No keys anywhere and no endpoint: the instance metadata service is asked (here one
+    // on a loopback port nothing listens on, so no request leaves the machine; the
+    // credentials are fetched before any request to the store is sent).
+    let e = open_error(ObjectConfig {
+        url: Some("s3://bucket-on-aws".into()),
+        retries: 0,
+        request_timeout_ms: 5_000,
+        options: [(
+            "aws_metadata_endpoint".to_string(),
+            format!("http://127.0.0.1:{}", free_port(false)),
+        )]
+        .into(),
+        ..ObjectConfig::default()
+    })
+    .await;
+    assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+    assert!(
+        e.to_string().contains("no S3 credentials were given"),
+        "{e}"
+    );
+
     let e = open_error(ObjectConfig {
         options: [("aws_no_such_setting".to_string(), SECRET.to_string())].into(),
         ..with_secret("s3://bucket")
