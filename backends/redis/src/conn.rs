@@ -349,10 +349,18 @@ impl Conn {
     }
 }
 
+/// The connections of kvpool's own client. Each slot is one connection, `None` until
+/// (re)connected; a pipeline uses a slot alone. `free` has one permit per slot, so a
+/// pipeline that holds a permit always finds a free slot, and pipelines waiting for one
+/// are served in order as soon as any slot frees, not when a particular one does.
+struct FastSlots {
+    slots: Vec<tokio::sync::Mutex<Option<FastConn>>>,
+    free: tokio::sync::Semaphore,
+}
+
 enum Conns {
-    /// kvpool's own client: plain TCP or a unix socket to one server. Each slot is one
-    /// connection, `None` until (re)connected; a pipeline takes a free slot.
-    Fast(FastTarget, Vec<tokio::sync::Mutex<Option<FastConn>>>),
+    /// kvpool's own client: plain TCP or a unix socket to one server.
+    Fast(FastTarget, FastSlots),
     /// The `redis` crate: TLS, or a cluster.
     Crate(Vec<Conn>),
 }
@@ -370,7 +378,7 @@ pub(crate) struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (client, connections) = match &self.conns {
-            Conns::Fast(_, slots) => ("kvpool", slots.len()),
+            Conns::Fast(_, fast) => ("kvpool", fast.slots.len()),
             Conns::Crate(conns) => ("redis crate", conns.len()),
         };
         f.debug_struct("Pool")
@@ -423,10 +431,13 @@ impl Pool {
                             try_join_all((0..cfg.pool_size).map(|_| FastConn::connect(&target)))
                                 .await
                                 .map_err(fail)?;
-                        let slots = conns
-                            .into_iter()
-                            .map(|c| tokio::sync::Mutex::new(Some(c)))
-                            .collect();
+                        let slots = FastSlots {
+                            free: tokio::sync::Semaphore::new(conns.len()),
+                            slots: conns
+                                .into_iter()
+                                .map(|c| tokio::sync::Mutex::new(Some(c)))
+                                .collect(),
+                        };
                         return Ok(Conns::Fast(target, slots));
                     }
                     info = info.set_redis_settings(settings);
@@ -486,7 +497,7 @@ impl Pool {
             // Servers with `requirepass` accept a connection without AUTH and refuse the
             // first command; one PING per connection turns that into an error at open.
             let connections = match &pool.conns {
-                Conns::Fast(_, slots) => slots.len(),
+                Conns::Fast(_, fast) => fast.slots.len(),
                 Conns::Crate(conns) => conns.len(),
             };
             let ping: &Encode<'_> = &|_, out| {
@@ -538,9 +549,13 @@ impl Pool {
     ) -> std::result::Result<(), RedisError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         match &self.conns {
-            Conns::Fast(target, slots) => {
-                // The first free connection from a rotating start, else wait for one.
+            Conns::Fast(target, fast) => {
+                let slots = &fast.slots;
                 let n = slots.len();
+                // The semaphore is never closed; were it, waiting on one slot still works.
+                let _permit = fast.free.acquire().await.ok();
+                // The first free connection from a rotating start: with a permit in hand
+                // there is one.
                 let mut guard = match (0..n).find_map(|i| slots[(start + i) % n].try_lock().ok()) {
                     Some(g) => g,
                     None => slots[start % n].lock().await,

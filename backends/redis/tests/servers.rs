@@ -606,3 +606,41 @@ async fn values_larger_than_the_connection_buffers_round_trip_repeatedly() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_callers_than_connections_share_them() {
+    let server = RedisServer::plain();
+    let b = Arc::new(
+        RedisBackend::connect(RedisConfig {
+            pool_size: 2,
+            ..config(server.url())
+        })
+        .await
+        .unwrap(),
+    );
+    let k = keys(64);
+    let tasks: Vec<_> = k
+        .chunks(4)
+        .enumerate()
+        .map(|(t, chunk)| {
+            let (b, chunk) = (b.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for round in 0..5u64 {
+                    let i = t as u64 * 100 + round;
+                    let items: Vec<_> = chunk.iter().map(|key| (key, value(i, 3000))).collect();
+                    if round == 0 {
+                        assert!(put(&b, &items).await.iter().all(PutOutcome::is_present));
+                    }
+                    for key in &chunk {
+                        let (o, bytes) = get(&b, key, 3000).await;
+                        assert!(o.is_hit(), "task {t}: {o:?}");
+                        assert_eq!(bytes, value(t as u64 * 100, 3000), "task {t}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
