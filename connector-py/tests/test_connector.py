@@ -22,7 +22,6 @@ from harness import (
     make_request,
     make_scheduler,
     make_vllm_config,
-    run_until_finished,
 )
 from servers import redis_server
 
@@ -52,7 +51,7 @@ class Instance:
     def run(self, *requests):
         for r in requests:
             self.sched.add_request(r)
-        return run_until_finished(self.sched, self.rig)
+        return run_engine(self.sched, self.rig)
 
     def drain_saves(self):
         assert self.rig.connector._worker.wait_for_saves(30.0)
@@ -74,16 +73,23 @@ class Instance:
         assert self.sched_connector._scheduler.tracked_requests() == 0
 
 
-def run_until_idle(inst, timeout=60.0):
-    """Like run_until_finished, but in wall-clock time: saves run in the background, and a
-    finished request's blocks are freed only once the worker reports them saved (or failed)."""
+def run_engine(sched, rig, timeout=60.0):
+    """Like harness.run_until_finished, but bounded in wall-clock time, not steps: saves run
+    in the background, and a finished request's blocks are freed only once the worker
+    reports them saved, which on a loaded machine can take many idle steps."""
     history = []
     deadline = time.monotonic() + timeout
-    while inst.sched.requests or inst.sched.finished_req_ids:
-        assert time.monotonic() < deadline, f"still busy: {list(inst.sched.requests)}"
-        history.append(engine_step(inst.sched, inst.rig)[:2])
-        time.sleep(0.002)
+    while sched.requests or sched.finished_req_ids:
+        assert time.monotonic() < deadline, f"still busy: {list(sched.requests)}"
+        so, kvo, _ = engine_step(sched, rig)
+        history.append((so, kvo))
+        if not so.num_scheduled_tokens:
+            time.sleep(0.001)
     return history
+
+
+def run_until_idle(inst, timeout=60.0):
+    return run_engine(inst.sched, inst.rig, timeout)
 
 
 def prompt(n, salt=0):
@@ -196,7 +202,7 @@ def test_async_load_completes_through_get_finished(rpc_base_path):
         assert "r2" not in so.num_scheduled_tokens
         recv |= set(kvo.finished_recving or ())
     assert "r2" in recv
-    history = run_until_finished(inst.sched, inst.rig)
+    history = run_until_idle(inst)
     first = next(r for so, _ in history for r in so.scheduled_new_reqs if r.req_id == "r2")
     assert first.num_computed_tokens == 63
     inst.assert_blocks_hold(list(first.block_ids[0]), tokens, 4)
@@ -408,14 +414,14 @@ def test_multiconnector_with_kvpool_child_as_in_the_seed(rpc_base_path):
     rig = WorkerRig(cfg, sched.kv_cache_config)
     tokens = prompt(48)
     sched.add_request(make_request("m1", tokens, vllm_config=cfg))
-    run_until_finished(sched, rig)
+    run_engine(sched, rig)
     (kvpool_child,) = rig.connector._connectors
     assert kvpool_child._worker.wait_for_saves(30.0)
     rig.zero_cache()
     assert sched.reset_prefix_cache()
     # A producer (prefill node) loads prefixes too, as Ascend Store's does.
     sched.add_request(make_request("m2", tokens, vllm_config=cfg))
-    history = run_until_finished(sched, rig)
+    history = run_engine(sched, rig)
     first = next(r for so, _ in history for r in so.scheduled_new_reqs)
     assert first.num_computed_tokens == 47
     for name in rig.layer_names:
