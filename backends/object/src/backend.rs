@@ -40,7 +40,6 @@ pub struct ObjectBackend {
     permits: Arc<Semaphore>,
 }
 
-#[derive(Debug)]
 struct Inner {
     store: Arc<dyn ObjectStore>,
     /// Folders every object lives in: the URL's prefix and the folders of `key_prefix`.
@@ -58,6 +57,20 @@ struct Inner {
 }
 
 const STRIPES: usize = 256;
+
+impl std::fmt::Debug for Inner {
+    // By hand: the store's own Debug shows its configuration, access key id included.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("store", &self.store.to_string())
+            .field("dir", &self.dir)
+            .field("leaf_prefix", &self.leaf_prefix)
+            .field("create", &self.create)
+            .field("parallel", &self.parallel)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How `put` keeps the first value, as the open resolved [`PutMode::Auto`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -228,6 +228,10 @@ async fn on_s3_a_flipped_byte_is_corrupted_and_auto_put_mode_finds_create() {
         backend.info().description
     );
     assert!(backend.info().capabilities.shared && backend.info().capabilities.persistent);
+    let shown = format!("{backend:?} {}", backend.info());
+    for secret in [moto::ACCESS_KEY_ID, moto::SECRET_ACCESS_KEY] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
     let v = value(7, 100_000);
     backend.put_bytes(key(7), v.clone()).await.unwrap();
 
