@@ -225,6 +225,62 @@ fn io_error(e: &object_store::Error) -> Option<&std::io::Error> {
 mod tests {
     use super::*;
 
+    fn built(cfg: ObjectConfig) -> Result<(Arc<dyn ObjectStore>, bool)> {
+        build(&cfg, &cfg.target()?)
+    }
+
+    #[test]
+    fn gcs_and_azure_stores_are_built_from_url_and_options_without_a_request() {
+        // Building sends nothing: credentials are fetched on the first request.
+        let (store, _) = built(ObjectConfig {
+            url: Some("az://container/prefix".into()),
+            options: [
+                ("azure_storage_account_name".to_string(), "acct".to_string()),
+                (
+                    "azure_storage_account_key".to_string(),
+                    "c2VjcmV0".to_string(),
+                ),
+            ]
+            .into(),
+            ..ObjectConfig::default()
+        })
+        .unwrap();
+        assert!(store.to_string().contains("container"), "{store}");
+        let e = built(ObjectConfig {
+            url: Some("az://container".into()),
+            options: [("azure_no_such_key".to_string(), "x".to_string())].into(),
+            ..ObjectConfig::default()
+        })
+        .map(drop)
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
+        assert!(
+            e.to_string().contains("object.options.azure_no_such_key"),
+            "{e}"
+        );
+        let e = built(ObjectConfig {
+            url: Some("gs://bucket".into()),
+            options: [("aws_region".to_string(), "x".to_string())].into(),
+            ..ObjectConfig::default()
+        })
+        .map(drop)
+        .unwrap_err();
+        assert!(e.to_string().contains("object.options.aws_region"), "{e}");
+    }
+
+    #[test]
+    fn s3_keys_from_the_config_mean_no_instance_credentials() {
+        let (store, instance) = built(ObjectConfig {
+            url: Some("s3://bucket".into()),
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("secret".into()),
+            ..ObjectConfig::default()
+        })
+        .unwrap();
+        assert_eq!(store.to_string(), "AmazonS3(bucket)");
+        assert!(!instance);
+    }
+
     #[test]
     fn store_errors_get_kvpool_kinds() {
         let e = classify(
