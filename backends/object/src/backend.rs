@@ -105,7 +105,14 @@ impl ObjectBackend {
         };
         let location = cfg.location();
         let resolved = inner.probe(cfg.put_mode).await.map_err(|e| {
-            let e = if instance_credentials && e.kind() != ErrorKind::ConfigInvalid {
+            // A failed request to the metadata service itself (for a token or for the
+            // role's credentials) means there are none here: a config problem, not an
+            // outage of the store.
+            let shown = e.to_string();
+            let imds = instance_credentials
+                && (shown.contains("/latest/api/token")
+                    || shown.contains("/latest/meta-data/iam/security-credentials"));
+            let e = if imds && e.kind() != ErrorKind::ConfigInvalid {
                 Error::new(
                     ErrorKind::ConfigInvalid,
                     format!(
