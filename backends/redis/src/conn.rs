@@ -603,7 +603,7 @@ impl Pool {
     /// after a growing pause, up to `redis.retries` times and never past
     /// `redis.request_timeout_ms`: alone if only they failed, with every command not yet
     /// answered if the link dropped. Every command here is idempotent (a repeated
-    /// `SET NX` answers "exists"), so a retry after a reply was lost is harmless. If the
+    /// `SETNX` answers "exists"), so a retry after a reply was lost is harmless. If the
     /// reason persists the whole call fails: the server is down, not one key.
     pub(crate) async fn run(
         &self,
@@ -746,7 +746,7 @@ pub(crate) fn classify(e: &RedisError, endpoint: &str) -> Error {
     } else if code == "NOPERM" || e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoPerm) {
         Error::config_invalid(format!(
             "the redis user may not run a command kvpool needs (NOPERM); grant it \
-             +get +set +exists +strlen +getrange +unlink on the keys under redis.key_prefix \
+             +get +set +setnx +exists +strlen +getrange +unlink on the keys under redis.key_prefix \
              at {endpoint}"
         ))
         .with_context("key", "redis.username")
