@@ -81,7 +81,15 @@ fn put_varint32(out: &mut Vec<u8>, mut v: u32) {
 impl BatchRep {
     /// A batch whose records will take about `bytes`.
     pub(crate) fn with_capacity(bytes: usize) -> Self {
-        let mut buf = Vec::with_capacity(REP_HEADER + bytes);
+        Self::reusing(Vec::new(), bytes)
+    }
+
+    /// Like [`with_capacity`](Self::with_capacity), in a buffer of an earlier
+    /// batch: its pages are already mapped, where a fresh multi-MiB buffer
+    /// pays a page fault per 4 KiB.
+    pub(crate) fn reusing(mut buf: Vec<u8>, bytes: usize) -> Self {
+        buf.clear();
+        buf.reserve(REP_HEADER + bytes);
         buf.resize(REP_HEADER, 0);
         BatchRep { buf, count: 0 }
     }
