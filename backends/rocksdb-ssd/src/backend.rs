@@ -335,7 +335,16 @@ impl RocksDbSsdBackend {
             .collect::<Vec<_>>()
             .into_boxed_slice();
         let disk_capacity = cfg.capacity.0;
-        let capacity = disk_capacity - reserved_bytes(disk_capacity);
+        // Evicted values stay on disk until compaction drops them (RocksDB
+        // compacts after 4 flushes) and blob garbage collection frees their
+        // files: room for two eviction passes and four memtables of garbage
+        // keeps puts from reclaiming in line in steady state.
+        let garbage = 2 * cfg.watermark().bytes_to_free(disk_capacity)
+            + 4 * write_buffer_for(disk_capacity);
+        let capacity = disk_capacity
+            .saturating_sub(reserved_bytes(disk_capacity))
+            .saturating_sub(garbage)
+            .max(1 << 20);
         let info = BackendInfo {
             scheme: SCHEME,
             description: format!(

@@ -258,7 +258,7 @@ async fn bytes_on_disk_stay_under_capacity() {
 #[tokio::test]
 async fn a_full_directory_gives_no_space_outcomes() {
     let dir = tempfile::tempdir().unwrap();
-    let capacity: u64 = 16 << 20;
+    let capacity: u64 = 32 << 20;
     let b = RocksDbSsdBackend::open(config(dir.path(), capacity, true)).unwrap();
     let filler = dir.path().join("filler");
     std::fs::write(&filler, vec![1u8; (capacity - (1 << 20)) as usize]).unwrap();
@@ -281,7 +281,7 @@ async fn a_full_directory_gives_no_space_outcomes() {
     }
 
     // A value larger than the capacity can never fit: permanent.
-    let big = put(&b, &[(3, (capacity / 2) as usize + 1)]).await;
+    let big = put(&b, &[(3, (b.value_capacity_bytes() / 2) as usize + 1)]).await;
     match &big[0] {
         PutOutcome::Failed(e) => {
             assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
