@@ -339,8 +339,8 @@ impl RocksDbSsdBackend {
         // compacts after 4 flushes) and blob garbage collection frees their
         // files: room for two eviction passes and four memtables of garbage
         // keeps puts from reclaiming in line in steady state.
-        let garbage = 2 * cfg.watermark().bytes_to_free(disk_capacity)
-            + 4 * write_buffer_for(disk_capacity);
+        let garbage =
+            2 * cfg.watermark().bytes_to_free(disk_capacity) + 4 * write_buffer_for(disk_capacity);
         let capacity = disk_capacity
             .saturating_sub(reserved_bytes(disk_capacity))
             .saturating_sub(garbage)
