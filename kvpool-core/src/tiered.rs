@@ -188,6 +188,9 @@ impl Shared {
     }
 }
 
+type AskFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Option<T>>>> + Send>>;
+
 struct WriteBack {
     items: Vec<(BlockKey, Bytes)>,
 }
@@ -326,6 +329,55 @@ impl TieredBackend {
         Ok(())
     }
 
+    /// Asks each available tier, top-down, about the keys no tier above has answered `Some`
+    /// for: one batch call per tier. Tier errors are counted and treated as "not here"; the
+    /// call fails only when no tier answered at all.
+    async fn ask_down<T>(
+        &self,
+        keys: &[BlockKey],
+        op: &'static str,
+        ask: impl Fn(Arc<dyn KvBackend>, Vec<BlockKey>) -> AskFuture<T>,
+    ) -> Result<Vec<Option<T>>> {
+        let mut found: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
+        if keys.is_empty() {
+            return Ok(found);
+        }
+        let mut missing: Vec<usize> = (0..keys.len()).collect();
+        let mut first_error = None;
+        let mut answered = false;
+        for (t, tier) in self.shared.tiers.iter().enumerate() {
+            if missing.is_empty() {
+                break;
+            }
+            if !tier.available() {
+                continue;
+            }
+            let batch: Vec<BlockKey> = missing.iter().map(|&i| keys[i].clone()).collect();
+            match ask(tier.backend.clone(), batch).await {
+                Ok(answers) => {
+                    self.shared.succeeded(t);
+                    answered = true;
+                    let mut still = Vec::new();
+                    for (&i, answer) in missing.iter().zip(answers) {
+                        match answer {
+                            Some(v) => found[i] = Some(v),
+                            None => still.push(i),
+                        }
+                    }
+                    missing = still;
+                }
+                Err(e) => {
+                    self.shared.failed(t, op, &e);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if !answered {
+            return Err(first_error.unwrap_or_else(all_tiers_down));
+        }
+        Ok(found)
+    }
+
     /// Waits until the write-back queue is empty (tests, shutdown).
     pub async fn flush(&self) {
         use std::sync::atomic::Ordering;
@@ -375,87 +427,23 @@ impl KvBackend for TieredBackend {
 
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
         self.check_open()?;
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut present = vec![false; keys.len()];
-        let mut missing: Vec<usize> = (0..keys.len()).collect();
-        let mut first_error = None;
-        let mut answered = false;
-        for (t, tier) in self.shared.tiers.iter().enumerate() {
-            if missing.is_empty() {
-                break;
-            }
-            if !tier.available() {
-                continue;
-            }
-            let ask: Vec<BlockKey> = missing.iter().map(|&i| keys[i].clone()).collect();
-            match tier.backend.exists(&ask).await {
-                Ok(found) => {
-                    self.shared.succeeded(t);
-                    answered = true;
-                    let mut still = Vec::new();
-                    for (&i, f) in missing.iter().zip(found) {
-                        if f {
-                            present[i] = true;
-                        } else {
-                            still.push(i);
-                        }
-                    }
-                    missing = still;
-                }
-                Err(e) => {
-                    self.shared.failed(t, "exists", &e);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        if !answered {
-            return Err(first_error.unwrap_or_else(all_tiers_down));
-        }
-        Ok(present)
+        let found = self
+            .ask_down(keys, "exists", |backend, ask| {
+                Box::pin(async move {
+                    let present = backend.exists(&ask).await?;
+                    Ok(present.into_iter().map(|p| p.then_some(())).collect())
+                })
+            })
+            .await?;
+        Ok(found.into_iter().map(|f| f.is_some()).collect())
     }
 
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.check_open()?;
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut lens = vec![None; keys.len()];
-        let mut missing: Vec<usize> = (0..keys.len()).collect();
-        let mut first_error = None;
-        let mut answered = false;
-        for (t, tier) in self.shared.tiers.iter().enumerate() {
-            if missing.is_empty() {
-                break;
-            }
-            if !tier.available() {
-                continue;
-            }
-            let ask: Vec<BlockKey> = missing.iter().map(|&i| keys[i].clone()).collect();
-            match tier.backend.value_lens(&ask).await {
-                Ok(found) => {
-                    self.shared.succeeded(t);
-                    answered = true;
-                    let mut still = Vec::new();
-                    for (&i, len) in missing.iter().zip(found) {
-                        match len {
-                            Some(n) => lens[i] = Some(n),
-                            None => still.push(i),
-                        }
-                    }
-                    missing = still;
-                }
-                Err(e) => {
-                    self.shared.failed(t, "value_lens", &e);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        if !answered {
-            return Err(first_error.unwrap_or_else(all_tiers_down));
-        }
-        Ok(lens)
+        self.ask_down(keys, "value_lens", |backend, ask| {
+            Box::pin(async move { backend.value_lens(&ask).await })
+        })
+        .await
     }
 
     async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
