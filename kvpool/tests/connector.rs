@@ -192,53 +192,45 @@ fn saved_blocks_are_found_and_loaded_into_other_blocks() {
     assert_eq!(worker.connector.tracked_requests(), 0);
 }
 
+/// Two tensor-parallel workers over one shared pool and their scheduler, and the plan of a
+/// first step that saves request "a" (`tokens`, blocks 0..5).
+fn two_ranks(
+    port: u32,
+    heads: u32,
+    tokens: &[u32],
+) -> (Worker, Worker, SchedulerConnector, Vec<u8>) {
+    let config = config(port);
+    let backend = memory_backend(&config);
+    let rank0 = Worker::new(&config, layout(2, 0, heads), backend.clone());
+    let rank1 = Worker::new(&config, layout(2, 1, heads), backend);
+    let sched = SchedulerConnector::new(&config, layout(2, 0, heads)).unwrap();
+    sched.get_num_new_matched_tokens(&info("a", tokens), 0);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", tokens, vec![0, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    (rank0, rank1, sched, meta)
+}
+
 #[test]
 fn tensor_parallel_ranks_sharing_kv_split_the_saves_and_lookup_needs_every_rank() {
-    // 2 ranks, 1 KV head: both hold the same KV, so each saves every other block.
-    let shared = config(102);
-    let backend = memory_backend(&shared);
-    let rank0 = Worker::new(&shared, layout(2, 0, 1), backend.clone());
-    let rank1 = Worker::new(&shared, layout(2, 1, 1), backend.clone());
-    let sched = SchedulerConnector::new(&shared, layout(2, 0, 1)).unwrap();
     let tokens: Vec<u32> = (100..117).collect();
-    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
-        ..StepInput::default()
-    });
+    let hit = |sched: &SchedulerConnector| sched.get_num_new_matched_tokens(&info("b", &tokens), 0);
+
+    // 2 ranks, 1 KV head: both hold the same KV, so each saves every other block.
+    let (rank0, rank1, sched, meta) = two_ranks(102, 1, &tokens);
     rank0.run_step(&meta);
     // Only rank 0's share (blocks 0 and 2) is in the pool: the prefix ends at block 1.
-    assert_eq!(
-        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
-        (4, false)
-    );
+    assert_eq!(hit(&sched), (4, false));
     rank1.run_step(&meta);
-    assert_eq!(
-        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
-        (16, false)
-    );
+    assert_eq!(hit(&sched), (16, false));
 
     // 2 ranks, 2 heads: each rank's blocks are its own keys; the lookup needs both.
-    let own_heads = config(103);
-    let backend = memory_backend(&own_heads);
-    let rank0 = Worker::new(&own_heads, layout(2, 0, 2), backend.clone());
-    let rank1 = Worker::new(&own_heads, layout(2, 1, 2), backend);
-    let sched = SchedulerConnector::new(&own_heads, layout(2, 0, 2)).unwrap();
-    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
-        ..StepInput::default()
-    });
+    let (rank0, rank1, sched, meta) = two_ranks(103, 2, &tokens);
     rank0.run_step(&meta);
-    assert_eq!(
-        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
-        (0, false)
-    );
+    assert_eq!(hit(&sched), (0, false));
     rank1.run_step(&meta);
-    assert_eq!(
-        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
-        (16, false)
-    );
+    assert_eq!(hit(&sched), (16, false));
 }
 
 #[test]
