@@ -53,6 +53,14 @@ class Instance:
             self.sched.add_request(r)
         return run_engine(self.sched, self.rig)
 
+    def save_then_forget(self, req_id, tokens, max_tokens=1):
+        """Runs a request to completion, waits for its saves, then wipes the KV cache and the
+        engine's prefix cache: whatever a later request finds must come from the pool."""
+        self.run(self.request(req_id, tokens, max_tokens=max_tokens))
+        self.drain_saves()
+        self.rig.zero_cache()
+        assert self.sched.reset_prefix_cache()
+
     def drain_saves(self):
         assert self.rig.connector._worker.wait_for_saves(30.0)
 
@@ -166,13 +174,8 @@ def test_partial_prefix_and_engine_prefix_cache(rpc_base_path):
     inst.shutdown()
 
 
-def test_same_instance_reload_after_cache_wipe(rpc_base_path):
-    inst = Instance({"backend": "memory", "lookup_rpc_port": "4"})
-    tokens = prompt(48)
-    inst.run(inst.request("r1", tokens, max_tokens=3))
-    inst.drain_saves()
-    inst.rig.zero_cache()
-    assert inst.sched.reset_prefix_cache()
+def assert_reload_serves_the_pool(inst, tokens):
+    """The same 48-token prompt again: 47 tokens come from the pool, byte-exact."""
     history = inst.run(inst.request("r2", tokens))
     blocks, computed = loaded_blocks(inst, "r2", history)
     assert computed == 47
@@ -180,13 +183,17 @@ def test_same_instance_reload_after_cache_wipe(rpc_base_path):
     inst.shutdown()
 
 
+def test_same_instance_reload_after_cache_wipe(rpc_base_path):
+    inst = Instance({"backend": "memory", "lookup_rpc_port": "4"})
+    tokens = prompt(48)
+    inst.save_then_forget("r1", tokens, max_tokens=3)
+    assert_reload_serves_the_pool(inst, tokens)
+
+
 def test_async_load_completes_through_get_finished(rpc_base_path):
     inst = Instance({"backend": "memory", "lookup_rpc_port": "5", "load_async": "true"})
     tokens = prompt(64)
-    inst.run(inst.request("r1", tokens))
-    inst.drain_saves()
-    inst.rig.zero_cache()
-    assert inst.sched.reset_prefix_cache()
+    inst.save_then_forget("r1", tokens)
 
     req = inst.request("r2", tokens)
     inst.sched.add_request(req)
@@ -215,10 +222,7 @@ def test_failed_load_is_reported_and_recomputed(rpc_base_path, shared_redis, fau
     backend = {"backend": "redis", "redis": {"url": shared_redis.url}, "lookup_rpc_port": "6"}
     inst = Instance(backend)
     tokens = prompt(64)
-    inst.run(inst.request("r1", tokens))
-    inst.drain_saves()
-    inst.rig.zero_cache()
-    assert inst.sched.reset_prefix_cache()
+    inst.save_then_forget("r1", tokens)
 
     inst.sched.add_request(inst.request("r2", tokens))
     so = inst.sched.schedule()
@@ -282,10 +286,7 @@ def test_async_failed_load_is_recomputed_without_retrying_the_pool(rpc_base_path
     backend = {"backend": "redis", "redis": {"url": shared_redis.url}}
     inst = Instance({**backend, "lookup_rpc_port": "7", "load_async": "true"})
     tokens = prompt(64)
-    inst.run(inst.request("r1", tokens))
-    inst.drain_saves()
-    inst.rig.zero_cache()
-    assert inst.sched.reset_prefix_cache()
+    inst.save_then_forget("r1", tokens)
 
     req = inst.request("r2", tokens)
     inst.sched.add_request(req)
@@ -387,15 +388,8 @@ def test_vllm_block_hashes_equal_the_rust_reproduction(algo):
 def test_vllm_hash_mode_round_trip(rpc_base_path):
     inst = Instance({"backend": "memory", "lookup_rpc_port": "9", "hash_mode": "vllm"})
     tokens = prompt(48)
-    inst.run(inst.request("r1", tokens))
-    inst.drain_saves()
-    inst.rig.zero_cache()
-    assert inst.sched.reset_prefix_cache()
-    history = inst.run(inst.request("r2", tokens))
-    blocks, computed = loaded_blocks(inst, "r2", history)
-    assert computed == 47
-    inst.assert_blocks_hold(blocks, tokens, 3)
-    inst.shutdown()
+    inst.save_then_forget("r1", tokens)
+    assert_reload_serves_the_pool(inst, tokens)
 
 
 # ---------------------------------------------------------------- config and roles
