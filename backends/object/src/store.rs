@@ -102,31 +102,28 @@ pub(crate) fn build(cfg: &ObjectConfig, target: &Target) -> Result<(Arc<dyn Obje
                     .map_err(built_error)?,
             )
         }
-        StoreKind::Gcs => {
+        // The two builders share method names but no trait, hence a macro.
+        StoreKind::Gcs | StoreKind::Azure => {
             ensure_crypto_provider();
-            let mut b = GoogleCloudStorageBuilder::from_env().with_url(url);
-            for (key, value) in &cfg.options {
-                b = b.with_config(key.parse().map_err(|e| option_error(key, e))?, value);
+            macro_rules! cloud_store {
+                ($builder:ty) => {{
+                    let mut b = <$builder>::from_env().with_url(url);
+                    for (key, value) in &cfg.options {
+                        b = b.with_config(key.parse().map_err(|e| option_error(key, e))?, value);
+                    }
+                    Arc::new(
+                        b.with_client_options(client)
+                            .with_retry(retry)
+                            .build()
+                            .map_err(built_error)?,
+                    ) as Arc<dyn ObjectStore>
+                }};
             }
-            Arc::new(
-                b.with_client_options(client)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(built_error)?,
-            )
-        }
-        StoreKind::Azure => {
-            ensure_crypto_provider();
-            let mut b = MicrosoftAzureBuilder::from_env().with_url(url);
-            for (key, value) in &cfg.options {
-                b = b.with_config(key.parse().map_err(|e| option_error(key, e))?, value);
+            if matches!(target.kind, StoreKind::Gcs) {
+                cloud_store!(GoogleCloudStorageBuilder)
+            } else {
+                cloud_store!(MicrosoftAzureBuilder)
             }
-            Arc::new(
-                b.with_client_options(client)
-                    .with_retry(retry)
-                    .build()
-                    .map_err(built_error)?,
-            )
         }
         StoreKind::File(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| {
