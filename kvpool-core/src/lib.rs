@@ -8,6 +8,7 @@
 //! - [`config`]: layered configuration.
 //! - [`eviction`]: eviction policies and watermark semantics.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`frame`]: the checksummed form of values in stores kvpool does not control.
 //! - [`replay`]: trace replay through an eviction policy.
 //! - [`connector`]: the vLLM connector's scheduler and worker halves.
 //! - [`tiered`]: the `tiered` backend, a stack of other backends.
@@ -18,6 +19,7 @@ pub mod checked;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod frame;
 pub mod eviction;
 pub mod hash;
 pub mod key;

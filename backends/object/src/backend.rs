@@ -16,9 +16,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::sync::Semaphore;
 
 use crate::config::{ObjectConfig, PutMode, StoreKind};
-use crate::frame::{self, Invalid, HEADER_LEN};
 use crate::store::{self, classify};
 use crate::SCHEME;
+use kvpool_core::frame::{self, Invalid, HEADER_LEN};
 
 /// S3 takes at most 5 GiB in one PUT, and the header rides in the same object; the other
 /// stores allow more, but one limit for all keeps a pool movable between them.

@@ -8,7 +8,6 @@
 
 mod backend;
 mod config;
-mod frame;
 mod store;
 
 pub use backend::{ObjectBackend, MAX_VALUE_SIZE};
@@ -23,7 +22,7 @@ use kvpool_core::{Config, KvBackend};
 pub const SCHEME: &str = "object";
 
 /// Bytes of kvpool's header stored before each value (magic, length, checksum).
-pub const HEADER_LEN: usize = frame::HEADER_LEN;
+pub const HEADER_LEN: usize = kvpool_core::frame::HEADER_LEN;
 
 fn open(config: Config) -> OpenFuture {
     Box::pin(async move {

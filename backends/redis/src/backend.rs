@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 
 use crate::config::RedisConfig;
 use crate::conn::{Out, Pool, Reply, Val};
-use crate::frame::{self, HEADER_LEN};
 use crate::SCHEME;
+use kvpool_core::frame::{self, HEADER_LEN};
 
 /// Redis refuses a bulk string longer than `proto-max-bulk-len`, 512 MiB by default,
 /// and the header rides in the same string.
@@ -215,7 +215,7 @@ impl RedisBackend {
         };
         let declared = match frame::declared_len(stored, stored.len()) {
             Ok(len) => len,
-            Err(why) => return corrupted(why),
+            Err(why) => return corrupted(why.to_string()),
         };
         if declared != dst.len() {
             return GetOutcome::Failed(
@@ -234,7 +234,7 @@ impl RedisBackend {
                 Ok(()) => GetOutcome::Hit,
                 Err(e) => GetOutcome::Failed(e.with_operation("get_into")),
             },
-            Err(why) => corrupted(why),
+            Err(why) => corrupted(why.to_string()),
         }
     }
 

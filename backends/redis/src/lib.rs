@@ -6,7 +6,6 @@
 mod backend;
 mod config;
 mod conn;
-mod frame;
 mod resp;
 
 pub use backend::{RedisBackend, MAX_VALUE_SIZE};
@@ -21,7 +20,7 @@ use kvpool_core::{Config, KvBackend};
 pub const SCHEME: &str = "redis";
 
 /// Bytes of kvpool's header stored before each value (magic, length, checksum).
-pub const HEADER_LEN: usize = frame::HEADER_LEN;
+pub const HEADER_LEN: usize = kvpool_core::frame::HEADER_LEN;
 
 fn open(config: Config) -> OpenFuture {
     Box::pin(async move {
