@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kvpool::connector::{
+use kvpool::{BlockHash, Config, MemRegion};
+use kvpool_connector::{
     EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, TensorDesc, WorkerConnector,
 };
-use kvpool::{BlockHash, Config, MemRegion};
 
 const LAYERS: usize = 16;
 const HEADS: usize = 8;

@@ -2,7 +2,7 @@
 //!
 //! Everything here converts Python values to Rust ones and back, and releases the GIL around
 //! every call that can block (backend I/O, lookups, waits). The logic lives in
-//! `kvpool::connector` and the backends.
+//! `kvpool-connector` and the backends (linked through the `kvpool` facade).
 
 use std::any::Any;
 use std::num::NonZeroUsize;
@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvpool::config::{Config, ConfigSources};
-use kvpool::connector::{
+use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
+use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
+use kvpool_connector::{
     CachedRequest, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
     TensorDesc, WorkerConnector,
 };
-use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
-use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -491,10 +491,10 @@ fn metrics_text() -> String {
     kvpool::metrics::global().encode()
 }
 
-/// The backends compiled in.
+/// The backends this build can open, as the registry knows them (sorted).
 #[pyfunction]
 fn backends() -> Vec<&'static str> {
-    kvpool::ENABLED_BACKENDS.to_vec()
+    kvpool::registered_schemes()
 }
 
 #[pymodule]

@@ -9,15 +9,11 @@
 //! - [`eviction`]: eviction policies and watermark semantics.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`frame`]: the checksummed form of values in stores kvpool does not control.
-//! - [`replay`]: trace replay through an eviction policy.
-//! - [`connector`]: the vLLM connector's scheduler and worker halves.
-//! - [`tiered`]: the `tiered` backend, a stack of other backends.
 
 pub mod backend;
 pub mod buffer;
 pub mod checked;
 pub mod config;
-pub mod connector;
 pub mod error;
 pub mod eviction;
 pub mod frame;
@@ -25,9 +21,7 @@ pub mod hash;
 pub mod key;
 pub mod metrics;
 pub mod registry;
-pub mod replay;
 pub mod size;
-pub mod tiered;
 
 pub use backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, KvBackendExt, PutOutcome};
 pub use buffer::{IoVec, IoVecMut, MemRegion};

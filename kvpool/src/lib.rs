@@ -15,8 +15,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! This crate re-exports [`kvpool_core`] and links one crate per enabled
-//! backend feature.
+//! This crate is the library facade only: it re-exports [`kvpool_core`] (the
+//! storage contract) and links one crate per enabled backend feature. The
+//! vLLM connector lives in `kvpool-connector`, the `kvpool` binary in
+//! `kvpool-cli`.
 
 pub use kvpool_core::*;
 
@@ -36,6 +38,8 @@ pub mod backends {
     pub use ::kvpool_backend_redis as redis;
     #[cfg(feature = "rocksdb-ssd")]
     pub use ::kvpool_backend_rocksdb_ssd as rocksdb_ssd;
+    #[cfg(feature = "tiered")]
+    pub use ::kvpool_backend_tiered as tiered;
 }
 
 /// The schemes of the backend features this build enables.
@@ -50,4 +54,6 @@ pub const ENABLED_BACKENDS: &[&str] = &[
     "redis",
     #[cfg(feature = "rocksdb-ssd")]
     "rocksdb-ssd",
+    #[cfg(feature = "tiered")]
+    "tiered",
 ];

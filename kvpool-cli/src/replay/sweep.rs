@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use kvpool::replay::TraceRequest;
-use kvpool::replay::{capacity_tokens_to_blocks, ReplayOptions, ReplayReport, Replayer};
+use super::trace::TraceRequest;
+use super::trace::{capacity_tokens_to_blocks, ReplayOptions, ReplayReport, Replayer};
 use kvpool::Error;
 use serde::Serialize;
 
@@ -143,7 +143,7 @@ pub(crate) fn run(
     for job in &jobs {
         job.validate()?;
     }
-    let bar = super::super::progress(
+    let bar = crate::progress(
         (jobs.len() * requests.len()) as u64,
         &format!("{} replays", jobs.len()),
     );

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{ConfigArgs, OutputArgs};
+use crate::{ConfigArgs, OutputArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
@@ -14,7 +14,7 @@ pub(crate) struct CheckArgs {
 
 pub(crate) fn run(args: CheckArgs) -> kvpool::Result<ExitCode> {
     let config = args.config.load(None)?;
-    let rt = super::runtime();
+    let rt = crate::runtime();
     let backend = rt.block_on(kvpool::open(&config))?;
     let info = backend.info().clone();
     rt.block_on(backend.close())?;

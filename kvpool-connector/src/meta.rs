@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::key::BlockHash;
+use kvpool_core::error::{Error, Result};
+use kvpool_core::key::BlockHash;
 
 /// Blocks of one request to load into the engine's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

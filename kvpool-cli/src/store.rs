@@ -6,7 +6,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use kvpool::{BlockKey, Error, KvBackendExt, PutOutcome};
 
-use super::{ConfigArgs, OutputArgs};
+use crate::{ConfigArgs, OutputArgs};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum StoreCommand {
@@ -54,7 +54,7 @@ pub(crate) fn run(cmd: StoreCommand) -> kvpool::Result<ExitCode> {
         _ => None,
     };
     let config = key_args.config.load(None)?;
-    let rt = super::runtime();
+    let rt = crate::runtime();
     let backend = rt.block_on(kvpool::open(&config))?;
     let result = rt.block_on(async {
         match &cmd {

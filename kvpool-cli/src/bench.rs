@@ -13,7 +13,7 @@ use kvpool::{
 use rand::RngCore;
 use serde::Serialize;
 
-use super::{ConfigArgs, OutputArgs};
+use crate::{ConfigArgs, OutputArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
@@ -70,9 +70,9 @@ pub(crate) fn run(args: BenchArgs) -> kvpool::Result<ExitCode> {
     }
     let phase = Duration::from_secs_f64(args.seconds);
     let config = args.config.load(Some(&args.backend))?;
-    let rt = super::runtime();
+    let rt = crate::runtime();
     let backend = rt.block_on(kvpool::open(&config))?;
-    let bar = super::progress(4, "bench");
+    let bar = crate::progress(4, "bench");
     let result = rt.block_on(measure(&backend, &args, value_size, phase, &bar));
     bar.finish_and_clear();
     rt.block_on(backend.close())?;

@@ -23,7 +23,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
-use super::OutputArgs;
+use crate::OutputArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
@@ -81,9 +81,9 @@ pub(crate) fn run(args: DemoArgs) -> kvpool::Result<ExitCode> {
         "backend": "memory",
         "memory": { "capacity": args.capacity.0 },
     }))?;
-    let rt = super::runtime();
+    let rt = crate::runtime();
     let pool = rt.block_on(kvpool::open(&config))?;
-    let bar = super::progress((args.sessions * args.turns) as u64, "requests");
+    let bar = crate::progress((args.sessions * args.turns) as u64, "requests");
     let result = rt.block_on(drive(&pool, &args, &bar));
     bar.finish_and_clear();
     rt.block_on(pool.close())?;

@@ -9,16 +9,16 @@ use async_trait::async_trait;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
-use crate::backend::{GetOutcome, KvBackend, PutOutcome};
-use crate::config::Config;
-use crate::connector::layout::{KvLayout, TensorDesc};
-use crate::connector::lookup::{socket_path_from_env, LookupHandler, LookupServer};
-use crate::connector::meta::{decode_hashes, LoadPlan, SavePlan, StepMeta};
-use crate::connector::metrics_server::MetricsServer;
-use crate::connector::{EngineLayout, RankKeys};
-use crate::error::{Error, ErrorKind, Result};
-use crate::key::{BlockHash, BlockKey, Namespace};
-use crate::metrics;
+use crate::layout::{KvLayout, TensorDesc};
+use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
+use crate::meta::{decode_hashes, LoadPlan, SavePlan, StepMeta};
+use crate::metrics_server::MetricsServer;
+use crate::{EngineLayout, RankKeys};
+use kvpool_core::backend::{GetOutcome, KvBackend, PutOutcome};
+use kvpool_core::config::Config;
+use kvpool_core::error::{Error, ErrorKind, Result};
+use kvpool_core::key::{BlockHash, BlockKey, Namespace};
+use kvpool_core::metrics;
 
 const METRICS_LABEL: &str = "connector";
 
@@ -100,7 +100,7 @@ impl WorkerConnector {
             .map_err(|e| {
                 Error::new(ErrorKind::Unexpected, "cannot start a runtime").set_source(e)
             })?;
-        let backend = runtime.block_on(crate::registry::open(config))?;
+        let backend = runtime.block_on(kvpool_core::registry::open(config))?;
         Self::with_backend(config, layout, backend, runtime)
     }
 

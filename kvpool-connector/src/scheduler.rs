@@ -4,13 +4,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::config::{Config, HashingMode};
-use crate::connector::lookup::{socket_path_from_env, LookupClient};
-use crate::connector::meta::{encode_hashes, LoadPlan, SavePlan, StepMeta};
-use crate::connector::EngineLayout;
-use crate::error::{Error, Result};
-use crate::hash::extend_token_block_hashes;
-use crate::key::BlockHash;
+use crate::lookup::{socket_path_from_env, LookupClient};
+use crate::meta::{encode_hashes, LoadPlan, SavePlan, StepMeta};
+use crate::EngineLayout;
+use kvpool_core::config::{Config, HashingMode};
+use kvpool_core::error::{Error, Result};
+use kvpool_core::hash::extend_token_block_hashes;
+use kvpool_core::key::BlockHash;
 
 /// A waiting request, as `get_num_new_matched_tokens` sees it.
 #[derive(Debug, Clone, Copy)]

@@ -1,4 +1,5 @@
-//! Subcommands of the `kvpool` binary.
+//! kvpool-cli: the `kvpool` command line — check, store, bench, replay (with the trace
+//! generator and plots) and demo — over the `kvpool` facade, which links the backends.
 
 mod bench;
 mod check;
@@ -105,7 +106,7 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-pub(crate) fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KVPOOL_LOG")

@@ -11,6 +11,8 @@
 mod payload;
 mod plot;
 mod sweep;
+mod trace;
+mod workload;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -19,12 +21,12 @@ use std::process::ExitCode;
 
 use clap::Args;
 use kvpool::eviction::DEFAULT_POLICY;
-use kvpool::replay::workload::Workload;
-use kvpool::replay::{parse_watermark, read_trace, ReplayOptions, Replayer, TraceRequest};
 use kvpool::size::ByteSize;
 use kvpool::Error;
+use trace::{parse_watermark, read_trace, ReplayOptions, Replayer, TraceRequest};
+use workload::Workload;
 
-use super::{ConfigArgs, OutputArgs};
+use crate::{ConfigArgs, OutputArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct ReplayArgs {
@@ -243,7 +245,7 @@ fn load(args: &ReplayArgs) -> kvpool::Result<Trace> {
         Error::invalid_argument(format!("cannot open trace {}", path.display())).set_source(e)
     })?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = super::progress(len, "read trace");
+    let bar = crate::progress(len, "read trace");
     let reader = BufReader::new(Counting {
         inner: file,
         bar: bar.clone(),

@@ -1,4 +1,9 @@
-//! The vLLM KV connector's logic, split as vLLM splits it: a scheduler half and a worker half.
+//! kvpool-connector: the engine side of kvpool — the vLLM KV connector's logic, split as vLLM
+//! splits it: a scheduler half and a worker half.
+//!
+//! It depends on `kvpool-core` only (the storage contract); the backends are linked by whoever
+//! builds the final artifact (the Python extension links them through the `kvpool` facade) and
+//! are opened by name through the registry.
 //!
 //! The Python package (`connector-py`) is a shim over these types: it turns vLLM objects into
 //! the plain values below and tensors into [`TensorDesc`]s, and holds no logic of its own.
@@ -37,8 +42,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::key::{BlockHash, BlockKey, Namespace};
+use kvpool_core::error::{Error, Result};
+use kvpool_core::key::{BlockHash, BlockKey, Namespace};
 
 /// vLLM's `kv_role`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvpool::replay::{ReplayOptions, Replayer, TraceRequest};
+use super::trace::{ReplayOptions, Replayer, TraceRequest};
 use kvpool::size::ByteSize;
 use kvpool::{
     BlockHash, BlockKey, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend, MemRegion,
@@ -19,7 +19,7 @@ use kvpool::{
 };
 use serde::Serialize;
 
-use super::super::ConfigArgs;
+use crate::ConfigArgs;
 
 /// Lateness that counts as late under --respect-timestamps.
 const LATE: Duration = Duration::from_millis(10);
@@ -96,9 +96,9 @@ pub(crate) fn run(
     }
     let config = config_with_capacity(args, opts, size)?;
     let offline = offline(requests, opts, &config)?;
-    let rt = super::super::runtime();
+    let rt = crate::runtime();
     let backend = rt.block_on(kvpool::open(&config))?;
-    let bar = super::super::progress(requests.len() as u64, "replay");
+    let bar = crate::progress(requests.len() as u64, "replay");
     let result = rt.block_on(replay(&backend, requests, opts, args, size, &bar));
     bar.finish_and_clear();
     rt.block_on(backend.close())?;

@@ -5,11 +5,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kvpool::connector::{
+use kvpool::{Config, KvBackend, MemRegion};
+use kvpool_connector::{
     CachedRequest, EngineLayout, KvRole, NewRequest, RequestInfo, SchedulerConnector, StepInput,
     TensorDesc, WorkerConnector,
 };
-use kvpool::{Config, KvBackend, MemRegion};
 
 const BLOCK: usize = 4;
 const PAGE: usize = 64;

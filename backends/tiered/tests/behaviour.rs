@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kvpool::tiered::{TieredBackend, TieredConfig};
-use kvpool::{BlockHash, BlockKey, Config, KvBackend, KvBackendExt, Namespace};
+use kvpool_backend_tiered::{TieredBackend, TieredConfig};
+use kvpool_core::{BlockHash, BlockKey, Config, KvBackend, KvBackendExt, Namespace};
+// The tiers are opened by name through the registry: these crates must be linked.
+use kvpool_backend_memory as _;
+use kvpool_backend_redis as _;
 use kvpool_conformance::fixtures::redis::RedisServer;
 
 fn key(i: u64) -> BlockKey {
@@ -56,7 +59,7 @@ async fn open_over_redis(url: &str, prefix: &str) -> TieredBackend {
 async fn writes_flow_down_and_lower_hits_are_promoted() {
     let redis = RedisServer::plain();
     let pool = open_over_redis(&redis.url(), "wb:").await;
-    let before = kvpool::metrics::global().encode();
+    let before = kvpool_core::metrics::global().encode();
     for i in 0..8 {
         assert!(pool.put_bytes(key(i), value(i)).await.unwrap().is_present());
     }
@@ -68,7 +71,7 @@ async fn writes_flow_down_and_lower_hits_are_promoted() {
     for i in 0..8 {
         assert_eq!(second.get_bytes(&key(i)).await.unwrap(), Some(value(i)));
     }
-    let after = kvpool::metrics::global().encode();
+    let after = kvpool_core::metrics::global().encode();
     let written = counter(&after, "write_back", "tier1") - counter(&before, "write_back", "tier1");
     assert!(written >= 8.0, "write-back counted: {written}");
     let found =
@@ -77,7 +80,7 @@ async fn writes_flow_down_and_lower_hits_are_promoted() {
     // Promotion runs in the background; it lands in tier 0.
     let mut promoted = 0.0;
     for _ in 0..100 {
-        let now = kvpool::metrics::global().encode();
+        let now = kvpool_core::metrics::global().encode();
         promoted = counter(&now, "promote", "tier0") - counter(&before, "promote", "tier0");
         if promoted >= 8.0 {
             break;
@@ -96,7 +99,7 @@ async fn a_dead_lower_tier_does_not_stop_top_tier_hits() {
     }
     pool.flush().await;
     redis.kill();
-    let before = kvpool::metrics::global().encode();
+    let before = kvpool_core::metrics::global().encode();
 
     // Hits in memory are served; a key in neither tier is a miss, not an error.
     for i in 0..4 {
@@ -116,7 +119,7 @@ async fn a_dead_lower_tier_does_not_stop_top_tier_hits() {
         .unwrap()
         .is_present());
     assert_eq!(pool.get_bytes(&key(200)).await.unwrap(), Some(value(9)));
-    let after = kvpool::metrics::global().encode();
+    let after = kvpool_core::metrics::global().encode();
     let errors: f64 = after
         .lines()
         .filter(|l| l.starts_with("kvpool_errors_total") && l.contains("backend=\"tiered\""))
@@ -137,13 +140,13 @@ async fn a_dead_lower_tier_does_not_stop_top_tier_hits() {
 async fn bad_stacks_are_config_errors() {
     let one =
         serde_json::json!({"backend": "tiered", "tiered": {"tiers": [{"backend": "memory"}]}});
-    let err = kvpool::open(&Config::from_extra_config(one).unwrap())
+    let err = kvpool_core::open(&Config::from_extra_config(one).unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("2 to 8 tiers"), "{err}");
     let typo = serde_json::json!({"backend": "tiered", "tiered": {"tiers": [
         {"backend": "memory"}, {"backend": "memory", "memory": {"capcity": "1GB"}}]}});
-    let err = kvpool::open(&Config::from_extra_config(typo).unwrap())
+    let err = kvpool_core::open(&Config::from_extra_config(typo).unwrap())
         .await
         .unwrap_err();
     assert!(

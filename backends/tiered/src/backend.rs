@@ -1,38 +1,26 @@
-//! `tiered`: an ordered stack of backends used as one (memory → rocksdb-ssd → mooncake, ...).
-//!
-//! - Reads search top-down, one batch call per tier for the keys still missing, and copy hits
-//!   from lower tiers into the tiers above in the background (bounded by bytes in flight; a
-//!   promotion that does not fit is skipped, never waited for).
-//! - Writes land in the top tier and flow down to every lower tier through a bounded
-//!   write-back queue; when the queue is full the write goes down synchronously instead of
-//!   being dropped. The stack is inclusive: every lower tier receives every value, so an upper
-//!   tier's eviction never discards the only copy — the value has been demoted ahead of time.
-//! - A lower tier that fails is counted (`kvpool_errors_total{backend="tiered"}`), skipped for
-//!   a backoff that doubles on each consecutive failure, and retried after it; reads the upper
-//!   tiers can answer never fail because of it.
-//!
-//! ```toml
-//! backend = "tiered"
-//! [[tiered.tiers]]
-//! backend = "memory"
-//! memory = { capacity = "8GB" }
-//! [[tiered.tiers]]
-//! backend = "rocksdb-ssd"
-//! rocksdb_ssd = { path = "/data/kvpool", capacity = "500GB" }
-//! ```
+//! The tiered backend: reads top-down with promotion, writes through a write-back queue.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, PutOutcome};
-use crate::buffer::{IoVec, IoVecMut, MemRegion};
-use crate::config::Config;
-use crate::error::{Error, ErrorKind, Result};
+use kvpool_core::backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, PutOutcome};
+use kvpool_core::buffer::{IoVec, IoVecMut, MemRegion};
+use kvpool_core::config::Config;
+use kvpool_core::error::{Error, ErrorKind, Result};
+use kvpool_core::key::BlockKey;
+use kvpool_core::metrics;
+
+use crate::config::TieredConfig;
+use crate::SCHEME;
+
+const MAX_TIERS: usize = 8;
+const TIER_NAMES: [&str; MAX_TIERS] = [
+    "tier0", "tier1", "tier2", "tier3", "tier4", "tier5", "tier6", "tier7",
+];
 
 fn all_tiers_down() -> Error {
     Error::new(
@@ -40,77 +28,6 @@ fn all_tiers_down() -> Error {
         "every tier of the tiered pool is backing off after failures",
     )
     .set_temporary()
-}
-use crate::key::BlockKey;
-use crate::metrics;
-use crate::registry::{BackendFactory, OpenFuture};
-use crate::size::ByteSize;
-
-/// The scheme.
-pub const SCHEME: &str = "tiered";
-const MAX_TIERS: usize = 8;
-const TIER_NAMES: [&str; MAX_TIERS] = [
-    "tier0", "tier1", "tier2", "tier3", "tier4", "tier5", "tier6", "tier7",
-];
-
-inventory::submit! {
-    BackendFactory {
-        scheme: SCHEME,
-        description: "an ordered stack of other backends: read-through with promotion, write-back",
-        open,
-    }
-}
-
-fn open(config: Config) -> OpenFuture {
-    Box::pin(async move {
-        let cfg: TieredConfig = config.section(SCHEME)?;
-        Ok(Arc::new(TieredBackend::open(cfg).await?) as Arc<dyn KvBackend>)
-    })
-}
-
-fn default_queue() -> usize {
-    1024
-}
-
-fn default_promote_bytes() -> ByteSize {
-    ByteSize(256 << 20)
-}
-
-fn default_backoff_ms() -> u64 {
-    100
-}
-
-fn default_max_backoff_ms() -> u64 {
-    30_000
-}
-
-/// The `tiered` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TieredConfig {
-    /// The tiers, fastest first; each is a whole backend configuration
-    /// (`{"backend": "memory", "memory": {...}}`).
-    #[serde(default)]
-    pub tiers: Vec<serde_json::Value>,
-    /// Writes waiting to flow down; a full queue makes writes go down synchronously.
-    #[serde(default = "default_queue")]
-    pub write_back_queue: usize,
-    /// Copy hits from lower tiers into the tiers above.
-    #[serde(default = "crate::tiered::default_true")]
-    pub promote: bool,
-    /// Bytes of promotions in flight at most; more are skipped.
-    #[serde(default = "default_promote_bytes")]
-    pub promote_max_inflight: ByteSize,
-    /// First backoff after a tier fails, doubled per consecutive failure.
-    #[serde(default = "default_backoff_ms")]
-    pub retry_backoff_ms: u64,
-    /// The longest backoff.
-    #[serde(default = "default_max_backoff_ms")]
-    pub max_backoff_ms: u64,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 #[derive(Debug, Default)]
@@ -245,7 +162,7 @@ impl TieredBackend {
                     "tiered.tiers[{i}] is itself tiered; list its tiers directly"
                 )));
             }
-            let backend = crate::registry::open(&tier_config)
+            let backend = kvpool_core::registry::open(&tier_config)
                 .await
                 .map_err(|e| e.with_context("tier", i))?;
             tiers.push(Tier {

@@ -12,7 +12,7 @@
 //! request's chain in prefix order, each block with its parent as the
 //! [`EvictionPolicy::touch_after`] / [`EvictionPolicy::insert_after`] hint.
 //!
-//! [`workload`] generates traces (multi-turn chats, shared system prompts,
+//! [`workload`](super::workload) generates traces (multi-turn chats, shared system prompts,
 //! agents) to check a policy beyond one recorded workload.
 
 use std::collections::HashSet;
@@ -20,10 +20,8 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::eviction::{policy_by_name, EvictionPolicy, Watermark, DEFAULT_POLICY};
-
-pub mod workload;
+use kvpool::error::{Error, ErrorKind, Result};
+use kvpool::eviction::{policy_by_name, EvictionPolicy, Watermark, DEFAULT_POLICY};
 
 /// One request of a trace.
 ///
@@ -65,11 +63,6 @@ impl<R: BufRead> TraceReader<R> {
             line: 0,
             done: false,
         }
-    }
-
-    /// The number of the last line read (1-based; 0 before the first).
-    pub fn line(&self) -> u64 {
-        self.line
     }
 }
 
@@ -365,11 +358,13 @@ impl Replayer {
     }
 
     /// Blocks cached right now.
+    #[cfg(test)]
     pub fn cached_blocks(&self) -> u64 {
         self.cached.len() as u64
     }
 
     /// Whether `block` is cached right now (does not count as an access).
+    #[cfg(test)]
     pub fn is_cached(&self, block: u64) -> bool {
         self.cached.contains(&block)
     }
@@ -399,6 +394,7 @@ impl Replayer {
 }
 
 /// Replays a whole JSON-lines trace; stops at the first malformed line.
+#[cfg(test)]
 pub fn replay(reader: impl BufRead, opts: &ReplayOptions) -> Result<ReplayReport> {
     let mut replayer = Replayer::new(opts)?;
     for req in read_trace(reader) {
@@ -753,7 +749,7 @@ mod tests {
     /// blocks crowd out shared prefixes.
     #[test]
     fn chain_policy_holds_up_on_generated_workloads() {
-        for w in workload::Workload::ALL {
+        for w in crate::replay::workload::Workload::ALL {
             let trace = w.generate(11, 0.1).unwrap();
             let unique: HashSet<u64> = trace.iter().flat_map(|r| r.hash_ids.clone()).collect();
             for fraction in [0.05, 0.2] {

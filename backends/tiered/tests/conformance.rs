@@ -2,7 +2,12 @@
 //! memory → redis (a real redis-server started here), each opened from config through the
 //! registry as users open it.
 
-use kvpool::Config;
+use kvpool_core::Config;
+// The tiers are opened by name through the registry: these crates must be linked.
+use kvpool_backend_memory as _;
+use kvpool_backend_redis as _;
+use kvpool_backend_rocksdb_ssd as _;
+use kvpool_backend_tiered as _;
 use kvpool_conformance::fixtures::redis::RedisServer;
 use kvpool_conformance::Subject;
 
@@ -26,7 +31,7 @@ fn main() -> std::process::ExitCode {
                             "path": path, "capacity": "1GiB"}},
                     ]},
                 });
-                kvpool::open(&Config::from_extra_config(json)?).await
+                kvpool_core::open(&Config::from_extra_config(json)?).await
             }
         }),
         Subject::new("tiered_memory_redis", None, move || {
@@ -40,7 +45,7 @@ fn main() -> std::process::ExitCode {
                         {"backend": "redis", "redis": {"url": url, "key_prefix": prefix}},
                     ]},
                 });
-                kvpool::open(&Config::from_extra_config(json)?).await
+                kvpool_core::open(&Config::from_extra_config(json)?).await
             }
         }),
     ]);

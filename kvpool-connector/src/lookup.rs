@@ -25,8 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::key::BlockHash;
+use kvpool_core::error::{Error, ErrorKind, Result};
+use kvpool_core::key::BlockHash;
 
 const MAGIC: &[u8; 4] = b"KVPL";
 const VERSION: u8 = 1;

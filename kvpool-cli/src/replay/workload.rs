@@ -28,7 +28,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::TraceRequest;
-use crate::error::{Error, Result};
+use kvpool::error::{Error, Result};
 
 /// Tokens per block of generated traces (Mooncake's block size).
 pub const BLOCK_TOKENS: u64 = 512;

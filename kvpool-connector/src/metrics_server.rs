@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::metrics;
+use kvpool_core::error::{Error, ErrorKind, Result};
+use kvpool_core::metrics;
 
 const MAX_HEAD: usize = 8 << 10;
 

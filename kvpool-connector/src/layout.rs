@@ -13,8 +13,8 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use crate::buffer::{IoVec, IoVecMut, MemRegion};
-use crate::error::{Error, Result};
+use kvpool_core::buffer::{IoVec, IoVecMut, MemRegion};
+use kvpool_core::error::{Error, Result};
 
 /// One cache tensor as the engine describes it. Dimension 0 indexes blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
