@@ -47,7 +47,7 @@ use redact::redact;
 
 pub use connector::ConnectorConfig;
 pub use layers::{Env, Layer};
-pub use sections::{section_schemes, BackendSection};
+pub use sections::{section_schemes, BackendSection, ExtraLayers};
 
 /// How block keys are derived from a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

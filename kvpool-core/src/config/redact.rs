@@ -1,6 +1,4 @@
-//! Credentials hidden from a printed configuration (`kvpool check`, [`Config::to_json`]).
-//!
-//! [`Config::to_json`]: super::Config::to_json
+//! Credentials hidden from a printed configuration (`kvpool check`, `Config::to_json`).
 
 /// Whether a key names a credential. Errs on the side of hiding: a printed config is pasted
 /// into issues and chat.

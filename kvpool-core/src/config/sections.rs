@@ -35,8 +35,11 @@ pub struct BackendSection {
     /// Layers of the backend's own table, lowest first, read from the environment the loader
     /// was given. Called only when this backend is the selected one, and merged above the TOML
     /// file and below `KVPOOL_*` variables and the extra config.
-    pub extra_layers: Option<fn(&Env<'_>) -> Result<Vec<Layer>>>,
+    pub extra_layers: Option<ExtraLayers>,
 }
+
+/// Reads a backend's own configuration sources: see [`BackendSection::extra_layers`].
+pub type ExtraLayers = fn(&Env<'_>) -> Result<Vec<Layer>>;
 
 inventory::collect!(BackendSection);
 
