@@ -1,7 +1,8 @@
 //! Backends registered at compile time, chosen at run time by name.
 //!
 //! Each backend crate submits one [`BackendFactory`] with
-//! `inventory::submit!`. A crate that is a dependency but never referenced is
+//! `inventory::submit!`, and one [`BackendSection`] for its configuration
+//! table. A crate that is a dependency but never referenced is
 //! not linked and its registration silently disappears, which is why the
 //! `kvpool` facade names every enabled backend crate with `extern crate`.
 
@@ -11,6 +12,8 @@ use std::sync::Arc;
 
 use crate::backend::KvBackend;
 use crate::checked::CheckedBackend;
+#[cfg(doc)]
+use crate::config::BackendSection;
 use crate::config::Config;
 use crate::error::{Error, Result};
 

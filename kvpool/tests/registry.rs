@@ -14,6 +14,16 @@ fn every_enabled_backend_feature_is_registered() {
     }
 }
 
+#[test]
+fn every_backend_has_a_factory_and_a_config_section() {
+    // A factory without a section could not be configured; a section without a factory
+    // would accept a table nothing reads.
+    assert_eq!(
+        kvpool::registered_schemes(),
+        kvpool::config::section_schemes()
+    );
+}
+
 #[tokio::test]
 async fn open_selects_the_backend_by_name() {
     let config = Config::from_extra_config(serde_json::json!({

@@ -10,6 +10,7 @@ pub use config::MemoryConfig;
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, KvBackend};
 
@@ -29,5 +30,12 @@ inventory::submit! {
         scheme: SCHEME,
         description: "in-process memory, capacity-bound with watermark eviction",
         open,
+    }
+}
+
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: None,
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// The `mooncake` section: Mooncake's own `mooncake.json` keys, as the
 /// Ascend Store guide writes them, plus a few of kvpool's.
 ///
-/// The core's loader merges `$MOONCAKE_CONFIG_PATH` into this section and
+/// This crate's config section merges `$MOONCAKE_CONFIG_PATH` into it and
 /// applies `MOONCAKE_MASTER` / `MOONCAKE_GLOBAL_SEGMENT_SIZE` over it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -11,6 +11,7 @@ mod codec;
 mod config;
 mod master;
 mod rpc;
+mod sources;
 mod transfer;
 mod types;
 
@@ -26,6 +27,7 @@ pub use config::MooncakeConfig;
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, KvBackend};
 
@@ -45,6 +47,14 @@ inventory::submit! {
         scheme: SCHEME,
         description: "Mooncake Store: pure-Rust client of mooncake_master (tcp transfer engine)",
         open,
+    }
+}
+
+// mooncake.json and its environment overrides are Mooncake's, so this crate reads them.
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: Some(sources::layers),
     }
 }
 

@@ -1,12 +1,12 @@
 //! The seed's deployment: Mooncake's own `mooncake.json` at
-//! `MOONCAKE_CONFIG_PATH`, read by the core's loader and opened through the
-//! registry, with `MOONCAKE_MASTER` overriding the address.
+//! `MOONCAKE_CONFIG_PATH`, read through this crate's config section and opened
+//! through the registry, with `MOONCAKE_MASTER` overriding the address.
 
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use kvpool_core::config::ConfigSources;
 use kvpool_core::{Config, ErrorKind};
 
-// Link the backend so its registration is present.
+// Link the backend so its registrations (factory and config section) are present.
 use kvpool_backend_mooncake as _;
 
 fn write_json(text: &str) -> std::path::PathBuf {

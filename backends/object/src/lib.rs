@@ -15,6 +15,7 @@ pub use config::{redact_url, ObjectConfig, PutMode};
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, KvBackend};
 
@@ -37,5 +38,12 @@ inventory::submit! {
         scheme: SCHEME,
         description: "object storage: S3 and S3-compatible servers, GCS, Azure Blob Storage, a local directory",
         open,
+    }
+}
+
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: None,
     }
 }

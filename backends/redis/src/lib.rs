@@ -13,6 +13,7 @@ pub use config::{redact_url, RedisConfig, DEFAULT_URL};
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, KvBackend};
 
@@ -35,5 +36,12 @@ inventory::submit! {
         scheme: SCHEME,
         description: "redis server or Redis Cluster (TCP, TLS, unix socket), shared between hosts",
         open,
+    }
+}
+
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: None,
     }
 }

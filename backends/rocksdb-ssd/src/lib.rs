@@ -14,6 +14,7 @@ pub use config::{RocksDbSsdConfig, MIN_CAPACITY};
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, Error, ErrorKind, KvBackend};
 
@@ -43,5 +44,12 @@ inventory::submit! {
         scheme: SCHEME,
         description: "persistent SSD tier on RocksDB: blob files, checksummed values, watermark eviction",
         open,
+    }
+}
+
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: None,
     }
 }

@@ -29,6 +29,7 @@ pub use config::TieredConfig;
 
 use std::sync::Arc;
 
+use kvpool_core::config::BackendSection;
 use kvpool_core::registry::{BackendFactory, OpenFuture};
 use kvpool_core::{Config, KvBackend};
 
@@ -47,5 +48,12 @@ inventory::submit! {
         scheme: SCHEME,
         description: "an ordered stack of other backends: read-through with promotion, write-back",
         open,
+    }
+}
+
+inventory::submit! {
+    BackendSection {
+        scheme: SCHEME,
+        extra_layers: None,
     }
 }
