@@ -6,7 +6,9 @@
 //! C++ build. See `README.md` for configuration, modes and limits.
 
 mod backend;
-mod checksum;
+// Public only for kvpool-benches' checksum bench.
+#[doc(hidden)]
+pub mod checksum;
 mod codec;
 mod config;
 mod master;
