@@ -1,9 +1,9 @@
 //! The always-on layer every opened backend is wrapped in.
 //!
 //! It enforces the parts of the contract that depend only on declared
-//! [`Capabilities`] (batch and value size limits, non-empty values), so a
+//! [`Capabilities`](crate::Capabilities) (batch and value size limits, non-empty values), so a
 //! caller gets the same clear error from every backend, and it records
-//! [`metrics`](crate::metrics) for every call.
+//! [`metrics`] for every call.
 
 use std::sync::Arc;
 use std::time::Instant;
