@@ -30,10 +30,10 @@ fn stdout_json(out: &Output) -> serde_json::Value {
 
 fn trace() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/conversation_trace.jsonl");
+        .join("../data/conversation_trace.jsonl");
     assert!(
         p.exists(),
-        "the trace must sit at {} (clone next to shared/)",
+        "the trace must sit at {} (it is part of the repository)",
         p.display()
     );
     p

@@ -428,7 +428,7 @@ mod tests {
         std::env::var("KVPOOL_TRACE").unwrap_or_else(|_| {
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/data/conversation_trace.jsonl"
+                "/../data/conversation_trace.jsonl"
             )
             .to_string()
         })
@@ -440,8 +440,8 @@ mod tests {
         // without ever checking the published hit ratios.
         let file = std::fs::File::open(&path).unwrap_or_else(|e| {
             panic!(
-                "cannot open the Mooncake trace at {path}: {e}; clone the repository \
-                 next to shared/ or set KVPOOL_TRACE to the trace's path"
+                "cannot open the Mooncake trace at {path}: {e}; it ships in the \
+                 repository's data/ folder, or set KVPOOL_TRACE to the trace's path"
             )
         });
         replay(std::io::BufReader::new(file), opts).unwrap()
