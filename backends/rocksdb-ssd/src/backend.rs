@@ -1,11 +1,11 @@
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kvpool_core::eviction::{sharded_policies_by_name, EvictionPolicy, Watermark};
+use kvpool_core::batch::{check_value_len, Outcomes, Repeats};
+use kvpool_core::eviction::{ShardedIndex, Watermark};
 use kvpool_core::size::ByteSize;
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
@@ -75,13 +75,6 @@ struct Meta {
     charge: u64,
 }
 
-type KeyMap = HashMap<BlockKey, Meta, foldhash::fast::RandomState>;
-
-struct Shard {
-    map: KeyMap,
-    policy: Box<dyn EvictionPolicy<BlockKey>>,
-}
-
 /// The last measurement of the database directory, plus what was written since.
 #[derive(Debug)]
 struct DiskEstimate {
@@ -107,7 +100,7 @@ struct Inner {
     /// for the last one to finish before RocksDB's lock is released.
     db: RwLock<Option<Arc<DB>>>,
     closed: AtomicBool,
-    shards: Box<[Mutex<Shard>]>,
+    index: ShardedIndex<Meta>,
     /// The bytes values may take: the configured capacity less what
     /// RocksDB's own files may need ([`reserved_bytes`]).
     capacity: u64,
@@ -126,10 +119,6 @@ struct Inner {
     /// Re-measure the directory after this many bytes were written (or
     /// after `DISK_REFRESH`).
     disk_refresh_bytes: u64,
-    // One evictor at a time: concurrent passes would each free a full
-    // `eviction_ratio` and overshoot.
-    evicting: Mutex<()>,
-    evict_cursor: AtomicUsize,
     reclaiming: Mutex<()>,
     corrupted: AtomicU64,
     /// Value reads skip RocksDB's own checksums: every value carries an
@@ -335,16 +324,7 @@ impl RocksDbSsdBackend {
             }
         })?;
 
-        let shards = sharded_policies_by_name(&cfg.policy, SHARDS)?
-            .into_iter()
-            .map(|policy| {
-                Mutex::new(Shard {
-                    map: KeyMap::default(),
-                    policy,
-                })
-            })
-            .collect::<Vec<_>>()
-            .into_boxed_slice();
+        let index = ShardedIndex::new(&cfg.policy, SHARDS)?;
         let disk_capacity = cfg.capacity.0;
         // Evicted values stay on disk until compaction drops them (RocksDB
         // compacts after 4 flushes) and blob garbage collection frees their
@@ -383,7 +363,7 @@ impl RocksDbSsdBackend {
             path: cfg.path.clone(),
             db: RwLock::new(Some(Arc::new(db))),
             closed: AtomicBool::new(false),
-            shards,
+            index,
             capacity,
             disk_capacity,
             transient: 2 * write_buffer_for(disk_capacity),
@@ -398,8 +378,6 @@ impl RocksDbSsdBackend {
                 at: Instant::now(),
             }),
             disk_refresh_bytes: (capacity / 64).clamp(1 << 20, 64 << 20),
-            evicting: Mutex::new(()),
-            evict_cursor: AtomicUsize::new(0),
             reclaiming: Mutex::new(()),
             corrupted: AtomicU64::new(0),
             rep_buffers: Mutex::new(Vec::new()),
@@ -527,14 +505,6 @@ impl Inner {
         self.watermark.high_bytes(self.capacity)
     }
 
-    fn shard_index(&self, key: &BlockKey) -> usize {
-        (key.fingerprint() % self.shards.len() as u64) as usize
-    }
-
-    fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
-        &self.shards[self.shard_index(key)]
-    }
-
     fn write_options(&self) -> WriteOptions {
         let mut wo = WriteOptions::default();
         wo.disable_wal(!self.wal);
@@ -589,11 +559,15 @@ impl Inner {
         let mut next_stamp = 0;
         for (stamp, key, len, key_len) in entries {
             let charge = charge_of(key_len, len);
-            used += charge;
             next_stamp = stamp + 1;
-            let mut shard = self.shard(&key).lock();
-            shard.policy.insert(key.clone(), charge);
-            shard.map.insert(key, Meta { len, charge });
+            // Index records are unique by key, so every one is inserted.
+            if self
+                .index
+                .insert_if_absent(&key, charge, None, Meta { len, charge })
+                .is_ok()
+            {
+                used += charge;
+            }
         }
         self.used.store(used, Ordering::Release);
         self.stamp.store(next_stamp, Ordering::Release);
@@ -743,32 +717,15 @@ impl Inner {
 
     /// Evicts values until `target` bytes are released; returns the bytes released.
     fn evict(&self, target: u64) -> u64 {
-        let _one_evictor = self.evicting.lock();
-        let shards = self.shards.len();
-        let mut released = 0;
-        let mut idle_round = 0;
+        // Held until the victims' records are deleted, so the next pass
+        // starts after this one's writes.
+        let mut evictor = self.index.evictor();
         let mut victims = Vec::new();
-        // Round-robin over shards approximates one global policy without a
-        // global lock on the hot path.
-        while released < target && idle_round < shards {
-            let i = self.evict_cursor.fetch_add(1, Ordering::Relaxed) % shards;
-            let victim = {
-                let mut shard = self.shards[i].lock();
-                match shard.policy.pop_victim() {
-                    Some((key, _)) => shard.map.remove(&key).map(|m| (key, m)),
-                    None => None,
-                }
-            };
-            match victim {
-                Some((key, meta)) => {
-                    idle_round = 0;
-                    released += meta.charge;
-                    self.used.fetch_sub(meta.charge, Ordering::AcqRel);
-                    victims.push(key);
-                }
-                None => idle_round += 1,
-            }
-        }
+        let released = evictor.evict(target, |key, meta| {
+            self.used.fetch_sub(meta.charge, Ordering::AcqRel);
+            victims.push(key);
+            meta.charge
+        });
         if !victims.is_empty() {
             if let Err(e) = self.delete_records(&victims) {
                 // The keys are gone from the index; their records come back
@@ -799,12 +756,7 @@ impl Inner {
 
     /// Drops `key` from the index; returns whether it was there.
     fn forget(&self, key: &BlockKey) -> bool {
-        let removed = {
-            let mut shard = self.shard(key).lock();
-            shard.policy.remove(key);
-            shard.map.remove(key)
-        };
-        if let Some(meta) = removed {
+        if let Some(meta) = self.index.remove(key) {
             self.used.fetch_sub(meta.charge, Ordering::AcqRel);
             true
         } else {
@@ -813,54 +765,46 @@ impl Inner {
     }
 
     fn put_batch(&self, db: &DB, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
-        let mut out: Vec<Option<PutOutcome>> = Vec::with_capacity(items.len());
+        let mut out = Outcomes::new(items.len(), "put");
         let mut todo = Vec::new();
-        let mut seen =
-            HashSet::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
+        let mut repeats = Repeats::with_capacity(items.len());
         let max = self.info.capabilities.max_value_size.unwrap_or(usize::MAX);
         let mut incoming = 0;
         for (i, (key, iov)) in items.iter().enumerate() {
-            let fail = |msg: String| {
-                Some(PutOutcome::Failed(
-                    Error::invalid_argument(msg)
-                        .with_operation("put")
-                        .with_context("key", key),
-                ))
-            };
-            if iov.is_empty() {
-                out.push(fail("a value must be at least 1 byte".to_string()));
-            } else if iov.len() > max {
-                out.push(fail(format!(
-                    "a value of {} bytes is over this backend's max_value_size of {max}",
-                    iov.len()
-                )));
-            } else if self.shard(key).lock().map.contains_key(key) || !seen.insert(key) {
-                // Present, or an earlier item of this batch stores it.
-                out.push(Some(PutOutcome::Exists));
+            let checked = check_value_len(key, iov.len(), max, |len| {
+                format!("a value of {len} bytes is over this backend's max_value_size of {max}")
+            });
+            if let Err(e) = checked {
+                out.set(i, PutOutcome::Failed(e));
+            } else if self.index.contains(key) || !repeats.first(i, key) {
+                // Present, or an earlier item of this batch stores it. A
+                // repeat is `Exists` at once, whatever becomes of its first.
+                out.set(i, PutOutcome::Exists);
             } else {
                 let key_string = key.to_key_string();
                 incoming += charge_of(key_string.len(), iov.len());
                 todo.push((i, key_string));
-                out.push(None);
             }
         }
         if todo.is_empty() {
-            return Ok(out.into_iter().flatten().collect());
+            return Ok(out.into_vec());
         }
-        let failed_all =
-            |out: &mut Vec<Option<PutOutcome>>, todo: &[(usize, String)], e: &Error| {
-                for (i, _) in todo {
-                    out[*i] = Some(PutOutcome::Failed(
+        let failed_all = |out: &mut Outcomes<PutOutcome>, todo: &[(usize, String)], e: &Error| {
+            for (i, _) in todo {
+                out.set(
+                    *i,
+                    PutOutcome::Failed(
                         Error::new(e.kind(), e.message().to_string())
                             .with_operation("put")
                             .with_context("key", &items[*i].0)
                             .set_temporary_if(e.is_temporary()),
-                    ));
-                }
-            };
+                    ),
+                );
+            }
+        };
         if let Err(e) = self.reserve(db, incoming) {
             failed_all(&mut out, &todo, &e);
-            return Ok(out.into_iter().flatten().collect());
+            return Ok(out.into_vec());
         }
 
         let spare = self.rep_buffers.lock().pop().unwrap_or_default();
@@ -883,74 +827,58 @@ impl Inner {
         if let Err(e) = db.write_opt(batch, &self.write_options()) {
             self.used.fetch_sub(incoming, Ordering::AcqRel);
             failed_all(&mut out, &todo, &db_error(e, "put"));
-            return Ok(out.into_iter().flatten().collect());
+            return Ok(out.into_vec());
         }
         self.disk.lock().written_since += incoming;
 
         // Publish: a key stored concurrently by another caller keeps that
         // caller's entry (the bytes are the same, keys being content-derived).
-        let mut last_in_shard: Vec<Option<usize>> = vec![None; self.shards.len()];
+        let mut chain = self.index.chain();
         for (i, key_string) in &todo {
             let (key, iov) = &items[*i];
             let charge = charge_of(key_string.len(), iov.len());
-            let s = self.shard_index(key);
-            let ancestor = last_in_shard[s].map(|j| &items[j].0);
-            last_in_shard[s] = Some(*i);
-            let mut shard = self.shards[s].lock();
-            if shard.map.contains_key(key) {
-                drop(shard);
-                self.used.fetch_sub(charge, Ordering::AcqRel);
-                out[*i] = Some(PutOutcome::Exists);
-                continue;
-            }
-            shard.policy.insert_after(key.clone(), charge, ancestor);
-            shard.map.insert(
-                key.clone(),
-                Meta {
-                    len: iov.len(),
-                    charge,
-                },
-            );
-            out[*i] = Some(PutOutcome::Stored);
+            let ancestor = chain.next(*i, key).map(|j| &items[j].0);
+            let meta = Meta {
+                len: iov.len(),
+                charge,
+            };
+            let outcome = match self.index.insert_if_absent(key, charge, ancestor, meta) {
+                Ok(()) => PutOutcome::Stored,
+                Err(_) => {
+                    self.used.fetch_sub(charge, Ordering::AcqRel);
+                    PutOutcome::Exists
+                }
+            };
+            out.set(*i, outcome);
         }
-        Ok(out.into_iter().flatten().collect())
+        Ok(out.into_vec())
     }
 
     fn get_batch(&self, db: &DB, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
-        let mut out: Vec<Option<GetOutcome>> = Vec::with_capacity(items.len());
+        let mut out = Outcomes::new(items.len(), "get_into");
         let mut reads = Vec::new();
-        let mut last_in_shard: Vec<Option<usize>> = vec![None; self.shards.len()];
+        let mut chain = self.index.chain();
         for (i, (key, dst)) in items.iter().enumerate() {
-            let s = self.shard_index(key);
-            let ancestor = last_in_shard[s].map(|j| &items[j].0);
-            last_in_shard[s] = Some(i);
-            let meta = {
-                let mut shard = self.shards[s].lock();
-                let meta = shard.map.get(key).copied();
-                if meta.is_some() {
-                    shard.policy.touch_after(key, ancestor);
-                }
-                meta
-            };
-            match meta {
-                None => out.push(Some(GetOutcome::Miss)),
-                Some(meta) if meta.len != dst.len() => out.push(Some(GetOutcome::Failed(
-                    Error::invalid_argument(format!(
-                        "destination holds {} bytes but the stored value has {}",
-                        dst.len(),
-                        meta.len
-                    ))
-                    .with_operation("get_into")
-                    .with_context("key", key),
-                ))),
-                Some(_) => {
-                    reads.push((i, key.to_key_string()));
-                    out.push(None);
-                }
+            let ancestor = chain.next(i, key).map(|j| &items[j].0);
+            match self.index.access(key, ancestor, |meta| *meta) {
+                None => out.set(i, GetOutcome::Miss),
+                Some(meta) if meta.len != dst.len() => out.set(
+                    i,
+                    GetOutcome::Failed(
+                        Error::invalid_argument(format!(
+                            "destination holds {} bytes but the stored value has {}",
+                            dst.len(),
+                            meta.len
+                        ))
+                        .with_operation("get_into")
+                        .with_context("key", key),
+                    ),
+                ),
+                Some(_) => reads.push((i, key.to_key_string())),
             }
         }
         if reads.is_empty() {
-            return Ok(out.into_iter().flatten().collect());
+            return Ok(out.into_vec());
         }
         let data = cf(db, CF)?;
         let mut dropped = Vec::new();
@@ -1009,7 +937,7 @@ impl Inner {
                     }
                     Err(e) => GetOutcome::Failed(db_error(e, "get_into").with_context("key", key)),
                 };
-                out[*i] = Some(outcome);
+                out.set(*i, outcome);
             }
         }
         if !dropped.is_empty() {
@@ -1017,7 +945,7 @@ impl Inner {
                 tracing::warn!("rocksdb-ssd: deleting corrupted values failed: {e}");
             }
         }
-        Ok(out.into_iter().flatten().collect())
+        Ok(out.into_vec())
     }
 
     /// A value that failed verification: dropped, counted, reported, never
@@ -1064,7 +992,7 @@ impl KvBackend for RocksDbSsdBackend {
         self.check_open("exists")?;
         Ok(keys
             .iter()
-            .map(|k| self.inner.shard(k).lock().map.contains_key(k))
+            .map(|k| self.inner.index.contains(k))
             .collect())
     }
 
@@ -1072,7 +1000,7 @@ impl KvBackend for RocksDbSsdBackend {
         self.check_open("value_lens")?;
         Ok(keys
             .iter()
-            .map(|k| self.inner.shard(k).lock().map.get(k).map(|m| m.len))
+            .map(|k| self.inner.index.peek(k, |m| m.len))
             .collect())
     }
 
