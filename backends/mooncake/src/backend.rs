@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kvpool_core::batch::{check_value_len, Outcomes, Repeats};
 use kvpool_core::size::ByteSize;
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
@@ -350,12 +351,11 @@ impl Inner {
             e.0.push(i);
             e.1.push(op);
         }
-        let mut results: Vec<Option<std::result::Result<(), TransferError>>> =
-            (0..n).map(|_| None).collect();
+        let mut results = Outcomes::new(n, "transfer");
         if by_peer.len() == 1 {
             let (endpoint, (idx, ops)) = by_peer.into_iter().next().expect("one peer");
             for (i, r) in idx.into_iter().zip(self.transfer.run(&endpoint, ops).await) {
-                results[i] = Some(r);
+                results.set(i, r);
             }
         } else {
             let mut set = JoinSet::new();
@@ -365,21 +365,16 @@ impl Inner {
             }
             while let Some(Ok((idx, out))) = set.join_next().await {
                 for (i, r) in idx.into_iter().zip(out) {
-                    results[i] = Some(r);
+                    results.set(i, r);
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(TransferError::Io {
-                        addr: String::new(),
-                        source: std::io::Error::other("the transfer task failed"),
-                    })
-                })
+        results.into_vec_with(|_| {
+            Err(TransferError::Io {
+                addr: String::new(),
+                source: std::io::Error::other("the transfer task failed"),
             })
-            .collect()
+        })
     }
 
     async fn put_unique(&self, items: Vec<(String, IoVec)>) -> Result<Vec<PutOutcome>> {
@@ -394,7 +389,7 @@ impl Inner {
             .batch_put_start(self.client_id, &request, &self.replicate, retry)
             .await?;
 
-        let mut outcomes: Vec<Option<PutOutcome>> = (0..n).map(|_| None).collect();
+        let mut outcomes = Outcomes::new(n, "put");
         // Per key: transfers left to succeed; any failure revokes the key.
         let mut failed: Vec<Option<Error>> = (0..n).map(|_| None).collect();
         let mut remote: Vec<(String, Op)> = Vec::new();
@@ -403,11 +398,11 @@ impl Inner {
             let replicas = match r {
                 Ok(replicas) => replicas,
                 Err(ErrorCode::OBJECT_ALREADY_EXISTS) => {
-                    outcomes[i] = Some(PutOutcome::Exists);
+                    outcomes.set(i, PutOutcome::Exists);
                     continue;
                 }
                 Err(code) => {
-                    outcomes[i] = Some(PutOutcome::Failed(app_error(code, "put", "PutStart")));
+                    outcomes.set(i, PutOutcome::Failed(app_error(code, "put", "PutStart")));
                     continue;
                 }
             };
@@ -473,7 +468,7 @@ impl Inner {
         let mut end: Vec<usize> = Vec::new();
         let mut revoke: Vec<usize> = Vec::new();
         for i in 0..n {
-            if outcomes[i].is_some() {
+            if outcomes.is_set(i) {
                 continue;
             }
             if failed[i].is_some() {
@@ -497,7 +492,7 @@ impl Inner {
                 Ok(res) => {
                     for (&i, r) in end.iter().zip(res) {
                         match r {
-                            Ok(()) => outcomes[i] = Some(PutOutcome::Stored),
+                            Ok(()) => outcomes.set(i, PutOutcome::Stored),
                             Err(code) => {
                                 failed[i] = Some(app_error(code, "put", "PutEnd"));
                                 revoke.push(i);
@@ -520,16 +515,13 @@ impl Inner {
                 let e = failed[i].take().unwrap_or_else(|| {
                     Error::new(ErrorKind::Unavailable, "the put could not be ended")
                 });
-                outcomes[i] = Some(PutOutcome::Failed(e.with_operation("put")));
+                outcomes.set(i, PutOutcome::Failed(e.with_operation("put")));
             }
         }
         if let Some(e) = outer {
             return Err(e);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.expect("every key has an outcome"))
-            .collect())
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
@@ -572,26 +564,28 @@ impl Inner {
             plans.push(plan);
         }
 
-        let mut out: Vec<Option<GetOutcome>> = Vec::with_capacity(items.len());
+        let mut out = Outcomes::new(items.len(), "get_into");
         let mut remote: Vec<(String, Op)> = Vec::new();
         let mut remote_idx = Vec::new();
         let dsts: Vec<IoVecMut> = items.iter().map(|(_, d)| d.clone()).collect();
         for (i, (plan, (_, dst))) in plans.into_iter().zip(items).enumerate() {
             match plan {
-                Plan::Done(o) => out.push(Some(o)),
+                Plan::Done(o) => out.set(i, o),
                 Plan::Local(addr) => {
                     let segment = self.segment.as_ref().expect("local implies a segment");
-                    out.push(Some(if segment.read_into(addr, &dst) {
-                        GetOutcome::Hit
-                    } else {
-                        GetOutcome::Failed(Error::new(
-                            ErrorKind::Unexpected,
-                            format!("the master named {addr:#x} outside our segment"),
-                        ))
-                    }));
+                    out.set(
+                        i,
+                        if segment.read_into(addr, &dst) {
+                            GetOutcome::Hit
+                        } else {
+                            GetOutcome::Failed(Error::new(
+                                ErrorKind::Unexpected,
+                                format!("the master named {addr:#x} outside our segment"),
+                            ))
+                        },
+                    );
                 }
                 Plan::Remote(endpoint, addr) => {
-                    out.push(None);
                     remote_idx.push(i);
                     remote.push((endpoint, Op::Read { addr, dst }));
                 }
@@ -599,20 +593,24 @@ impl Inner {
         }
         if !remote.is_empty() {
             for (i, r) in remote_idx.into_iter().zip(self.run_remote(remote).await) {
-                out[i] = Some(match r {
-                    Ok(()) => GetOutcome::Hit,
-                    Err(e) => GetOutcome::Failed(transfer_error(e, "get_into")),
-                });
+                out.set(
+                    i,
+                    match r {
+                        Ok(()) => GetOutcome::Hit,
+                        Err(e) => GetOutcome::Failed(transfer_error(e, "get_into")),
+                    },
+                );
             }
         }
         // Past the lease the master may have evicted and reused the memory:
         // the bytes cannot be trusted (the official client fails the same way).
         let took = asked.elapsed();
         Ok(out
+            .into_vec()
             .into_iter()
             .zip(sums.iter().zip(&dsts))
             .map(
-                |(o, (sum, dst))| match (o.expect("every key has an outcome"), sum) {
+                |(o, (sum, dst))| match (o, sum) {
                     (GetOutcome::Hit, Some(want)) => {
                         let chunks = dst.slices().iter().map(|s| {
                             // SAFETY: in bounds (checked at push), just written
@@ -702,35 +700,26 @@ impl KvBackend for MooncakeBackend {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // Per input: an invalid value, the first of its key, or a repeat.
-        enum Slot {
-            Invalid(Error),
-            First(usize),
-            Repeat(usize),
-        }
-        let mut first: HashMap<String, usize> = HashMap::new();
+        let mut outcomes = Outcomes::new(items.len(), "put");
+        let mut repeats = Repeats::with_capacity(items.len());
+        // Each key once, with its index in `items`.
         let mut unique: Vec<(String, IoVec)> = Vec::new();
-        let mut slots = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            if value.is_empty() {
-                slots.push(Slot::Invalid(
-                    Error::invalid_argument("a value must be at least 1 byte")
-                        .with_operation("put")
-                        .with_context("key", &key),
-                ));
+        let mut unique_index = Vec::new();
+        for (i, (key, value)) in items.into_iter().enumerate() {
+            // No upper bound here: the master refuses what no segment can hold.
+            if let Err(e) = check_value_len(&key, value.len(), usize::MAX, |len| {
+                format!("a value of {len} bytes is too large")
+            }) {
+                outcomes.set(i, PutOutcome::Failed(e));
                 continue;
             }
             let name = key.to_key_string();
-            match first.get(&name) {
-                Some(&u) => slots.push(Slot::Repeat(u)),
-                None => {
-                    first.insert(name.clone(), unique.len());
-                    slots.push(Slot::First(unique.len()));
-                    unique.push((name, value));
-                }
+            if repeats.first(i, key) {
+                unique_index.push(i);
+                unique.push((name, value));
             }
         }
-        let outcomes = if unique.is_empty() {
+        let stored = if unique.is_empty() {
             Vec::new()
         } else {
             // A spawned task runs to the end even if the caller drops this
@@ -742,32 +731,17 @@ impl KvBackend for MooncakeBackend {
                     Error::new(ErrorKind::Unexpected, format!("the put task failed: {e}"))
                 })??
         };
+        for (i, outcome) in unique_index.into_iter().zip(stored) {
+            outcomes.set(i, outcome);
+        }
         // A repeat shares its first's fate; a failure is restated for it.
-        let repeats: Vec<Option<Error>> = outcomes
-            .iter()
-            .map(|o| match o {
-                PutOutcome::Failed(e) => Some(
-                    Error::new(
-                        e.kind(),
-                        format!("same key earlier in the batch: {}", e.message()),
-                    )
-                    .with_operation("put"),
-                ),
-                _ => None,
-            })
-            .collect();
-        let mut outcomes: Vec<Option<PutOutcome>> = outcomes.into_iter().map(Some).collect();
-        Ok(slots
-            .into_iter()
-            .map(|s| match s {
-                Slot::Invalid(e) => PutOutcome::Failed(e),
-                Slot::First(u) => outcomes[u].take().expect("each first is taken once"),
-                Slot::Repeat(u) => match &repeats[u] {
-                    Some(e) => PutOutcome::Failed(Error::new(e.kind(), e.message())),
-                    None => PutOutcome::Exists,
-                },
-            })
-            .collect())
+        repeats.settle(&mut outcomes, |e| {
+            Error::new(
+                e.kind(),
+                format!("same key earlier in the batch: {}", e.message()),
+            )
+        });
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
