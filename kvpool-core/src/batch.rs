@@ -319,12 +319,18 @@ mod tests {
         let mut r = Repeats::with_capacity(2);
         r.first(0, "k".to_string());
         r.first(1, "k".to_string());
-        out.set(0, PutOutcome::Failed(Error::new(ErrorKind::NoSpace, "full")));
+        out.set(
+            0,
+            PutOutcome::Failed(Error::new(ErrorKind::NoSpace, "full")),
+        );
         r.settle(&mut out, |e| {
             Error::new(e.kind(), format!("same key earlier: {}", e.message()))
         });
         let got: Vec<_> = out.into_vec().iter().map(describe).collect();
-        assert_eq!(got[1], "failed: no_space (temporary): same key earlier: full");
+        assert_eq!(
+            got[1],
+            "failed: no_space (temporary): same key earlier: full"
+        );
     }
 
     #[test]

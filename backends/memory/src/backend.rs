@@ -368,8 +368,7 @@ impl MemoryBackend {
     fn put_one(&self, key: &BlockKey, iov: &IoVec, ancestor: Option<&BlockKey>) -> PutOutcome {
         if iov.is_empty() {
             return PutOutcome::Failed(
-                Error::invalid_argument("a value must be at least 1 byte")
-                    .with_context("key", key),
+                Error::invalid_argument("a value must be at least 1 byte").with_context("key", key),
             );
         }
         // Cheap check first: a present key costs no allocation or copy.
@@ -411,18 +410,12 @@ impl KvBackend for MemoryBackend {
 
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
         self.check_open("exists")?;
-        Ok(keys
-            .iter()
-            .map(|k| self.index.contains(k))
-            .collect())
+        Ok(keys.iter().map(|k| self.index.contains(k)).collect())
     }
 
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.check_open("value_lens")?;
-        Ok(keys
-            .iter()
-            .map(|k| self.index.peek(k, |e| e.len))
-            .collect())
+        Ok(keys.iter().map(|k| self.index.peek(k, |e| e.len)).collect())
     }
 
     /// A batch from the connector is one request's missing blocks in prefix
