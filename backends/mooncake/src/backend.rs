@@ -242,11 +242,11 @@ impl Inner {
         // Every started key is now either ended or revoked.
         let mut end: Vec<usize> = Vec::new();
         let mut revoke: Vec<usize> = Vec::new();
-        for i in 0..n {
+        for (i, failure) in failed.iter().enumerate() {
             if outcomes.is_set(i) {
                 continue;
             }
-            if failed[i].is_some() {
+            if failure.is_some() {
                 revoke.push(i);
             } else {
                 end.push(i);
