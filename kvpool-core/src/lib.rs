@@ -3,14 +3,17 @@
 //! - [`key`]: block hashes, namespaces and keys, with the vllm-ascend string form.
 //! - [`hash`]: block hashing — our deterministic token chain and vLLM's own.
 //! - [`backend`]: the [`KvBackend`] trait, its outcomes and capabilities.
+//! - [`batch`]: per-key bookkeeping of a batch: outcomes by index, repeated keys, value sizes.
 //! - [`buffer`]: registered memory regions and gather/scatter descriptors.
 //! - [`registry`]: backends registered at compile time, chosen at run time.
 //! - [`config`]: layered configuration.
-//! - [`eviction`]: eviction policies and watermark semantics.
+//! - [`eviction`]: eviction policies, watermark semantics and the sharded index
+//!   capacity-bound backends evict from.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`frame`]: the checksummed form of values in stores kvpool does not control.
 
 pub mod backend;
+pub mod batch;
 pub mod buffer;
 pub mod checked;
 pub mod config;

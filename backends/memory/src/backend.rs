@@ -1,12 +1,12 @@
 use std::alloc::{self, Layout};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use kvpool_core::buffer::copy_segments;
-use kvpool_core::eviction::{sharded_policies_by_name, EvictionPolicy, Watermark};
+use kvpool_core::eviction::{ShardedIndex, Watermark};
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
     PutOutcome, Result,
@@ -214,24 +214,13 @@ impl Drop for Entry {
     }
 }
 
-type KeyMap = HashMap<BlockKey, Arc<Entry>, foldhash::fast::RandomState>;
-
-struct Shard {
-    map: KeyMap,
-    policy: Box<dyn EvictionPolicy<BlockKey>>,
-}
-
 /// The in-process memory backend.
 pub struct MemoryBackend {
     info: BackendInfo,
     arena: Arc<Arena>,
-    shards: Box<[Mutex<Shard>]>,
+    index: ShardedIndex<Arc<Entry>>,
     watermark: Watermark,
     closed: AtomicBool,
-    // One evictor at a time: concurrent passes would each free a full
-    // `eviction_ratio` and overshoot.
-    evicting: Mutex<()>,
-    evict_cursor: AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -256,16 +245,7 @@ impl MemoryBackend {
         let chunk_size = cfg.chunk_size.0 as usize;
         let arena = Arc::new(Arena::new(capacity, chunk_size, cfg.prefault)?);
         // One policy per shard, sharing what they learn from the traffic.
-        let shards = sharded_policies_by_name(&cfg.policy, cfg.shards)?
-            .into_iter()
-            .map(|policy| {
-                Mutex::new(Shard {
-                    map: KeyMap::default(),
-                    policy,
-                })
-            })
-            .collect::<Vec<_>>()
-            .into_boxed_slice();
+        let index = ShardedIndex::new(&cfg.policy, cfg.shards)?;
         let bytes = arena.total_chunks * chunk_size;
         let info = BackendInfo {
             scheme: SCHEME,
@@ -292,11 +272,9 @@ impl MemoryBackend {
         Ok(MemoryBackend {
             info,
             arena,
-            shards,
+            index,
             watermark: cfg.watermark(),
             closed: AtomicBool::new(false),
-            evicting: Mutex::new(()),
-            evict_cursor: AtomicUsize::new(0),
         })
     }
 
@@ -318,14 +296,6 @@ impl MemoryBackend {
         }
     }
 
-    fn shard_index(&self, key: &BlockKey) -> usize {
-        (key.fingerprint() % self.shards.len() as u64) as usize
-    }
-
-    fn shard(&self, key: &BlockKey) -> &Mutex<Shard> {
-        &self.shards[self.shard_index(key)]
-    }
-
     /// The entry of `key`; with `touch`, an access recorded with `ancestor`
     /// as the chain hint.
     fn lookup(
@@ -334,12 +304,11 @@ impl MemoryBackend {
         touch: bool,
         ancestor: Option<&BlockKey>,
     ) -> Option<Arc<Entry>> {
-        let mut shard = self.shard(key).lock();
-        let entry = shard.map.get(key).cloned();
-        if touch && entry.is_some() {
-            shard.policy.touch_after(key, ancestor);
+        if touch {
+            self.index.access(key, ancestor, Arc::clone)
+        } else {
+            self.index.peek(key, Arc::clone)
         }
-        entry
     }
 
     /// Takes `n` chunks, evicting as Mooncake does: when free chunks run out,
@@ -387,49 +356,28 @@ impl MemoryBackend {
 
     /// Evicts values until `target` chunks are released; returns the chunks released.
     fn evict(&self, target: usize) -> usize {
-        let _one_evictor = self.evicting.lock();
-        let shards = self.shards.len();
-        let mut released = 0;
-        let mut idle_round = 0;
-        // Round-robin over shards approximates one global policy without a
-        // global lock on the hot path.
-        while released < target && idle_round < shards {
-            let i = self.evict_cursor.fetch_add(1, Ordering::Relaxed) % shards;
-            let victim = {
-                let mut shard = self.shards[i].lock();
-                match shard.policy.pop_victim() {
-                    Some((key, _)) => shard.map.remove(&key),
-                    None => None,
-                }
-            };
-            match victim {
-                Some(entry) => {
-                    idle_round = 0;
-                    released += entry.chunks();
-                    tracing::trace!(chunks = entry.chunks(), "memory backend evicted a value");
-                }
-                None => idle_round += 1,
-            }
-        }
-        released
+        self.index.evict(target as u64, |_, entry| {
+            tracing::trace!(chunks = entry.chunks(), "memory backend evicted a value");
+            // Its chunks return to the arena once the last reader lets go.
+            entry.chunks() as u64
+        }) as usize
     }
 
     /// Stores one value; `ancestor` is the previous key of the same batch
     /// that lands in the same shard (see [`KvBackend::put`] below).
-    fn put_one(&self, key: BlockKey, iov: &IoVec, ancestor: Option<&BlockKey>) -> PutOutcome {
+    fn put_one(&self, key: &BlockKey, iov: &IoVec, ancestor: Option<&BlockKey>) -> PutOutcome {
         if iov.is_empty() {
             return PutOutcome::Failed(
-                Error::invalid_argument("a value must be at least 1 byte")
-                    .with_context("key", &key),
+                Error::invalid_argument("a value must be at least 1 byte").with_context("key", key),
             );
         }
         // Cheap check first: a present key costs no allocation or copy.
-        if self.shard(&key).lock().map.contains_key(&key) {
+        if self.index.contains(key) {
             return PutOutcome::Exists;
         }
         let extents = match self.allocate(chunks_for(iov.len() as u64, self.arena.chunk_size)) {
             Ok(e) => e,
-            Err(e) => return PutOutcome::Failed(e.with_operation("put").with_context("key", &key)),
+            Err(e) => return PutOutcome::Failed(e.with_operation("put").with_context("key", key)),
         };
         let entry = Arc::new(Entry {
             arena: self.arena.clone(),
@@ -441,16 +389,12 @@ impl MemoryBackend {
         // call owns them; the source slices are bounds-checked descriptors.
         let copied = unsafe { copy_segments(src, entry.segments()) };
         debug_assert_eq!(copied, iov.len());
-        let mut shard = self.shard(&key).lock();
-        if shard.map.contains_key(&key) {
+        let charge = entry.charged_bytes();
+        match self.index.insert_if_absent(key, charge, ancestor, entry) {
+            Ok(()) => PutOutcome::Stored,
             // A concurrent writer won; ours is dropped and its chunks return.
-            return PutOutcome::Exists;
+            Err(_ours) => PutOutcome::Exists,
         }
-        shard
-            .policy
-            .insert_after(key.clone(), entry.charged_bytes(), ancestor);
-        shard.map.insert(key, entry);
-        PutOutcome::Stored
     }
 }
 
@@ -466,18 +410,12 @@ impl KvBackend for MemoryBackend {
 
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
         self.check_open("exists")?;
-        Ok(keys
-            .iter()
-            .map(|k| self.shard(k).lock().map.contains_key(k))
-            .collect())
+        Ok(keys.iter().map(|k| self.index.contains(k)).collect())
     }
 
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.check_open("value_lens")?;
-        Ok(keys
-            .iter()
-            .map(|k| self.shard(k).lock().map.get(k).map(|e| e.len))
-            .collect())
+        Ok(keys.iter().map(|k| self.index.peek(k, |e| e.len)).collect())
     }
 
     /// A batch from the connector is one request's missing blocks in prefix
@@ -487,15 +425,13 @@ impl KvBackend for MemoryBackend {
     /// Callers that batch unrelated keys lose nothing but that ordering.
     async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
         self.check_open("put")?;
-        let mut last_in_shard: Vec<Option<usize>> = vec![None; self.shards.len()];
+        let mut chain = self.index.chain();
         Ok(items
             .iter()
             .enumerate()
             .map(|(i, (key, iov))| {
-                let shard = self.shard_index(key);
-                let ancestor = last_in_shard[shard].map(|j| &items[j].0);
-                last_in_shard[shard] = Some(i);
-                self.put_one(key.clone(), iov, ancestor)
+                let ancestor = chain.next(i, key).map(|j| &items[j].0);
+                self.put_one(key, iov, ancestor)
             })
             .collect())
     }
@@ -505,14 +441,13 @@ impl KvBackend for MemoryBackend {
     /// in the same shard as its ancestor.
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
         self.check_open("get_into")?;
-        let mut last_in_shard: Vec<Option<BlockKey>> = vec![None; self.shards.len()];
+        let mut chain = self.index.chain();
         Ok(items
-            .into_iter()
-            .map(|(key, dst)| {
-                let shard = self.shard_index(&key);
-                let entry = self.lookup(&key, true, last_in_shard[shard].as_ref());
-                last_in_shard[shard] = Some(key.clone());
-                let Some(entry) = entry else {
+            .iter()
+            .enumerate()
+            .map(|(i, (key, dst))| {
+                let ancestor = chain.next(i, key).map(|j| &items[j].0);
+                let Some(entry) = self.lookup(key, true, ancestor) else {
                     return GetOutcome::Miss;
                 };
                 if entry.len != dst.len() {
@@ -523,7 +458,7 @@ impl KvBackend for MemoryBackend {
                             entry.len
                         ))
                         .with_operation("get_into")
-                        .with_context("key", &key),
+                        .with_context("key", key),
                     );
                 }
                 let dst = dst.slices().iter().map(|s| (s.as_ptr(), s.len()));
@@ -539,12 +474,8 @@ impl KvBackend for MemoryBackend {
     async fn remove(&self, keys: &[BlockKey]) -> Result<()> {
         self.check_open("remove")?;
         for key in keys {
-            let removed = {
-                let mut shard = self.shard(key).lock();
-                shard.policy.remove(key);
-                shard.map.remove(key)
-            };
-            drop(removed);
+            // Dropped here, outside the shard's lock: its chunks return to the arena.
+            drop(self.index.remove(key));
         }
         Ok(())
     }
@@ -553,13 +484,7 @@ impl KvBackend for MemoryBackend {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let drained: Vec<_> = shard.map.drain().collect();
-            while shard.policy.pop_victim().is_some() {}
-            drop(shard);
-            drop(drained);
-        }
+        self.index.clear();
         Ok(())
     }
 }

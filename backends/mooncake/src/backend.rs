@@ -1,28 +1,31 @@
+//! The backend's state and the data path of the [`KvBackend`] calls.
+
 use std::collections::HashMap;
-use std::net::{ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kvpool_core::size::ByteSize;
+use kvpool_core::batch::{check_value_len, Outcomes, Repeats};
 use kvpool_core::{
-    BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
-    MemRegion, PutOutcome, Result,
+    BackendInfo, BlockKey, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend, PutOutcome,
+    Result,
 };
 use parking_lot::Mutex;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
-use crate::config::{check_ascend_buffer_pool, MooncakeConfig, Timeouts};
+use crate::config::{MooncakeConfig, Timeouts};
 use crate::master::{app_error, Master};
-use crate::rpc::RpcPool;
-use crate::transfer::{LocalSegment, Op, TransferClient, TransferError, TransferServer};
+use crate::transfer::{LocalSegment, Op, TransferClient, TransferError};
 use crate::types::*;
 use crate::SCHEME;
 
-/// How often a segment owner pings the master (the official client's cadence;
-/// the master drops an owner's segment after `client_ttl`, 10 s by default).
-const HEARTBEAT: Duration = Duration::from_secs(1);
+// Declared here rather than in lib.rs: a part of this backend, with access
+// to its private state.
+#[path = "open.rs"]
+mod open;
+
+use open::Owner;
 
 /// A client of an unmodified `mooncake_master`: master RPC over coro_rpc, data
 /// over the transfer engine's TCP protocol.
@@ -54,181 +57,7 @@ struct Inner {
     closed: AtomicBool,
 }
 
-#[derive(Debug)]
-struct Owner {
-    segment: Segment,
-    _server: TransferServer,
-    heartbeat: JoinHandle<()>,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Dropped without close(): unmount in the background if a runtime is
-        // still there, so peers stop being sent to a server that is gone;
-        // otherwise the master expires the segment after its client TTL.
-        if let Some(owner) = self.owner.get_mut().take() {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                let pool = RpcPool::new(
-                    self.cfg.master_server_address.clone(),
-                    1,
-                    self.timeouts.connect,
-                    Duration::from_secs(2),
-                );
-                let master = Master::new(pool, self.cfg.tenant_id.clone());
-                let (seg, client) = (owner.segment.id, self.client_id);
-                handle.spawn(async move {
-                    let _ = master.unmount(seg, client).await;
-                });
-            }
-        }
-    }
-}
-
 impl MooncakeBackend {
-    /// Connects to the master (and, for an owner, mounts the segment),
-    /// reading `ASCEND_CONNECT_TIMEOUT`, `ASCEND_TRANSFER_TIMEOUT`,
-    /// `ASCEND_BUFFER_POOL`, `MC_RPC_TIMEOUT_MS` and `VLLM_HOST_IP` from the
-    /// environment.
-    pub async fn open(cfg: MooncakeConfig) -> Result<Self> {
-        let env = |k: &str| std::env::var(k).ok();
-        Self::open_with_env(cfg, &env).await
-    }
-
-    /// [`open`](Self::open) with the environment given as a function.
-    pub async fn open_with_env(
-        cfg: MooncakeConfig,
-        env: &(dyn Fn(&str) -> Option<String> + Sync),
-    ) -> Result<Self> {
-        cfg.validate()?;
-        check_ascend_buffer_pool(env("ASCEND_BUFFER_POOL"))?;
-        let timeouts = cfg.timeouts(env)?;
-        let addr = cfg.master_server_address.trim().to_owned();
-        let pool = RpcPool::new(
-            addr.clone(),
-            cfg.rpc_connections,
-            timeouts.connect,
-            timeouts.rpc,
-        );
-        let master = Master::new(pool, cfg.tenant_id.clone());
-        master.service_ready().await?;
-        if let Ok(storage) = master.storage_config().await {
-            tracing::debug!(?storage, "mooncake master storage config");
-        }
-
-        let host = if !cfg.local_hostname.trim().is_empty() {
-            cfg.local_hostname.trim().to_owned()
-        } else if let Some(ip) = env("VLLM_HOST_IP").filter(|v| !v.trim().is_empty()) {
-            ip.trim().to_owned()
-        } else {
-            route_to(&addr).unwrap_or_else(|| "127.0.0.1".into())
-        };
-        let client_id = Uuid::random();
-        let size = cfg.global_segment_size.0;
-        let (owner, segment, endpoint) = if size > 0 {
-            let size = usize::try_from(size).map_err(|_| {
-                Error::config_invalid(format!(
-                    "mooncake.global_segment_size {} does not fit in memory",
-                    cfg.global_segment_size
-                ))
-            })?;
-            let local = Arc::new(LocalSegment::new(MemRegion::alloc(size)));
-            let server = TransferServer::start(&host, local.clone(), cfg.tcp_congestion.clone())
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Unavailable,
-                        format!("cannot listen on {host} for the segment's peers"),
-                    )
-                    .set_source(e)
-                })?;
-            let endpoint = server.endpoint().to_owned();
-            let segment = Segment {
-                id: Uuid::random(),
-                name: endpoint.clone(),
-                base: local.base(),
-                size: local.size(),
-                te_endpoint: endpoint.clone(),
-                protocol: "tcp".into(),
-                host_id: String::new(),
-            };
-            master.mount(&segment, client_id).await?;
-            let heartbeat =
-                tokio::spawn(heartbeat(cfg.clone(), timeouts, segment.clone(), client_id));
-            let owner = Owner {
-                segment,
-                _server: server,
-                heartbeat,
-            };
-            (Some(owner), Some(local), Some(endpoint))
-        } else {
-            (None, None, None)
-        };
-
-        let my_name = endpoint.clone().unwrap_or_else(|| format!("{host}:0"));
-        let transfer = Arc::new(TransferClient::new(
-            &my_name,
-            &host,
-            segment.as_deref(),
-            timeouts.connect,
-            timeouts.transfer,
-            cfg.tcp_congestion.clone(),
-        ));
-        let replicate = ReplicateConfig {
-            replica_num: cfg.replica_num,
-            // Like the official client: our own segment first, so an owner's
-            // puts are local copies and survive other owners leaving.
-            preferred_segment: endpoint.clone().unwrap_or_default(),
-            prefer_alloc_in_same_node: cfg.alloc_in_same_node,
-            ..ReplicateConfig::default()
-        };
-        let checksum = cfg.checksum
-            || env("MOONCAKE_STORE_CHECKSUM").is_some_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "on"
-                )
-            });
-        let description = match &endpoint {
-            Some(ep) => format!("master {addr}, segment owner of {} at {ep}", ByteSize(size)),
-            None => format!("master {addr}, pure client"),
-        };
-        let info = BackendInfo {
-            scheme: SCHEME,
-            description,
-            capabilities: Capabilities {
-                shared: true,
-                persistent: false,
-                remove: true,
-                requires_registration: false,
-                capacity_bound: true,
-                max_batch: None,
-                max_value_size: None,
-            },
-        };
-        Ok(MooncakeBackend {
-            info,
-            inner: Arc::new(Inner {
-                cfg,
-                master,
-                client_id,
-                owner: Mutex::new(owner),
-                segment,
-                endpoint,
-                transfer,
-                replicate,
-                timeouts,
-                checksum,
-                closed: AtomicBool::new(false),
-            }),
-        })
-    }
-
     /// This client's segment endpoint (`host:port`), when it owns one.
     pub fn segment_endpoint(&self) -> Option<&str> {
         self.inner.endpoint.as_deref()
@@ -237,59 +66,6 @@ impl MooncakeBackend {
     #[cfg(test)]
     pub(crate) fn inner_segment(&self) -> Option<&Arc<LocalSegment>> {
         self.inner.segment.as_ref()
-    }
-}
-
-/// The local address of the route to `addr`: the address peers reach us at
-/// in the master's network. A UDP connect sends no packet.
-fn route_to(addr: &str) -> Option<String> {
-    let target = addr.to_socket_addrs().ok()?.next()?;
-    let bind = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let socket = UdpSocket::bind(bind).ok()?;
-    socket.connect(target).ok()?;
-    Some(socket.local_addr().ok()?.ip().to_string())
-}
-
-/// Pings every second on a connection of its own; remounts on NEED_REMOUNT
-/// (the first ping after a mount, and after the master restarted or expired us).
-async fn heartbeat(cfg: MooncakeConfig, timeouts: Timeouts, segment: Segment, client: Uuid) {
-    let pool = RpcPool::new(
-        cfg.master_server_address.clone(),
-        1,
-        timeouts.connect.min(Duration::from_secs(3)),
-        timeouts.rpc.min(Duration::from_secs(3)),
-    );
-    let master = Master::new(pool, cfg.tenant_id);
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        let result = match master.ping(client).await {
-            Ok(r) if r.client_status == CLIENT_NEED_REMOUNT => {
-                master.remount(std::slice::from_ref(&segment), client).await
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) if failing => {
-                tracing::info!(master = master.addr(), "mooncake master reachable again");
-                failing = false;
-            }
-            Ok(()) => {}
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "mooncake heartbeat failed; retrying every second");
-                }
-                failing = true;
-                master.reset();
-            }
-        }
     }
 }
 
@@ -350,12 +126,11 @@ impl Inner {
             e.0.push(i);
             e.1.push(op);
         }
-        let mut results: Vec<Option<std::result::Result<(), TransferError>>> =
-            (0..n).map(|_| None).collect();
+        let mut results = Outcomes::new(n, "transfer");
         if by_peer.len() == 1 {
             let (endpoint, (idx, ops)) = by_peer.into_iter().next().expect("one peer");
             for (i, r) in idx.into_iter().zip(self.transfer.run(&endpoint, ops).await) {
-                results[i] = Some(r);
+                results.set(i, r);
             }
         } else {
             let mut set = JoinSet::new();
@@ -365,21 +140,16 @@ impl Inner {
             }
             while let Some(Ok((idx, out))) = set.join_next().await {
                 for (i, r) in idx.into_iter().zip(out) {
-                    results[i] = Some(r);
+                    results.set(i, r);
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(TransferError::Io {
-                        addr: String::new(),
-                        source: std::io::Error::other("the transfer task failed"),
-                    })
-                })
+        results.into_vec_with(|_| {
+            Err(TransferError::Io {
+                addr: String::new(),
+                source: std::io::Error::other("the transfer task failed"),
             })
-            .collect()
+        })
     }
 
     async fn put_unique(&self, items: Vec<(String, IoVec)>) -> Result<Vec<PutOutcome>> {
@@ -394,7 +164,7 @@ impl Inner {
             .batch_put_start(self.client_id, &request, &self.replicate, retry)
             .await?;
 
-        let mut outcomes: Vec<Option<PutOutcome>> = (0..n).map(|_| None).collect();
+        let mut outcomes = Outcomes::new(n, "put");
         // Per key: transfers left to succeed; any failure revokes the key.
         let mut failed: Vec<Option<Error>> = (0..n).map(|_| None).collect();
         let mut remote: Vec<(String, Op)> = Vec::new();
@@ -403,11 +173,11 @@ impl Inner {
             let replicas = match r {
                 Ok(replicas) => replicas,
                 Err(ErrorCode::OBJECT_ALREADY_EXISTS) => {
-                    outcomes[i] = Some(PutOutcome::Exists);
+                    outcomes.set(i, PutOutcome::Exists);
                     continue;
                 }
                 Err(code) => {
-                    outcomes[i] = Some(PutOutcome::Failed(app_error(code, "put", "PutStart")));
+                    outcomes.set(i, PutOutcome::Failed(app_error(code, "put", "PutStart")));
                     continue;
                 }
             };
@@ -472,11 +242,11 @@ impl Inner {
         // Every started key is now either ended or revoked.
         let mut end: Vec<usize> = Vec::new();
         let mut revoke: Vec<usize> = Vec::new();
-        for i in 0..n {
-            if outcomes[i].is_some() {
+        for (i, failure) in failed.iter().enumerate() {
+            if outcomes.is_set(i) {
                 continue;
             }
-            if failed[i].is_some() {
+            if failure.is_some() {
                 revoke.push(i);
             } else {
                 end.push(i);
@@ -497,7 +267,7 @@ impl Inner {
                 Ok(res) => {
                     for (&i, r) in end.iter().zip(res) {
                         match r {
-                            Ok(()) => outcomes[i] = Some(PutOutcome::Stored),
+                            Ok(()) => outcomes.set(i, PutOutcome::Stored),
                             Err(code) => {
                                 failed[i] = Some(app_error(code, "put", "PutEnd"));
                                 revoke.push(i);
@@ -520,16 +290,13 @@ impl Inner {
                 let e = failed[i].take().unwrap_or_else(|| {
                     Error::new(ErrorKind::Unavailable, "the put could not be ended")
                 });
-                outcomes[i] = Some(PutOutcome::Failed(e.with_operation("put")));
+                outcomes.set(i, PutOutcome::Failed(e.with_operation("put")));
             }
         }
         if let Some(e) = outer {
             return Err(e);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.expect("every key has an outcome"))
-            .collect())
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
@@ -572,26 +339,28 @@ impl Inner {
             plans.push(plan);
         }
 
-        let mut out: Vec<Option<GetOutcome>> = Vec::with_capacity(items.len());
+        let mut out = Outcomes::new(items.len(), "get_into");
         let mut remote: Vec<(String, Op)> = Vec::new();
         let mut remote_idx = Vec::new();
         let dsts: Vec<IoVecMut> = items.iter().map(|(_, d)| d.clone()).collect();
         for (i, (plan, (_, dst))) in plans.into_iter().zip(items).enumerate() {
             match plan {
-                Plan::Done(o) => out.push(Some(o)),
+                Plan::Done(o) => out.set(i, o),
                 Plan::Local(addr) => {
                     let segment = self.segment.as_ref().expect("local implies a segment");
-                    out.push(Some(if segment.read_into(addr, &dst) {
-                        GetOutcome::Hit
-                    } else {
-                        GetOutcome::Failed(Error::new(
-                            ErrorKind::Unexpected,
-                            format!("the master named {addr:#x} outside our segment"),
-                        ))
-                    }));
+                    out.set(
+                        i,
+                        if segment.read_into(addr, &dst) {
+                            GetOutcome::Hit
+                        } else {
+                            GetOutcome::Failed(Error::new(
+                                ErrorKind::Unexpected,
+                                format!("the master named {addr:#x} outside our segment"),
+                            ))
+                        },
+                    );
                 }
                 Plan::Remote(endpoint, addr) => {
-                    out.push(None);
                     remote_idx.push(i);
                     remote.push((endpoint, Op::Read { addr, dst }));
                 }
@@ -599,45 +368,47 @@ impl Inner {
         }
         if !remote.is_empty() {
             for (i, r) in remote_idx.into_iter().zip(self.run_remote(remote).await) {
-                out[i] = Some(match r {
-                    Ok(()) => GetOutcome::Hit,
-                    Err(e) => GetOutcome::Failed(transfer_error(e, "get_into")),
-                });
+                out.set(
+                    i,
+                    match r {
+                        Ok(()) => GetOutcome::Hit,
+                        Err(e) => GetOutcome::Failed(transfer_error(e, "get_into")),
+                    },
+                );
             }
         }
         // Past the lease the master may have evicted and reused the memory:
         // the bytes cannot be trusted (the official client fails the same way).
         let took = asked.elapsed();
         Ok(out
+            .into_vec()
             .into_iter()
             .zip(sums.iter().zip(&dsts))
-            .map(
-                |(o, (sum, dst))| match (o.expect("every key has an outcome"), sum) {
-                    (GetOutcome::Hit, Some(want)) => {
-                        let chunks = dst.slices().iter().map(|s| {
-                            // SAFETY: in bounds (checked at push), just written
-                            // by this get, which has exclusive use of it.
-                            unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, s.len()) }
-                        });
-                        let got = crate::checksum::crc64(chunks);
-                        if got == *want {
-                            GetOutcome::Hit
-                        } else {
-                            GetOutcome::Failed(
-                                Error::new(
-                                    ErrorKind::Corrupted,
-                                    format!(
-                                        "the value's CRC-64 is {got:#018x} but the writer stored \
+            .map(|(o, (sum, dst))| match (o, sum) {
+                (GetOutcome::Hit, Some(want)) => {
+                    let chunks = dst.slices().iter().map(|s| {
+                        // SAFETY: in bounds (checked at push), just written
+                        // by this get, which has exclusive use of it.
+                        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, s.len()) }
+                    });
+                    let got = crate::checksum::crc64(chunks);
+                    if got == *want {
+                        GetOutcome::Hit
+                    } else {
+                        GetOutcome::Failed(
+                            Error::new(
+                                ErrorKind::Corrupted,
+                                format!(
+                                    "the value's CRC-64 is {got:#018x} but the writer stored \
                                      {want:#018x}"
-                                    ),
-                                )
-                                .with_operation("get_into"),
+                                ),
                             )
-                        }
+                            .with_operation("get_into"),
+                        )
                     }
-                    (o, _) => o,
-                },
-            )
+                }
+                (o, _) => o,
+            })
             .map(|o| match o {
                 GetOutcome::Hit if took > lease => GetOutcome::Failed(
                     Error::new(
@@ -702,35 +473,26 @@ impl KvBackend for MooncakeBackend {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // Per input: an invalid value, the first of its key, or a repeat.
-        enum Slot {
-            Invalid(Error),
-            First(usize),
-            Repeat(usize),
-        }
-        let mut first: HashMap<String, usize> = HashMap::new();
+        let mut outcomes = Outcomes::new(items.len(), "put");
+        let mut repeats = Repeats::with_capacity(items.len());
+        // Each key once, with its index in `items`.
         let mut unique: Vec<(String, IoVec)> = Vec::new();
-        let mut slots = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            if value.is_empty() {
-                slots.push(Slot::Invalid(
-                    Error::invalid_argument("a value must be at least 1 byte")
-                        .with_operation("put")
-                        .with_context("key", &key),
-                ));
+        let mut unique_index = Vec::new();
+        for (i, (key, value)) in items.into_iter().enumerate() {
+            // No upper bound here: the master refuses what no segment can hold.
+            if let Err(e) = check_value_len(&key, value.len(), usize::MAX, |len| {
+                format!("a value of {len} bytes is too large")
+            }) {
+                outcomes.set(i, PutOutcome::Failed(e));
                 continue;
             }
             let name = key.to_key_string();
-            match first.get(&name) {
-                Some(&u) => slots.push(Slot::Repeat(u)),
-                None => {
-                    first.insert(name.clone(), unique.len());
-                    slots.push(Slot::First(unique.len()));
-                    unique.push((name, value));
-                }
+            if repeats.first(i, key) {
+                unique_index.push(i);
+                unique.push((name, value));
             }
         }
-        let outcomes = if unique.is_empty() {
+        let stored = if unique.is_empty() {
             Vec::new()
         } else {
             // A spawned task runs to the end even if the caller drops this
@@ -742,32 +504,17 @@ impl KvBackend for MooncakeBackend {
                     Error::new(ErrorKind::Unexpected, format!("the put task failed: {e}"))
                 })??
         };
+        for (i, outcome) in unique_index.into_iter().zip(stored) {
+            outcomes.set(i, outcome);
+        }
         // A repeat shares its first's fate; a failure is restated for it.
-        let repeats: Vec<Option<Error>> = outcomes
-            .iter()
-            .map(|o| match o {
-                PutOutcome::Failed(e) => Some(
-                    Error::new(
-                        e.kind(),
-                        format!("same key earlier in the batch: {}", e.message()),
-                    )
-                    .with_operation("put"),
-                ),
-                _ => None,
-            })
-            .collect();
-        let mut outcomes: Vec<Option<PutOutcome>> = outcomes.into_iter().map(Some).collect();
-        Ok(slots
-            .into_iter()
-            .map(|s| match s {
-                Slot::Invalid(e) => PutOutcome::Failed(e),
-                Slot::First(u) => outcomes[u].take().expect("each first is taken once"),
-                Slot::Repeat(u) => match &repeats[u] {
-                    Some(e) => PutOutcome::Failed(Error::new(e.kind(), e.message())),
-                    None => PutOutcome::Exists,
-                },
-            })
-            .collect())
+        repeats.settle(&mut outcomes, |e| {
+            Error::new(
+                e.kind(),
+                format!("same key earlier in the batch: {}", e.message()),
+            )
+        });
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {

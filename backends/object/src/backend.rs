@@ -1,4 +1,3 @@
-use std::collections::hash_map::{Entry, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -7,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use kvpool_core::batch::{check_value_len, repeat_failure, Outcomes, Repeats};
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
     PutOutcome, Result,
@@ -491,36 +491,22 @@ impl KvBackend for ObjectBackend {
         // A key repeated in one batch is written once: the first copy decides, the others
         // report what a later call would. Sent together, the copies would race and either
         // could win.
-        let mut first: HashMap<&BlockKey, usize> = HashMap::with_capacity(items.len());
-        let mut repeats = Vec::new();
+        let mut repeats = Repeats::with_capacity(items.len());
         let mut work = Vec::with_capacity(items.len());
-        let mut outcomes: Vec<Option<PutOutcome>> = (0..items.len()).map(|_| None).collect();
+        let mut outcomes = Outcomes::new(items.len(), "put");
         for (index, (key, iov)) in items.iter().enumerate() {
-            let len = iov.len();
-            let invalid = if len == 0 {
-                Some("a value must be at least 1 byte".to_string())
-            } else if len > MAX_VALUE_SIZE {
-                Some(format!(
+            let checked = check_value_len(key, iov.len(), MAX_VALUE_SIZE, |len| {
+                format!(
                     "a value of {len} bytes exceeds the object backend's limit of \
                      {MAX_VALUE_SIZE} bytes (S3's 5 GiB single PUT less the header)"
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = invalid {
-                outcomes[index] = Some(PutOutcome::Failed(
-                    Error::invalid_argument(why)
-                        .with_operation("put")
-                        .with_context("key", key),
-                ));
+                )
+            });
+            if let Err(e) = checked {
+                outcomes.set(index, PutOutcome::Failed(e));
                 continue;
             }
-            match first.entry(key) {
-                Entry::Occupied(e) => repeats.push((index, *e.get())),
-                Entry::Vacant(e) => {
-                    e.insert(index);
-                    work.push(index);
-                }
+            if repeats.first(index, key) {
+                work.push(index);
             }
         }
         let stored: Vec<(usize, PutOutcome)> = stream::iter(work)
@@ -533,29 +519,10 @@ impl KvBackend for ObjectBackend {
             .collect()
             .await;
         for (index, outcome) in stored {
-            outcomes[index] = Some(outcome);
+            outcomes.set(index, outcome);
         }
-        for (index, first) in repeats {
-            outcomes[index] = Some(match &outcomes[first] {
-                Some(PutOutcome::Failed(e)) => PutOutcome::Failed(
-                    Error::new(
-                        e.kind(),
-                        format!("the same key earlier in the batch failed: {}", e.message()),
-                    )
-                    .with_operation("put"),
-                ),
-                _ => PutOutcome::Exists,
-            });
-        }
-        outcomes
-            .into_iter()
-            .map(|o| {
-                o.ok_or_else(|| {
-                    Error::new(ErrorKind::Unexpected, "a key of the batch got no outcome")
-                        .with_operation("put")
-                })
-            })
-            .collect()
+        repeats.settle(&mut outcomes, repeat_failure);
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {

@@ -1,9 +1,9 @@
-use std::collections::hash_map::{Entry, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use kvpool_core::batch::{check_value_len, repeat_failure, Outcomes, Repeats};
 use kvpool_core::{
     BackendInfo, BlockKey, Capabilities, Error, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
     PutOutcome, Result,
@@ -410,42 +410,27 @@ impl KvBackend for RedisBackend {
 
     async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
         let pool = self.pool()?;
-        let mut outcomes: Vec<Option<PutOutcome>> = (0..items.len()).map(|_| None).collect();
+        let mut outcomes = Outcomes::new(items.len(), "put");
         // A key repeated in one batch is sent once: the first copy decides, the others
         // report `Exists`, exactly as if they came in later calls.
-        let mut first: HashMap<&BlockKey, usize, foldhash::fast::RandomState> =
-            HashMap::with_capacity_and_hasher(items.len(), Default::default());
-        let mut repeats = Vec::new();
+        let mut repeats = Repeats::with_capacity(items.len());
         let mut work = Vec::with_capacity(items.len());
         for (index, (key, iov)) in items.iter().enumerate() {
-            let len = iov.len();
-            let invalid = if len == 0 {
-                Some("a value must be at least 1 byte".to_string())
-            } else if len > MAX_VALUE_SIZE {
-                Some(format!(
+            let checked = check_value_len(key, iov.len(), MAX_VALUE_SIZE, |len| {
+                format!(
                     "a value of {len} bytes exceeds the redis backend's limit of \
                      {MAX_VALUE_SIZE} bytes (proto-max-bulk-len less the header)"
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = invalid {
-                outcomes[index] = Some(PutOutcome::Failed(
-                    Error::invalid_argument(why)
-                        .with_operation("put")
-                        .with_context("key", key),
-                ));
+                )
+            });
+            if let Err(e) = checked {
+                outcomes.set(index, PutOutcome::Failed(e));
                 continue;
             }
-            match first.entry(key) {
-                Entry::Occupied(e) => repeats.push((index, *e.get())),
-                Entry::Vacant(e) => {
-                    e.insert(index);
-                    work.push(Item {
-                        index,
-                        key: self.redis_key(key),
-                    });
-                }
+            if repeats.first(index, key) {
+                work.push(Item {
+                    index,
+                    key: self.redis_key(key),
+                });
             }
         }
         let plan = self.plan(
@@ -507,24 +492,10 @@ impl KvBackend for RedisBackend {
             )
             .await?;
         for (index, outcome) in stored {
-            outcomes[index] = Some(outcome);
+            outcomes.set(index, outcome);
         }
-        for (index, first) in repeats {
-            outcomes[index] = Some(match &outcomes[first] {
-                Some(PutOutcome::Failed(e)) => PutOutcome::Failed(
-                    Error::new(
-                        e.kind(),
-                        format!("the same key earlier in the batch failed: {}", e.message()),
-                    )
-                    .with_operation("put"),
-                ),
-                _ => PutOutcome::Exists,
-            });
-        }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.expect("every item has an outcome"))
-            .collect())
+        repeats.settle(&mut outcomes, repeat_failure);
+        Ok(outcomes.into_vec())
     }
 
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {

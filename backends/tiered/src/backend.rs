@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Semaphore};
 
 use kvpool_core::backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, PutOutcome};
+use kvpool_core::batch::Outcomes;
 use kvpool_core::buffer::{IoVec, IoVecMut, MemRegion};
 use kvpool_core::config::Config;
 use kvpool_core::error::{Error, ErrorKind, Result};
@@ -423,7 +424,7 @@ impl KvBackend for TieredBackend {
             return Ok(Vec::new());
         }
         let n = items.len();
-        let mut outcomes: Vec<Option<GetOutcome>> = (0..n).map(|_| None).collect();
+        let mut outcomes = Outcomes::new(n, "get_into");
         let mut failures: Vec<Option<Error>> = (0..n).map(|_| None).collect();
         let mut missing: Vec<usize> = (0..n).collect();
         let mut promotions = Vec::new();
@@ -453,7 +454,7 @@ impl KvBackend for TieredBackend {
                                         Bytes::from(items[i].1.to_vec()),
                                     ));
                                 }
-                                outcomes[i] = Some(GetOutcome::Hit);
+                                outcomes.set(i, GetOutcome::Hit);
                             }
                             GetOutcome::Miss => still.push(i),
                             GetOutcome::Failed(e) => {
@@ -476,15 +477,11 @@ impl KvBackend for TieredBackend {
         }
         metrics::global().add_keys(SCHEME, "promote", "found_below", promotions.len() as u64);
         self.promote_hits(promotions);
-        Ok(outcomes
-            .into_iter()
-            .zip(failures)
-            .map(|(o, f)| match (o, f) {
-                (Some(o), _) => o,
-                (None, Some(e)) => GetOutcome::Failed(e),
-                (None, None) => GetOutcome::Miss,
-            })
-            .collect())
+        // No tier had it: the failure of a tier that had a bad copy, else a miss.
+        Ok(outcomes.into_vec_with(|i| match failures[i].take() {
+            Some(e) => GetOutcome::Failed(e),
+            None => GetOutcome::Miss,
+        }))
     }
 
     async fn remove(&self, keys: &[BlockKey]) -> Result<()> {

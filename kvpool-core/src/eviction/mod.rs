@@ -8,6 +8,9 @@
 //! Two policies ship: [`Lru`] (`"lru"`) and [`ChainLru`] (`"chain"`, the
 //! default), which knows that KV blocks come in prefix chains and that most
 //! blocks are never read again.
+//!
+//! [`ShardedIndex`] is the key index capacity-bound backends keep: shards of
+//! keys, each with its own policy instance, evicted round-robin.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -18,9 +21,11 @@ use crate::error::{Error, Result};
 
 mod chain;
 mod lru;
+mod sharded;
 
 pub use chain::ChainLru;
 pub use lru::Lru;
+pub use sharded::{BatchChain, Evictor, ShardedIndex};
 
 /// Orders keys for eviction.
 ///
