@@ -29,8 +29,7 @@ fn stdout_json(out: &Output) -> serde_json::Value {
 }
 
 fn trace() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/conversation_trace.jsonl");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/conversation_trace.jsonl");
     assert!(
         p.exists(),
         "the trace must sit at {} (it is part of the repository)",
