@@ -1,4 +1,8 @@
-//! kvpool-core: the parts every kvpool backend and front end share.
+//! kvpool-core: the storage contract every kvpool backend and front end share.
+//!
+//! It holds no runtime, network, HTTP, trace replay or tiering: those live in
+//! kvpool-connector, the backend crates and kvpool-cli, so a backend depends on
+//! this crate alone.
 //!
 //! - [`key`]: block hashes, namespaces and keys, with the vllm-ascend string form.
 //! - [`hash`]: block hashing — our deterministic token chain and vLLM's own.
@@ -11,6 +15,9 @@
 //!   capacity-bound backends evict from.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`frame`]: the checksummed form of values in stores kvpool does not control.
+//! - [`checked`]: the layer every opened backend is wrapped in: contract checks and metrics.
+//! - [`error`]: errors with a kind, a retry status and context.
+//! - [`size`]: byte sizes as users write them in config ("4GB").
 
 pub mod backend;
 pub mod batch;

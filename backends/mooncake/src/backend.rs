@@ -20,9 +20,8 @@ use crate::transfer::{LocalSegment, Op, TransferClient, TransferError};
 use crate::types::*;
 use crate::SCHEME;
 
-// Declared here rather than in lib.rs: a part of this backend, with access
-// to its private state.
-#[path = "open.rs"]
+// Parts of this backend (backend/*.rs), children of this module so they
+// reach its private state.
 mod open;
 
 use open::Owner;

@@ -20,11 +20,9 @@ use crate::config::RocksDbSsdConfig;
 use crate::record::{self, BatchRep};
 use crate::SCHEME;
 
-// Declared here rather than in lib.rs: they are parts of this backend,
-// with access to its private state.
-#[path = "db.rs"]
+// Parts of this backend (backend/*.rs), children of this module so they
+// reach its private state.
 mod db;
-#[path = "space.rs"]
 mod space;
 
 use db::{
