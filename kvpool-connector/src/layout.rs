@@ -1,14 +1,19 @@
-//! Where each block's KV bytes sit in the engine's cache tensors.
+//! Where each block's KV bytes sit in the engine's cache tensors, and the one byte order every
+//! engine stores them in.
 //!
-//! vLLM 0.33 hands one tensor per layer whose dimension 0 indexes blocks (`[blocks, heads,
-//! block_size, 2 × head_size]`, K and V side by side); Ascend hands a `(k, v)` pair per layer,
-//! each `[blocks, block_size, heads, head_size]`. The physical order may differ from the
-//! logical one, so a block is not always one contiguous run: its byte runs are derived from the
-//! strides, never assumed.
+//! vLLM 0.33 hands one tensor per layer whose logical shape is `[blocks, heads, tokens,
+//! content]` (K and V side by side in `content`) whatever its physical order; Ascend hands a
+//! `(k, v)` pair per layer, each `[blocks, tokens, heads, head_size]`. A block is therefore not
+//! always one contiguous run: its bytes are derived from the strides, never assumed.
 //!
-//! The value stored under a block's key is the concatenation, in registration order, of that
-//! block's bytes in every tensor of every layer, so one key carries the whole block for this
-//! rank and a load is one scatter.
+//! The value stored under a block's key is canonical: for each tensor in registration order,
+//! the block's elements in the tensor's *logical* order (as if it were contiguous). Two
+//! engines whose physical layouts differ (vLLM's six `KVCacheLayout`s, a CPU and a GPU
+//! instance) so store identical bytes for identical KV and can share a pool. In the common
+//! layouts logical and address order agree and a block is one or a few runs; where they do not
+//! (vLLM's `NHD` layouts, whose logical view is head-major but whose pages are token-major),
+//! host KV is gathered piece by piece and device KV is copied in address order into staging
+//! and reordered there on the CPU.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -16,12 +21,14 @@ use std::sync::Arc;
 use kvpool_core::buffer::{IoVec, IoVecMut, MemRegion};
 use kvpool_core::error::{Error, Result};
 
+use crate::device::{Copy, Device};
+
 /// One cache tensor as the engine describes it. Dimension 0 indexes blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorDesc {
     /// The layer it belongs to, for error messages.
     pub layer: String,
-    /// Address of element `[0, 0, ...]`.
+    /// Address of element `[0, 0, ...]`: a host address, or a device address on `device`.
     pub ptr: usize,
     /// Shape, in elements.
     pub shape: Vec<usize>,
@@ -29,40 +36,57 @@ pub struct TensorDesc {
     pub strides: Vec<isize>,
     /// Bytes per element.
     pub elem_size: usize,
+    /// Where the memory is.
+    pub device: Device,
 }
 
-/// A run of bytes, relative to the start of the tensor's region.
-#[derive(Debug, Clone, Copy)]
+/// A run of bytes, relative to the start of a block in its tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
     offset: usize,
     len: usize,
 }
 
+/// A copy inside one block's bytes, from its address-order image to its canonical value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Move {
+    image: usize,
+    value: usize,
+    len: usize,
+}
+
 #[derive(Debug)]
 struct TensorPlan {
-    region: Arc<MemRegion>,
-    /// Offset of block 0 in the region.
-    base: usize,
+    /// Host tensors: the region holding it, and the offset of block 0 in it.
+    region: Option<(Arc<MemRegion>, usize)>,
+    /// Address of block 0 (host or device).
+    addr: usize,
     /// Bytes from one block to the next.
     block_stride: usize,
-    /// The block's runs, relative to the block's start.
+    /// The block's bytes in canonical (logical) order.
+    pieces: Vec<Run>,
+    /// The block's bytes in address order: what a device copy moves.
     runs: Vec<Run>,
 }
 
-/// The registered cache: regions, and for each block the runs that make up its value.
+/// The registered cache: for each block, where its value's bytes are.
 #[derive(Debug)]
 pub struct KvLayout {
     tensors: Vec<TensorPlan>,
     regions: Vec<Arc<MemRegion>>,
+    device: Device,
     num_blocks: usize,
     value_len: usize,
+    /// How a block's address-order image becomes its value; `None` when they are the same.
+    reorder: Option<Vec<Move>>,
 }
 
 impl KvLayout {
     /// Plans the layout of `tensors` (every layer's, in registration order).
     ///
-    /// Tensors that share memory (K and V views of one allocation, layers of one buffer) end up
-    /// in one region, so a backend that registers memory sees each byte once.
+    /// Host tensors that share memory (K and V views of one allocation, layers of one buffer)
+    /// end up in one region, so a backend that registers memory sees each byte once. Device
+    /// tensors get no region: backends never address device memory.
     ///
     /// # Safety
     ///
@@ -71,81 +95,84 @@ impl KvLayout {
     /// the tensors alive.
     ///
     /// # Errors
-    /// `InvalidArgument` naming the layer: no tensors, mismatched block counts, a null pointer,
-    /// zero-sized or negative-stride dimensions, or an extent that overflows.
+    /// `InvalidArgument` naming the layer: no tensors, tensors on different devices, mismatched
+    /// block counts, a null pointer, zero-sized or negative-stride dimensions, elements of one
+    /// block that overlap, or an extent that overflows.
     pub unsafe fn new(
         tensors: &[TensorDesc],
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<KvLayout> {
-        if tensors.is_empty() {
+        let Some(first) = tensors.first() else {
             return Err(Error::invalid_argument("no KV-cache tensors to register"));
-        }
+        };
+        let device = first.device;
+        let num_blocks = first.shape.first().copied().unwrap_or(0);
         let mut spans = Vec::with_capacity(tensors.len());
-        let mut num_blocks = None;
         for t in tensors {
             let span = checked_span(t)?;
-            match num_blocks {
-                None => num_blocks = Some(t.shape[0]),
-                Some(n) if n != t.shape[0] => {
-                    return Err(Error::invalid_argument(format!(
-                        "layer {:?} has {} blocks but earlier layers have {n}; every cache \
-                         tensor must index the same blocks",
-                        t.layer, t.shape[0]
-                    )))
-                }
-                Some(_) => {}
+            if t.device != device {
+                return Err(Error::invalid_argument(format!(
+                    "layer {:?} is on {} but layer {:?} is on {device}; every cache tensor of \
+                     a worker must be on one device",
+                    t.layer, t.device, first.layer
+                )));
+            }
+            if t.shape[0] != num_blocks {
+                return Err(Error::invalid_argument(format!(
+                    "layer {:?} has {} blocks but earlier layers have {num_blocks}; every cache \
+                     tensor must index the same blocks",
+                    t.layer, t.shape[0]
+                )));
             }
             spans.push(span);
         }
-        let num_blocks = num_blocks.unwrap_or(0);
 
-        // Merge overlapping or touching spans into regions.
-        let mut order: Vec<usize> = (0..spans.len()).collect();
-        order.sort_by_key(|&i| spans[i].0);
-        let mut merged: Vec<(usize, usize)> = Vec::new();
-        for &i in &order {
-            let (start, end) = spans[i];
-            match merged.last_mut() {
-                Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                _ => merged.push((start, end)),
-            }
-        }
-        let mut regions = Vec::with_capacity(merged.len());
-        for &(start, end) in &merged {
-            let holder = owner
-                .clone()
-                .map(|o| Box::new(o) as Box<dyn Any + Send + Sync>);
-            // SAFETY: the caller guarantees every tensor's memory is valid; merged spans cover
-            // only tensor memory.
-            let region = unsafe { MemRegion::from_raw(start as *mut u8, end - start, holder)? };
-            regions.push(region);
-        }
+        let (regions, homes) = if device.is_host() {
+            // SAFETY: forwarded from the caller.
+            unsafe { host_regions(&spans, owner)? }
+        } else {
+            (Vec::new(), vec![None; tensors.len()])
+        };
 
         let mut plans = Vec::with_capacity(tensors.len());
         let mut value_len = 0usize;
-        for (t, &(start, _)) in tensors.iter().zip(&spans) {
-            let idx = merged.partition_point(|m| m.0 <= start) - 1;
-            let region = regions[idx].clone();
-            let runs = block_runs(t);
-            value_len += runs.iter().map(|r| r.len).sum::<usize>();
+        for (t, home) in tensors.iter().zip(homes) {
+            let pieces = block_pieces(t);
+            let runs = address_order(&pieces).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "KV-cache tensor of layer {:?}: elements of one block overlap (strides \
+                     {:?}); kvpool stores each byte of a block once",
+                    t.layer, t.strides
+                ))
+            })?;
+            value_len += pieces.iter().map(|r| r.len).sum::<usize>();
             plans.push(TensorPlan {
-                base: t.ptr - merged[idx].0,
+                region: home,
+                addr: t.ptr,
                 block_stride: t.strides[0] as usize * t.elem_size,
-                region,
+                pieces,
                 runs,
             });
         }
+        let reorder = reorder_plan(&plans);
         Ok(KvLayout {
             tensors: plans,
             regions,
+            device,
             num_blocks,
             value_len,
+            reorder,
         })
     }
 
-    /// The regions to register with a backend.
+    /// The regions to register with a backend: empty for device tensors.
     pub fn regions(&self) -> &[Arc<MemRegion>] {
         &self.regions
+    }
+
+    /// Where the tensors are.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Blocks in the cache.
@@ -169,40 +196,140 @@ impl KvLayout {
         Ok(b)
     }
 
-    fn for_each_run(&self, block: usize, mut f: impl FnMut(&Arc<MemRegion>, usize, usize)) {
+    fn host_pieces(
+        &self,
+        block: u32,
+        mut push: impl FnMut(&Arc<MemRegion>, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let b = self.check_block(block)?;
         for t in &self.tensors {
-            let start = t.base + block * t.block_stride;
-            for run in &t.runs {
-                f(&t.region, start + run.offset, run.len);
+            let Some((region, base)) = &t.region else {
+                return Err(Error::invalid_argument(format!(
+                    "the KV cache is on {}: backends cannot address it directly",
+                    self.device
+                )));
+            };
+            let start = base + b * t.block_stride;
+            for p in &t.pieces {
+                push(region, start + p.offset, p.len)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gather descriptor of host `block`'s value.
+    pub fn gather(&self, block: u32) -> Result<IoVec> {
+        let mut iov = IoVec::new();
+        self.host_pieces(block, |region, off, len| iov.push(region, off, len))?;
+        Ok(iov)
+    }
+
+    /// The scatter descriptor of host `block`'s value.
+    pub fn scatter(&self, block: u32) -> Result<IoVecMut> {
+        let mut iov = IoVecMut::new();
+        self.host_pieces(block, |region, off, len| iov.push(region, off, len))?;
+        Ok(iov)
+    }
+
+    /// The copies between `block` and its address-order image at host address `staging`
+    /// (`value_len` bytes), runs that touch on both sides merged into one.
+    pub fn device_copies(&self, block: u32, staging: usize, out: &mut Vec<Copy>) -> Result<()> {
+        let b = self.check_block(block)?;
+        let mut host = staging;
+        for t in &self.tensors {
+            let start = t.addr + b * t.block_stride;
+            for r in &t.runs {
+                let device = (start + r.offset) as u64;
+                match out.last_mut() {
+                    Some(last)
+                        if last.device + last.len as u64 == device
+                            && last.host + last.len == host =>
+                    {
+                        last.len += r.len
+                    }
+                    _ => out.push(Copy {
+                        device,
+                        host,
+                        len: r.len,
+                    }),
+                }
+                host += r.len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a block's address-order image differs from its value.
+    pub fn needs_reorder(&self) -> bool {
+        self.reorder.is_some()
+    }
+
+    /// Turns a block's address-order `image` into its canonical value in `value`.
+    ///
+    /// # Panics
+    /// Never for buffers of `value_len` bytes; the caller sizes them.
+    pub fn image_to_value(&self, image: &[u8], value: &mut [u8]) {
+        match &self.reorder {
+            None => value.copy_from_slice(image),
+            Some(moves) => {
+                for m in moves {
+                    value[m.value..m.value + m.len].copy_from_slice(&image[m.image..m.image + m.len]);
+                }
             }
         }
     }
 
-    /// The gather descriptor of `block`'s value.
-    pub fn gather(&self, block: u32) -> Result<IoVec> {
-        let b = self.check_block(block)?;
-        let mut iov = IoVec::new();
-        let mut res = Ok(());
-        self.for_each_run(b, |region, off, len| {
-            if res.is_ok() {
-                res = iov.push(region, off, len);
+    /// Turns a block's canonical `value` into its address-order `image`.
+    pub fn value_to_image(&self, value: &[u8], image: &mut [u8]) {
+        match &self.reorder {
+            None => image.copy_from_slice(value),
+            Some(moves) => {
+                for m in moves {
+                    image[m.image..m.image + m.len].copy_from_slice(&value[m.value..m.value + m.len]);
+                }
             }
-        });
-        res.map(|()| iov)
+        }
     }
+}
 
-    /// The scatter descriptor of `block`'s value.
-    pub fn scatter(&self, block: u32) -> Result<IoVecMut> {
-        let b = self.check_block(block)?;
-        let mut iov = IoVecMut::new();
-        let mut res = Ok(());
-        self.for_each_run(b, |region, off, len| {
-            if res.is_ok() {
-                res = iov.push(region, off, len);
-            }
-        });
-        res.map(|()| iov)
+/// Merges the host tensors' spans into regions; returns them and, per tensor, its region and
+/// offset in it.
+///
+/// # Safety
+/// As [`KvLayout::new`].
+#[allow(clippy::type_complexity)]
+unsafe fn host_regions(
+    spans: &[(usize, usize)],
+    owner: Option<Arc<dyn Any + Send + Sync>>,
+) -> Result<(Vec<Arc<MemRegion>>, Vec<Option<(Arc<MemRegion>, usize)>>)> {
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&i| spans[i].0);
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    for &i in &order {
+        let (start, end) = spans[i];
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
     }
+    let mut regions = Vec::with_capacity(merged.len());
+    for &(start, end) in &merged {
+        let holder = owner
+            .clone()
+            .map(|o| Box::new(o) as Box<dyn Any + Send + Sync>);
+        // SAFETY: the caller guarantees every tensor's memory is valid; merged spans cover
+        // only tensor memory.
+        let region = unsafe { MemRegion::from_raw(start as *mut u8, end - start, holder)? };
+        regions.push(region);
+    }
+    let homes = spans
+        .iter()
+        .map(|&(start, _)| {
+            let idx = merged.partition_point(|m| m.0 <= start) - 1;
+            Some((regions[idx].clone(), start - merged[idx].0))
+        })
+        .collect();
+    Ok((regions, homes))
 }
 
 /// The tensor's byte extent `[start, end)`, after checking it is well-formed.
@@ -253,14 +380,9 @@ fn checked_span(t: &TensorDesc) -> Result<(usize, usize)> {
     }
 }
 
-/// The runs of block 0 of `t`, relative to the block's start, in address order.
-///
-/// Address order, not logical element order: a block is then one run in the common layouts
-/// (vLLM's default keeps each block's page contiguous even though its logical view is
-/// strided), and the stored value is the block's page exactly as Ascend Store stores it.
-/// Instances sharing a pool must therefore use the same KV-cache layout and dtype, as with
-/// Ascend Store.
-fn block_runs(t: &TensorDesc) -> Vec<Run> {
+/// The bytes of block 0 of `t` in logical element order, relative to the block's start, with
+/// pieces that follow each other in memory merged.
+fn block_pieces(t: &TensorDesc) -> Vec<Run> {
     let dims = &t.shape[1..];
     let strides = &t.strides[1..];
     // The longest suffix of dimensions that is one contiguous run.
@@ -278,7 +400,7 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
     let run_len = run_elems * t.elem_size;
     let outer = &dims[..inner];
     let count: usize = outer.iter().product();
-    let mut offsets: Vec<usize> = Vec::with_capacity(count);
+    let mut pieces: Vec<Run> = Vec::with_capacity(count);
     let mut index = vec![0usize; outer.len()];
     for _ in 0..count {
         let elem: usize = index
@@ -286,7 +408,14 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
             .zip(strides)
             .map(|(&i, &s)| i * s as usize)
             .sum();
-        offsets.push(elem * t.elem_size);
+        let offset = elem * t.elem_size;
+        match pieces.last_mut() {
+            Some(last) if last.offset + last.len == offset => last.len += run_len,
+            _ => pieces.push(Run {
+                offset,
+                len: run_len,
+            }),
+        }
         // Odometer increment, last dimension fastest.
         for d in (0..index.len()).rev() {
             index[d] += 1;
@@ -296,18 +425,53 @@ fn block_runs(t: &TensorDesc) -> Vec<Run> {
             index[d] = 0;
         }
     }
-    offsets.sort_unstable();
-    let mut runs: Vec<Run> = Vec::with_capacity(count);
-    for offset in offsets {
+    pieces
+}
+
+/// `pieces` sorted by address and merged; `None` when two of them overlap.
+fn address_order(pieces: &[Run]) -> Option<Vec<Run>> {
+    let mut sorted = pieces.to_vec();
+    sorted.sort_unstable_by_key(|r| r.offset);
+    let mut runs: Vec<Run> = Vec::with_capacity(sorted.len());
+    for r in sorted {
         match runs.last_mut() {
-            Some(last) if last.offset + last.len == offset => last.len += run_len,
-            _ => runs.push(Run {
-                offset,
-                len: run_len,
-            }),
+            Some(last) if last.offset + last.len > r.offset => return None,
+            Some(last) if last.offset + last.len == r.offset => last.len += r.len,
+            _ => runs.push(r),
         }
     }
-    runs
+    Some(runs)
+}
+
+/// How each tensor's pieces land in the block's image (its runs, concatenated) and in its value
+/// (its pieces, concatenated); `None` when image and value are the same bytes.
+fn reorder_plan(plans: &[TensorPlan]) -> Option<Vec<Move>> {
+    let mut moves = Vec::new();
+    let mut base = 0usize;
+    let mut identity = true;
+    for t in plans {
+        // Where each run starts in the image.
+        let mut run_at = Vec::with_capacity(t.runs.len());
+        let mut at = base;
+        for r in &t.runs {
+            run_at.push(at);
+            at += r.len;
+        }
+        let mut value = base;
+        for p in &t.pieces {
+            let i = t.runs.partition_point(|r| r.offset <= p.offset) - 1;
+            let image = run_at[i] + (p.offset - t.runs[i].offset);
+            identity &= image == value;
+            moves.push(Move {
+                image,
+                value,
+                len: p.len,
+            });
+            value += p.len;
+        }
+        base = at;
+    }
+    (!identity).then_some(moves)
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@
 //! own prefix cache are not loaded again, each tensor-parallel rank saves only its share of
 //! blocks whose KV is identical across ranks, and `exists` before `put`.
 
+pub mod device;
 mod layout;
+mod staging;
 pub mod lookup;
 mod meta;
 mod metrics_server;

@@ -1,4 +1,10 @@
 //! The worker half: registration, loads before the forward, saves after it, completions.
+//!
+//! Host KV moves straight between the cache and the backend ([`direct`]); device KV (and host
+//! KV with `stage_host_kv`) through pinned staging and a copy engine ([`staged`]).
+
+mod direct;
+mod staged;
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -9,12 +15,16 @@ use async_trait::async_trait;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
+use crate::device::{self, CopyEngine, StreamHandle};
 use crate::layout::{KvLayout, TensorDesc};
+use crate::staging::Staging;
+use staged::{Staged, Waiter};
 use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan, StepMeta};
 use crate::metrics_server::MetricsServer;
 use crate::{EngineLayout, RankKeys};
 use kvpool_core::backend::{GetOutcome, KvBackend, PutOutcome};
+use kvpool_core::buffer::IoVec;
 use kvpool_core::config::Config;
 use kvpool_core::error::{Error, ErrorKind, Result};
 use kvpool_core::key::{BlockHash, BlockKey, Namespace};
@@ -34,8 +44,10 @@ pub struct FinishedTransfers {
 
 #[derive(Debug, Default)]
 struct Progress {
-    /// Save jobs in flight per request.
+    /// Save jobs in flight per request, until they no longer read the request's blocks.
     inflight: HashMap<String, usize>,
+    /// Backend writes from staging still running (their blocks are already free).
+    staged_puts: usize,
     /// Requests that had saves planned and are not yet reported as finished sending.
     saving: HashSet<String>,
     /// Of those, the ones vLLM reported finished.
@@ -69,6 +81,13 @@ pub struct WorkerConnector {
     layout: EngineLayout,
     shared: Arc<Shared>,
     kv: Mutex<Option<Arc<KvLayout>>>,
+    staged: Mutex<Option<Arc<Staged>>>,
+    /// Copies to the device of this step's sync loads, until their failures are collected.
+    sync_waiters: Mutex<Vec<Waiter>>,
+    /// A copy engine to use instead of the device's own (tests).
+    engine_override: Mutex<Option<Arc<dyn CopyEngine>>>,
+    staging_bytes: u64,
+    stage_host_kv: bool,
     meta: Mutex<Option<StepMeta>>,
     saves: bool,
     loads: bool,
@@ -159,6 +178,11 @@ impl WorkerConnector {
             layout,
             shared,
             kv: Mutex::new(None),
+            staged: Mutex::new(None),
+            sync_waiters: Mutex::new(Vec::new()),
+            engine_override: Mutex::new(None),
+            staging_bytes: c.device_staging_bytes.as_u64(),
+            stage_host_kv: c.stage_host_kv,
             meta: Mutex::new(None),
             _lookup: lookup,
             metrics,
@@ -172,11 +196,23 @@ impl WorkerConnector {
         format!("{} ({})", info.scheme, info.description)
     }
 
-    /// vLLM's `register_kv_caches`: plans every block's bytes and registers the memory.
+    /// Uses `engine` for the KV's device instead of the one [`device::engine_for`] would open.
+    /// Call before [`register_kv_caches`](Self::register_kv_caches); for tests.
+    pub fn use_copy_engine(&self, engine: Arc<dyn CopyEngine>) {
+        *lock(&self.engine_override) = Some(engine);
+    }
+
+    /// vLLM's `register_kv_caches`: plans every block's bytes and registers memory with the
+    /// backend — the cache itself when it is in host memory, otherwise pinned staging.
     ///
     /// # Safety
     /// The tensors' memory must stay valid while this connector lives; `owner` is kept with
     /// the regions and should hold the tensors.
+    ///
+    /// # Errors
+    /// Malformed tensor descriptions; a block larger than the backend's largest value; a
+    /// device this build or machine cannot reach (named, with what to install); a staging
+    /// budget below two blocks.
     pub unsafe fn register_kv_caches(
         &self,
         tensors: &[TensorDesc],
@@ -184,28 +220,57 @@ impl WorkerConnector {
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
         let kv = unsafe { KvLayout::new(tensors, owner)? };
-        if let Some(max) = self.shared.backend.info().capabilities.max_value_size {
+        let info = self.shared.backend.info();
+        if let Some(max) = info.capabilities.max_value_size {
             if kv.value_len() > max {
                 return Err(Error::invalid_argument(format!(
                     "one block's KV on this rank is {} bytes, more than the {} backend's \
                      largest value ({max} bytes)",
                     kv.value_len(),
-                    self.shared.backend.info().scheme
+                    info.scheme
                 )));
             }
         }
-        for region in kv.regions() {
+        let staged = if kv.device().is_host() && !self.stage_host_kv {
+            for region in kv.regions() {
+                self.runtime
+                    .block_on(self.shared.backend.register(region))?;
+            }
+            None
+        } else {
+            let engine = match lock(&self.engine_override).clone() {
+                Some(engine) => engine,
+                None => device::engine_for(kv.device())?,
+            };
+            if engine.device() != kv.device() {
+                return Err(Error::invalid_argument(format!(
+                    "the KV cache is on {} but the copy engine moves {}",
+                    kv.device(),
+                    engine.device()
+                )));
+            }
+            let staging = Staging::new(engine.clone(), kv.value_len(), self.staging_bytes)?;
             self.runtime
-                .block_on(self.shared.backend.register(region))?;
-        }
+                .block_on(self.shared.backend.register(staging.region()))?;
+            Some(Arc::new(Staged::new(engine, staging, self.shared.max_batch)))
+        };
         tracing::info!(
+            device = %kv.device(),
             blocks = kv.num_blocks(),
             value_bytes = kv.value_len(),
             regions = kv.regions().len(),
+            staging_slots = staged.as_ref().map_or(0, |s| s.staging.slots()),
+            reordered = kv.needs_reorder(),
             "kvpool registered the KV cache"
         );
-        *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(kv));
+        *lock(&self.staged) = staged;
+        *lock(&self.kv) = Some(Arc::new(kv));
         Ok(())
+    }
+
+    /// Staging slots free right now, once registered through staging (tests: none may leak).
+    pub fn free_staging_slots(&self) -> Option<usize> {
+        lock(&self.staged).as_ref().map(|s| s.staging.free_slots())
     }
 
     /// Bytes of one block's value on this rank, once registered.
@@ -253,11 +318,15 @@ impl WorkerConnector {
             .unwrap_or_default()
     }
 
-    /// vLLM's `start_load_kv`: runs this step's synchronous loads to completion and starts the
-    /// asynchronous ones. A block that cannot be loaded (a miss, a corrupt value, a backend
-    /// error) is reported by [`get_block_ids_with_load_errors`](Self::get_block_ids_with_load_errors),
-    /// so vLLM recomputes it.
-    pub fn start_load_kv(&self) -> Result<()> {
+    /// vLLM's `start_load_kv`: runs this step's synchronous loads and starts the asynchronous
+    /// ones. `compute` is the engine's current stream (0 for host KV): copies to the device
+    /// start after the work queued on it (vLLM may be zeroing the new blocks), and a sync load's
+    /// copies are finished before later work on it runs — the call returns without waiting for
+    /// the device. A block that cannot be loaded (a miss, a corrupt value, a backend or copy
+    /// error) is reported by
+    /// [`get_block_ids_with_load_errors`](Self::get_block_ids_with_load_errors), so vLLM
+    /// recomputes it.
+    pub fn start_load_kv(&self, compute: StreamHandle) -> Result<()> {
         let loads = self.take_plans(|m| std::mem::take(&mut m.loads));
         if loads.is_empty() {
             return Ok(());
@@ -266,41 +335,85 @@ impl WorkerConnector {
             tracing::warn!("load planned for a worker that does not load; ignored");
         }
         let kv = self.kv_layout()?;
+        let staged = lock(&self.staged).clone();
+        if let Some(staged) = &staged {
+            staged.engine.order_after(compute)?;
+        }
         let mut sync_jobs = Vec::new();
         for plan in loads {
             let shared = self.shared.clone();
             let kv = kv.clone();
+            let staged = staged.clone();
             if plan.is_async {
                 self.runtime.spawn(async move {
                     let req_id = plan.req_id.clone();
-                    let failed = load(&shared, &kv, plan).await;
+                    let failed = match &staged {
+                        None => direct::load(&shared, &kv, plan).await,
+                        Some(staged) => {
+                            let (mut failed, waiters) =
+                                staged::load(&shared, &kv, staged, plan).await;
+                            failed.extend(staged::settle(waiters).await);
+                            failed
+                        }
+                    };
                     let mut p = shared.progress();
                     p.load_errors.extend(failed);
                     p.done_recving.push(req_id);
                 });
             } else {
                 sync_jobs.push(async move {
-                    let failed = load(&shared, &kv, plan).await;
-                    shared.progress().load_errors.extend(failed);
+                    match &staged {
+                        None => {
+                            let failed = direct::load(&shared, &kv, plan).await;
+                            shared.progress().load_errors.extend(failed);
+                            Vec::new()
+                        }
+                        Some(staged) => {
+                            let (failed, waiters) = staged::load(&shared, &kv, staged, plan).await;
+                            shared.progress().load_errors.extend(failed);
+                            waiters
+                        }
+                    }
                 });
             }
         }
-        if !sync_jobs.is_empty() {
-            self.runtime.block_on(futures_join_all(sync_jobs));
+        if sync_jobs.is_empty() {
+            return Ok(());
+        }
+        let waiters: Vec<Waiter> = self
+            .runtime
+            .block_on(join_all(sync_jobs))
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(staged) = &staged {
+            if !waiters.is_empty() {
+                // Copies complete in submission order: one fence after them all covers every
+                // sync load, and the forward waits for it on the device, not here.
+                let fence = staged.engine.fence()?;
+                staged.engine.stream_wait(compute, &*fence)?;
+                lock(&self.sync_waiters).extend(waiters);
+            }
         }
         Ok(())
     }
 
     /// vLLM's `wait_for_save`: hands this step's saves to the background and returns. The
-    /// blocks stay untouched until the save is done: vLLM delays freeing a finished request's
-    /// blocks until `get_finished` reports it, and [`handle_preemptions`](Self::handle_preemptions)
-    /// waits for a preempted request's saves.
-    pub fn wait_for_save(&self) -> Result<()> {
+    /// blocks stay untouched until the save no longer reads them: vLLM delays freeing a
+    /// finished request's blocks until `get_finished` reports it, and
+    /// [`handle_preemptions`](Self::handle_preemptions) waits for a preempted request's saves.
+    /// `compute` is the engine's current stream (0 for host KV): device KV is read only after
+    /// the work queued on it, the forward that writes it.
+    pub fn wait_for_save(&self, compute: StreamHandle) -> Result<()> {
         let saves = self.take_plans(|m| std::mem::take(&mut m.saves));
         if saves.is_empty() || !self.saves {
             return Ok(());
         }
         let kv = self.kv_layout()?;
+        let staged = lock(&self.staged).clone();
+        if let Some(staged) = &staged {
+            staged.engine.order_after(compute)?;
+        }
         for plan in saves {
             self.shared
                 .progress()
@@ -310,11 +423,17 @@ impl WorkerConnector {
                 .or_insert(1);
             let shared = self.shared.clone();
             let kv = kv.clone();
+            let staged = staged.clone();
             self.runtime.spawn(async move {
                 let req_id = plan.req_id.clone();
-                if let Err(e) = save(&shared, &kv, plan).await {
+                let puts = match &staged {
+                    None => direct::save(&shared, &kv, plan).await.map(|()| Vec::new()),
+                    Some(staged) => staged::save(&shared, &kv, staged, plan).await,
+                };
+                let puts = puts.unwrap_or_else(|e| {
                     tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
-                }
+                    Vec::new()
+                });
                 {
                     let mut p = shared.progress();
                     if let Some(n) = p.inflight.get_mut(&req_id) {
@@ -323,6 +442,12 @@ impl WorkerConnector {
                             p.inflight.remove(&req_id);
                         }
                     }
+                    p.staged_puts += puts.len();
+                }
+                shared.saves_done.notify_waiters();
+                for put in puts {
+                    let _ = put.await;
+                    shared.progress().staged_puts -= 1;
                 }
                 shared.saves_done.notify_waiters();
             });
@@ -389,7 +514,14 @@ impl WorkerConnector {
     }
 
     /// vLLM's `get_block_ids_with_load_errors`: blocks whose load failed since the last call.
+    /// Waits for the copies of the last sync loads to the device, whose failures are known only
+    /// then; vLLM calls it after launching the forward, which already waits for those copies.
     pub fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
+        let waiters = std::mem::take(&mut *lock(&self.sync_waiters));
+        if !waiters.is_empty() {
+            let failed = self.runtime.block_on(staged::settle(waiters));
+            self.shared.progress().load_errors.extend(failed);
+        }
         let mut ids: Vec<u32> = self.shared.progress().load_errors.drain().collect();
         ids.sort_unstable();
         ids
@@ -409,12 +541,35 @@ impl WorkerConnector {
         ids.len()
     }
 
-    /// Waits for every save in flight (up to `timeout`) and closes the backend.
+    /// Backend writes from staging still running, for tests and shutdown.
+    pub fn staged_puts_in_flight(&self) -> usize {
+        self.shared.progress().staged_puts
+    }
+
+    /// Waits for every save in flight, backend writes from staging included (up to
+    /// `timeout`), and closes the backend.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
         let ids: Vec<String> = self.shared.progress().inflight.keys().cloned().collect();
-        if !self.wait_for_requests(&ids, timeout) {
+        let drained = self.wait_for_requests(&ids, timeout)
+            && self.runtime.block_on(async {
+                let shared = &self.shared;
+                tokio::time::timeout(timeout, async {
+                    loop {
+                        let notified = shared.saves_done.notified();
+                        if shared.progress().staged_puts == 0 {
+                            return;
+                        }
+                        notified.await;
+                    }
+                })
+                .await
+                .is_ok()
+            });
+        if !drained {
             tracing::warn!("kvpool shutdown: saves still running after {timeout:?}");
         }
+        let waiters = std::mem::take(&mut *lock(&self.sync_waiters));
+        self.runtime.block_on(staged::settle(waiters));
         self.runtime.block_on(self.shared.backend.close())
     }
 
@@ -429,117 +584,166 @@ impl WorkerConnector {
     }
 }
 
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(jobs: Vec<F>) {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `jobs` concurrently; a job that panicked gives `T::default()`.
+async fn join_all<T, F>(jobs: Vec<F>) -> Vec<T>
+where
+    T: Default + Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
     let handles: Vec<_> = jobs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
     for h in handles {
-        let _ = h.await;
+        out.push(h.await.unwrap_or_default());
     }
+    out
 }
 
-/// Loads one plan; returns the block ids that could not be loaded.
-async fn load(shared: &Shared, kv: &KvLayout, plan: LoadPlan) -> Vec<u32> {
-    let hashes = match decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id) {
-        Ok(h) => h,
-        Err(_) => return plan.block_ids,
-    };
-    let mut items = Vec::with_capacity(hashes.len());
-    for (&block, hash) in plan.block_ids.iter().zip(&hashes) {
-        match kv.scatter(block) {
-            Ok(iov) => items.push((block, shared.keys.own_key(*hash), iov)),
-            Err(_) => return plan.block_ids,
-        }
+/// The keys of a load plan's blocks, each rank starting at a different block so ranks read
+/// from different places first.
+fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Vec<(u32, BlockKey)>> {
+    let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
+    let mut keys: Vec<(u32, BlockKey)> = plan
+        .block_ids
+        .iter()
+        .zip(&hashes)
+        .map(|(&block, hash)| (block, shared.keys.own_key(*hash)))
+        .collect();
+    if !keys.is_empty() {
+        let shift = shared.tp_rank as usize % keys.len();
+        keys.rotate_left(shift);
     }
-    // Ranks start at different blocks, so they read from different places first.
-    if !items.is_empty() {
-        let shift = shared.tp_rank as usize % items.len();
-        items.rotate_left(shift);
-    }
-    let mut failed = Vec::new();
-    let mut bytes = 0u64;
-    let mut hits = 0u64;
-    for chunk in items.chunks(shared.max_batch) {
-        let batch: Vec<_> = chunk
-            .iter()
-            .map(|(_, k, iov)| (k.clone(), iov.clone()))
-            .collect();
-        match shared.backend.get_into(batch).await {
-            Ok(outcomes) => {
-                for ((block, _, iov), outcome) in chunk.iter().zip(outcomes) {
-                    match outcome {
-                        GetOutcome::Hit => {
-                            hits += 1;
-                            bytes += iov.len() as u64;
-                        }
-                        GetOutcome::Miss => failed.push(*block),
-                        GetOutcome::Failed(e) => {
-                            tracing::warn!(req = plan.req_id.as_str(), block, error = %e, "load failed");
-                            failed.push(*block);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(req = plan.req_id.as_str(), error = %e, "load failed");
-                failed.extend(chunk.iter().map(|(b, _, _)| *b));
-            }
-        }
-    }
-    let m = metrics::global();
-    m.add_keys(METRICS_LABEL, "load", "hit", hits);
-    m.add_keys(METRICS_LABEL, "load", "failed", failed.len() as u64);
-    m.add_bytes(METRICS_LABEL, "load", bytes);
-    failed
+    Ok(keys)
 }
 
-/// Saves this rank's share of one plan: `exists` first, then `put` of the missing keys.
-async fn save(shared: &Shared, kv: &KvLayout, plan: SavePlan) -> Result<()> {
+/// This rank's share of a save plan: ranks holding identical KV split the blocks between them.
+fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Vec<(u32, BlockKey)>> {
     let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
     let step = shared.put_step as usize;
     let mine = shared.tp_rank as usize % step;
-    let share: Vec<(u32, BlockKey)> = plan
+    Ok(plan
         .block_ids
         .iter()
         .zip(&hashes)
         .enumerate()
         .filter(|(i, _)| (plan.first_block as usize + i) % step == mine)
         .map(|(_, (&block, hash))| (block, shared.keys.own_key(*hash)))
-        .collect();
-    let (mut stored, mut existed, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
-    for chunk in share.chunks(shared.max_batch) {
-        let keys: Vec<BlockKey> = chunk.iter().map(|(_, k)| k.clone()).collect();
-        let present = shared.backend.exists(&keys).await?;
-        let mut items = Vec::new();
-        for ((block, key), present) in chunk.iter().zip(present) {
-            if present {
-                existed += 1;
-            } else {
-                items.push((key.clone(), kv.gather(*block)?));
+        .collect())
+}
+
+/// Counts a load's outcomes into the metrics; collects the blocks that failed.
+#[derive(Debug, Default)]
+struct LoadTally {
+    hits: u64,
+    bytes: u64,
+    failed: Vec<u32>,
+}
+
+impl LoadTally {
+    /// Records one block's outcome; true for a hit.
+    fn outcome(&mut self, req_id: &str, block: u32, len: usize, outcome: GetOutcome) -> bool {
+        match outcome {
+            GetOutcome::Hit => {
+                self.hits += 1;
+                self.bytes += len as u64;
+                return true;
+            }
+            GetOutcome::Miss => self.failed.push(block),
+            GetOutcome::Failed(e) => {
+                tracing::warn!(req = req_id, block, error = %e, "load failed");
+                self.failed.push(block);
             }
         }
-        if items.is_empty() {
-            continue;
+        false
+    }
+
+    fn failed(&mut self, req_id: &str, blocks: impl Iterator<Item = u32>, e: &Error) {
+        tracing::warn!(req = req_id, error = %e, "load failed");
+        self.failed.extend(blocks);
+    }
+
+    /// Blocks that were hits but whose copy to the device failed.
+    fn copy_failed(&mut self, req_id: &str, blocks: &[u32], e: &Error) {
+        tracing::warn!(req = req_id, error = %e, "copy of loaded KV to the device failed");
+        self.hits = self.hits.saturating_sub(blocks.len() as u64);
+        self.failed.extend_from_slice(blocks);
+    }
+
+    fn finish(self) -> Vec<u32> {
+        let m = metrics::global();
+        m.add_keys(METRICS_LABEL, "load", "hit", self.hits);
+        m.add_keys(METRICS_LABEL, "load", "failed", self.failed.len() as u64);
+        m.add_bytes(METRICS_LABEL, "load", self.bytes);
+        self.failed
+    }
+}
+
+/// Counts a save's outcomes into the metrics.
+#[derive(Debug, Default)]
+struct SaveTally {
+    stored: u64,
+    existed: u64,
+    failed: u64,
+    bytes: u64,
+}
+
+impl SaveTally {
+    /// The blocks of `chunk` the backend does not hold yet.
+    async fn missing(
+        &mut self,
+        shared: &Shared,
+        chunk: &[(u32, BlockKey)],
+    ) -> Result<Vec<(u32, BlockKey)>> {
+        let keys: Vec<BlockKey> = chunk.iter().map(|(_, k)| k.clone()).collect();
+        let present = shared.backend.exists(&keys).await?;
+        let mut missing = Vec::new();
+        for (item, present) in chunk.iter().zip(present) {
+            if present {
+                self.existed += 1;
+            } else {
+                missing.push(item.clone());
+            }
         }
+        Ok(missing)
+    }
+
+    fn not_saved(&mut self, blocks: usize) {
+        self.failed += blocks as u64;
+    }
+
+    async fn put(
+        &mut self,
+        shared: &Shared,
+        req_id: &str,
+        items: Vec<(BlockKey, IoVec)>,
+    ) -> Result<()> {
         let lens: Vec<usize> = items.iter().map(|(_, iov)| iov.len()).collect();
         for (outcome, len) in shared.backend.put(items).await?.into_iter().zip(lens) {
             match outcome {
                 PutOutcome::Stored => {
-                    stored += 1;
-                    bytes += len as u64;
+                    self.stored += 1;
+                    self.bytes += len as u64;
                 }
-                PutOutcome::Exists => existed += 1,
+                PutOutcome::Exists => self.existed += 1,
                 PutOutcome::Failed(e) => {
-                    failed += 1;
-                    tracing::debug!(req = plan.req_id.as_str(), error = %e, "block not saved");
+                    self.failed += 1;
+                    tracing::debug!(req = req_id, error = %e, "block not saved");
                 }
             }
         }
+        Ok(())
     }
-    let m = metrics::global();
-    m.add_keys(METRICS_LABEL, "save", "stored", stored);
-    m.add_keys(METRICS_LABEL, "save", "exists", existed);
-    m.add_keys(METRICS_LABEL, "save", "failed", failed);
-    m.add_bytes(METRICS_LABEL, "save", bytes);
-    Ok(())
+
+    fn finish(self) {
+        let m = metrics::global();
+        m.add_keys(METRICS_LABEL, "save", "stored", self.stored);
+        m.add_keys(METRICS_LABEL, "save", "exists", self.existed);
+        m.add_keys(METRICS_LABEL, "save", "failed", self.failed);
+        m.add_bytes(METRICS_LABEL, "save", self.bytes);
+    }
 }
 
 /// Answers the scheduler's lookups on worker rank 0.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::flex;
 use crate::error::{Error, Result};
+use crate::size::ByteSize;
 
 /// The fields of [`ConnectorConfig`], in declaration order.
 pub(super) const CONNECTOR_KEYS: &[&str] = &[
@@ -19,6 +20,8 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
     "prefill_pp_layer_partition",
     "lookup_timeout_ms",
     "metrics_port",
+    "device_staging_bytes",
+    "stage_host_kv",
 ];
 
 /// Ascend Store keys for features kvpool does not implement. A config written for Ascend Store
@@ -79,6 +82,15 @@ pub struct ConnectorConfig {
     /// Serve Prometheus metrics over HTTP on this port (plus the worker's rank); 0 = off.
     #[serde(deserialize_with = "flex::u32")]
     pub metrics_port: u32,
+    /// Pinned host memory each worker sets aside to move KV between accelerator memory and
+    /// the backend (`"256MB"`, or bytes). Bounds the copies in flight: a step that needs more
+    /// waits for earlier copies to land.
+    pub device_staging_bytes: ByteSize,
+    /// Move host (CPU) KV through the staging memory too, as device KV always is. Off by
+    /// default (backends then read and write the cache directly); tests use it to exercise the
+    /// device path on machines without an accelerator.
+    #[serde(deserialize_with = "flex::bool")]
+    pub stage_host_kv: bool,
 }
 
 impl Default for ConnectorConfig {
@@ -95,6 +107,8 @@ impl Default for ConnectorConfig {
             prefill_pp_layer_partition: None,
             lookup_timeout_ms: 2000,
             metrics_port: 0,
+            device_staging_bytes: ByteSize(256 << 20),
+            stage_host_kv: false,
         }
     }
 }
