@@ -25,11 +25,11 @@
 
 pub mod device;
 mod layout;
-mod staging;
 pub mod lookup;
 mod meta;
 mod metrics_server;
 mod scheduler;
+mod staging;
 mod worker;
 
 pub use layout::{KvLayout, TensorDesc};

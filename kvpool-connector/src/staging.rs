@@ -120,9 +120,7 @@ impl Slots {
     pub(crate) fn bytes(&mut self, i: usize) -> &mut [u8] {
         // SAFETY: slot `i` is held by `self` alone (ids are unique among live `Slots`) and
         // lies inside the region; no copy into it is in flight when the worker calls this.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.addr(i) as *mut u8, self.staging.slot_len)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.addr(i) as *mut u8, self.staging.slot_len) }
     }
 
     /// Slot `i` as a source for a backend's `put`.

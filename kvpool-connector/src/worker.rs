@@ -17,11 +17,10 @@ use tokio::sync::Notify;
 
 use crate::device::{self, CopyEngine, StreamHandle};
 use crate::layout::{KvLayout, TensorDesc};
-use crate::staging::Staging;
-use staged::{Staged, Waiter};
 use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan, StepMeta};
 use crate::metrics_server::MetricsServer;
+use crate::staging::Staging;
 use crate::{EngineLayout, RankKeys};
 use kvpool_core::backend::{GetOutcome, KvBackend, PutOutcome};
 use kvpool_core::buffer::IoVec;
@@ -29,6 +28,7 @@ use kvpool_core::config::Config;
 use kvpool_core::error::{Error, ErrorKind, Result};
 use kvpool_core::key::{BlockHash, BlockKey, Namespace};
 use kvpool_core::metrics;
+use staged::{Staged, Waiter};
 
 const METRICS_LABEL: &str = "connector";
 
@@ -242,6 +242,11 @@ impl WorkerConnector {
                 Some(engine) => engine,
                 None => device::engine_for(kv.device())?,
             };
+            for t in tensors {
+                engine.check_device_memory(t.ptr as u64).map_err(|e| {
+                    Error::invalid_argument(format!("layer {:?}: {}", t.layer, e.message()))
+                })?;
+            }
             if engine.device() != kv.device() {
                 return Err(Error::invalid_argument(format!(
                     "the KV cache is on {} but the copy engine moves {}",
@@ -252,7 +257,11 @@ impl WorkerConnector {
             let staging = Staging::new(engine.clone(), kv.value_len(), self.staging_bytes)?;
             self.runtime
                 .block_on(self.shared.backend.register(staging.region()))?;
-            Some(Arc::new(Staged::new(engine, staging, self.shared.max_batch)))
+            Some(Arc::new(Staged::new(
+                engine,
+                staging,
+                self.shared.max_batch,
+            )))
         };
         tracing::info!(
             device = %kv.device(),

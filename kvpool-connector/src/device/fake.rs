@@ -167,7 +167,10 @@ impl FakeEngine {
 
     /// Reads device memory now, bypassing the streams.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
-        assert!(offset + len <= self.inner.memory.len, "read outside the fake device");
+        assert!(
+            offset + len <= self.inner.memory.len,
+            "read outside the fake device"
+        );
         let _s = self.inner.state();
         // SAFETY: in bounds (checked above); writes happen under the same lock.
         unsafe { std::slice::from_raw_parts(self.inner.memory.ptr.add(offset), len) }.to_vec()
@@ -175,7 +178,10 @@ impl FakeEngine {
 
     /// Writes device memory now, bypassing the streams (the state before a test's steps).
     pub fn fill(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.inner.memory.len, "write outside the fake device");
+        assert!(
+            offset + bytes.len() <= self.inner.memory.len,
+            "write outside the fake device"
+        );
         let _s = self.inner.state();
         // SAFETY: in bounds; under the state lock, as every write to the fake memory is.
         unsafe { self.write_raw(offset, bytes) };
@@ -210,7 +216,10 @@ impl FakeEngine {
                     }
                 }
                 ComputeOp::Write { offset, bytes } => {
-                    assert!(offset + bytes.len() <= self.inner.memory.len, "compute write outside the fake device");
+                    assert!(
+                        offset + bytes.len() <= self.inner.memory.len,
+                        "compute write outside the fake device"
+                    );
                     // SAFETY: the lock is held; in bounds (checked above).
                     unsafe { self.write_raw(*offset, bytes) };
                     let offset = *offset;
@@ -423,6 +432,16 @@ impl CopyEngine for FakeEngine {
         self.inner.device
     }
 
+    fn check_device_memory(&self, addr: u64) -> Result<()> {
+        if self.overlaps(addr as usize, 1) {
+            Ok(())
+        } else {
+            Err(Error::invalid_argument(format!(
+                "fake device: {addr:#x} is not device memory"
+            )))
+        }
+    }
+
     unsafe fn pin(&self, ptr: *mut u8, len: usize) -> Result<()> {
         self.inner.state().pinned.push((ptr as usize, len));
         Ok(())
@@ -433,7 +452,9 @@ impl CopyEngine for FakeEngine {
         let before = s.pinned.len();
         s.pinned.retain(|&(p, _)| p != ptr as usize);
         if s.pinned.len() == before {
-            return Err(Error::invalid_argument("fake device: unpin of memory never pinned"));
+            return Err(Error::invalid_argument(
+                "fake device: unpin of memory never pinned",
+            ));
         }
         Ok(())
     }

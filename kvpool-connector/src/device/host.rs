@@ -59,7 +59,9 @@ impl CopyEngine for HostEngine {
     unsafe fn to_host(&self, copies: &[Copy]) -> Result<()> {
         for c in copies {
             // SAFETY: the caller guarantees both ranges are valid and not written by others.
-            unsafe { std::ptr::copy_nonoverlapping(c.device as *const u8, c.host as *mut u8, c.len) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(c.device as *const u8, c.host as *mut u8, c.len)
+            };
         }
         Ok(())
     }
@@ -67,7 +69,9 @@ impl CopyEngine for HostEngine {
     unsafe fn to_device(&self, copies: &[Copy]) -> Result<()> {
         for c in copies {
             // SAFETY: as in `to_host`.
-            unsafe { std::ptr::copy_nonoverlapping(c.host as *const u8, c.device as *mut u8, c.len) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(c.host as *const u8, c.device as *mut u8, c.len)
+            };
         }
         Ok(())
     }

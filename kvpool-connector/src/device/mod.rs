@@ -126,6 +126,13 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
     /// The device this engine copies to and from.
     fn device(&self) -> Device;
 
+    /// Checks that `addr` is memory of this engine's device, so a wrong description is a
+    /// clear error at registration instead of a fault in a copy. Engines that cannot tell
+    /// accept every address.
+    fn check_device_memory(&self, _addr: u64) -> Result<()> {
+        Ok(())
+    }
+
     /// Page-locks `len` bytes at `ptr` so device copies reach them directly (registered, not
     /// write-combined: the CPU reads staging back). Undone by [`unpin`](Self::unpin).
     ///
@@ -204,7 +211,10 @@ mod tests {
             "cuda:3".parse::<Device>().unwrap(),
             Device::Cuda { ordinal: 3 }
         );
-        assert_eq!("npu:1".parse::<Device>().unwrap(), Device::Npu { device: 1 });
+        assert_eq!(
+            "npu:1".parse::<Device>().unwrap(),
+            Device::Npu { device: 1 }
+        );
         let err = "mps".parse::<Device>().unwrap_err().to_string();
         assert!(err.contains("mps") && err.contains("cuda"), "{err}");
         let err = "cuda:x".parse::<Device>().unwrap_err().to_string();

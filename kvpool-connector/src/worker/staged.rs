@@ -91,8 +91,7 @@ pub(super) async fn save(
         }
         // SAFETY: the copies read device KV of registered blocks vLLM keeps until this save is
         // reported, and write slots held by `slots` until the fence below has completed.
-        let copied = unsafe { staged.engine.to_host(&copies) }
-            .and_then(|()| staged.engine.fence());
+        let copied = unsafe { staged.engine.to_host(&copies) }.and_then(|()| staged.engine.fence());
         let copied = match copied {
             Ok(fence) => fence_done(fence).await,
             Err(e) => Err(e),
