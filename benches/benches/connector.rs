@@ -1,7 +1,8 @@
 //! One engine step through the vLLM connector's worker half, against memcpy of the same bytes.
 //!
 //! The step saves, then loads, 64 blocks of a small model's KV (16 layers, 8 KV heads, head
-//! size 128, 16 tokens per block, fp16, vLLM's default layout: 64 KiB per layer and block,
+//! size 128, 16 tokens per block, fp16, the layout of vLLM's CPU backend (LBHNC, head-major
+//! pages, so stored values need no reordering): 64 KiB per layer and block,
 //! 1 MiB per block, 64 MiB per step) through the memory backend. The baseline copies the same
 //! 64 × 16 pages between the cache and a staging buffer on one thread, which is the byte work
 //! the backend must do. `connector overhead = step time / memcpy time − 1`, printed at the
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvpool::{BlockHash, Config, MemRegion};
 use kvpool_connector::{
-    EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, TensorDesc, WorkerConnector,
+    Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
+    WorkerConnector,
 };
 
 const LAYERS: usize = 16;
@@ -79,8 +81,7 @@ impl Rig {
         for (i, chunk) in (0..cache.len()).step_by(1 << 20).enumerate() {
             cache.write(chunk, &vec![i as u8; 1 << 20]).unwrap();
         }
-        // vLLM's default layout: per layer [blocks, heads, tokens, content] viewed over a
-        // physical [blocks, tokens, heads, content] page.
+        // vLLM's CPU layout: per layer [blocks, heads, tokens, content], contiguous.
         let tensors: Vec<TensorDesc> = (0..LAYERS)
             .map(|l| TensorDesc {
                 layer: format!("model.layers.{l}.attn"),
@@ -88,11 +89,12 @@ impl Rig {
                 shape: vec![CACHE_BLOCKS, HEADS, TOKENS, CONTENT],
                 strides: vec![
                     (PAGE / ELEM) as isize,
+                    (TOKENS * CONTENT) as isize,
                     CONTENT as isize,
-                    (HEADS * CONTENT) as isize,
                     1,
                 ],
                 elem_size: ELEM,
+                device: Device::Host,
             })
             .collect();
         // SAFETY: `cache` lives in the rig as long as the worker.
@@ -123,7 +125,7 @@ impl Rig {
         .encode();
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
-        self.worker.wait_for_save().unwrap();
+        self.worker.wait_for_save(StreamHandle(0)).unwrap();
         assert!(self
             .worker
             .wait_for_requests(&["r".into()], Duration::from_secs(30)));
@@ -147,7 +149,7 @@ impl Rig {
         .encode();
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
-        self.worker.start_load_kv().unwrap();
+        self.worker.start_load_kv(StreamHandle(0)).unwrap();
         let took = started.elapsed();
         assert!(self.worker.get_block_ids_with_load_errors().is_empty());
         self.worker.clear_connector_metadata();

@@ -14,8 +14,8 @@ use kvpool::config::{Config, ConfigSources};
 use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
 use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
 use kvpool_connector::{
-    CachedRequest, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
-    TensorDesc, WorkerConnector,
+    CachedRequest, Device, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
+    StreamHandle, TensorDesc, Transfer as BlockTransfer, WorkerConnector,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -172,7 +172,7 @@ type NewReqTuple = (
     Option<String>,
 );
 /// (layer name, data pointer, shape, strides in elements, element size).
-type TensorTuple = (String, usize, Vec<usize>, Vec<isize>, usize);
+type TensorTuple = (String, usize, Vec<usize>, Vec<isize>, usize, String);
 type CachedReqTuple = (String, bool, Vec<u32>, usize, usize, Vec<u32>, Vec<Vec<u8>>);
 
 #[pymethods]
@@ -326,8 +326,9 @@ impl Worker {
         self.inner.metrics_addr().map(|a| a.to_string())
     }
 
-    /// `tensors`: (layer name, data pointer, shape, strides in elements, element size) for
-    /// every cache tensor in registration order; `owner` keeps them alive.
+    /// `tensors`: (layer name, data pointer, shape, strides in elements, element size, device
+    /// as torch spells it) for every cache tensor in registration order; `owner` keeps them
+    /// alive.
     fn register_kv_caches(
         &self,
         py: Python<'_>,
@@ -336,14 +337,20 @@ impl Worker {
     ) -> PyResult<usize> {
         let descs: Vec<TensorDesc> = tensors
             .into_iter()
-            .map(|(layer, ptr, shape, strides, elem_size)| TensorDesc {
-                layer,
-                ptr,
-                shape,
-                strides,
-                elem_size,
+            .map(|(layer, ptr, shape, strides, elem_size, device)| {
+                Ok(TensorDesc {
+                    device: Device::from_str(&device).map_err(|e| {
+                        Error::invalid_argument(format!("layer {layer:?}: {}", e.message()))
+                    })?,
+                    layer,
+                    ptr,
+                    shape,
+                    strides,
+                    elem_size,
+                })
             })
-            .collect();
+            .collect::<Result<_, Error>>()
+            .map_err(to_py)?;
         let owner: Arc<dyn Any + Send + Sync> = Arc::new(PyOwner(owner));
         // SAFETY: the descriptions come from live tensors, and `owner` (holding them) lives
         // as long as the regions, so the memory stays valid.
@@ -360,14 +367,66 @@ impl Worker {
         self.inner.clear_connector_metadata();
     }
 
-    fn start_load_kv(&self, py: Python<'_>) -> PyResult<()> {
-        py.allow_threads(|| self.inner.start_load_kv())
+    /// `stream`: the engine's current compute stream handle (0 for CPU KV).
+    #[pyo3(signature = (stream=0))]
+    fn start_load_kv(&self, py: Python<'_>, stream: u64) -> PyResult<()> {
+        py.allow_threads(|| self.inner.start_load_kv(StreamHandle(stream)))
             .map_err(to_py)
     }
 
-    fn wait_for_save(&self, py: Python<'_>) -> PyResult<()> {
-        py.allow_threads(|| self.inner.wait_for_save())
+    #[pyo3(signature = (stream=0))]
+    fn wait_for_save(&self, py: Python<'_>, stream: u64) -> PyResult<()> {
+        py.allow_threads(|| self.inner.wait_for_save(StreamHandle(stream)))
             .map_err(to_py)
+    }
+
+    /// Saves `block_ids` under `keys` (vllm-ascend key strings), after the work queued on
+    /// `stream`; returns a `Transfer`.
+    #[pyo3(signature = (block_ids, keys, stream=0))]
+    fn save_blocks(
+        &self,
+        py: Python<'_>,
+        block_ids: Vec<u32>,
+        keys: Vec<String>,
+        stream: u64,
+    ) -> PyResult<Transfer> {
+        let keys = keys
+            .iter()
+            .map(|k| parse_key(k))
+            .collect::<PyResult<Vec<_>>>()?;
+        py.allow_threads(|| {
+            self.inner
+                .save_blocks(&block_ids, keys, StreamHandle(stream))
+        })
+        .map(|inner| Transfer { inner })
+        .map_err(to_py)
+    }
+
+    /// Loads the values under `keys` into `block_ids`, after the work queued on `stream`;
+    /// returns a `Transfer`.
+    #[pyo3(signature = (block_ids, keys, stream=0))]
+    fn load_blocks(
+        &self,
+        py: Python<'_>,
+        block_ids: Vec<u32>,
+        keys: Vec<String>,
+        stream: u64,
+    ) -> PyResult<Transfer> {
+        let keys = keys
+            .iter()
+            .map(|k| parse_key(k))
+            .collect::<PyResult<Vec<_>>>()?;
+        py.allow_threads(|| {
+            self.inner
+                .load_blocks(&block_ids, keys, StreamHandle(stream))
+        })
+        .map(|inner| Transfer { inner })
+        .map_err(to_py)
+    }
+
+    /// Free staging slots when the cache moves through staging, else None.
+    fn free_staging_slots(&self) -> Option<usize> {
+        self.inner.free_staging_slots()
     }
 
     fn handle_preemptions(&self, py: Python<'_>, meta: &[u8]) -> PyResult<()> {
@@ -497,6 +556,26 @@ fn backends() -> Vec<&'static str> {
     kvpool::registered_schemes()
 }
 
+/// A save or load started by `Worker.save_blocks` / `Worker.load_blocks`.
+#[pyclass(module = "kvpool._native", frozen)]
+struct Transfer {
+    inner: BlockTransfer,
+}
+
+#[pymethods]
+impl Transfer {
+    /// Whether it has completed.
+    fn is_done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    /// Waits up to `timeout_s`; the block ids that failed, or None if still running.
+    #[pyo3(signature = (timeout_s=60.0))]
+    fn wait(&self, py: Python<'_>, timeout_s: f64) -> Option<Vec<u32>> {
+        py.allow_threads(|| self.inner.wait(Duration::from_secs_f64(timeout_s.max(0.0))))
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -504,6 +583,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Pool>()?;
     m.add_class::<Scheduler>()?;
     m.add_class::<Worker>()?;
+    m.add_class::<Transfer>()?;
     m.add_function(wrap_pyfunction!(token_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(block_key, m)?)?;

@@ -743,7 +743,10 @@ mod tests {
             assert_eq!(layout.value_len(), 3 * 2 * 4 * 6, "{name}");
             let values: Vec<Vec<u8>> = (0..5).map(|b| layout.gather(b).unwrap().to_vec()).collect();
             // Canonical = per layer, head-major, then token, then content.
-            assert_eq!(values[1][0], (131 * 0 + 31 + 0 + 0) as u8, "{name}");
+            assert_eq!(
+                values[1][0], 31,
+                "{name}: layer 0, block 1, head 0, token 0"
+            );
             assert_eq!(
                 values[1][6],
                 (31 + 7) as u8,

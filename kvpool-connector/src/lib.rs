@@ -32,10 +32,11 @@ mod scheduler;
 mod staging;
 mod worker;
 
+pub use device::{Device, StreamHandle};
 pub use layout::{KvLayout, TensorDesc};
 pub use meta::{LoadPlan, SavePlan, StepMeta};
 pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
-pub use worker::{FinishedTransfers, WorkerConnector};
+pub use worker::{FinishedTransfers, Transfer, WorkerConnector};
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -3,8 +3,11 @@
 //! Host KV moves straight between the cache and the backend ([`direct`]); device KV (and host
 //! KV with `stage_host_kv`) through pinned staging and a copy engine ([`staged`]).
 
+mod blocks;
 mod direct;
 mod staged;
+
+pub use blocks::Transfer;
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -355,34 +358,36 @@ impl WorkerConnector {
             let staged = staged.clone();
             if plan.is_async {
                 self.runtime.spawn(async move {
-                    let req_id = plan.req_id.clone();
-                    let failed = match &staged {
-                        None => direct::load(&shared, &kv, plan).await,
-                        Some(staged) => {
-                            let (mut failed, waiters) =
-                                staged::load(&shared, &kv, staged, plan).await;
-                            failed.extend(staged::settle(waiters).await);
-                            failed
+                    let failed = match load_keys(&shared, &plan) {
+                        Ok(keys) => {
+                            load_fully(&shared, &kv, staged.as_deref(), &plan.req_id, keys).await
                         }
+                        Err(_) => plan.block_ids,
                     };
                     let mut p = shared.progress();
                     p.load_errors.extend(failed);
-                    p.done_recving.push(req_id);
+                    p.done_recving.push(plan.req_id);
                 });
             } else {
                 sync_jobs.push(async move {
-                    match &staged {
-                        None => {
-                            let failed = direct::load(&shared, &kv, plan).await;
-                            shared.progress().load_errors.extend(failed);
-                            Vec::new()
+                    let keys = match load_keys(&shared, &plan) {
+                        Ok(keys) => keys,
+                        Err(_) => {
+                            shared.progress().load_errors.extend(plan.block_ids);
+                            return Vec::new();
                         }
+                    };
+                    let (failed, waiters) = match &staged {
+                        None => (
+                            direct::load(&shared, &kv, &plan.req_id, keys).await,
+                            Vec::new(),
+                        ),
                         Some(staged) => {
-                            let (failed, waiters) = staged::load(&shared, &kv, staged, plan).await;
-                            shared.progress().load_errors.extend(failed);
-                            waiters
+                            staged::load(&shared, &kv, staged, &plan.req_id, keys).await
                         }
-                    }
+                    };
+                    shared.progress().load_errors.extend(failed);
+                    waiters
                 });
             }
         }
@@ -435,9 +440,9 @@ impl WorkerConnector {
             let staged = staged.clone();
             self.runtime.spawn(async move {
                 let req_id = plan.req_id.clone();
-                let puts = match &staged {
-                    None => direct::save(&shared, &kv, plan).await.map(|()| Vec::new()),
-                    Some(staged) => staged::save(&shared, &kv, staged, plan).await,
+                let puts = match save_keys(&shared, &plan) {
+                    Ok(keys) => save_reads(&shared, &kv, staged.as_deref(), &req_id, keys).await,
+                    Err(e) => Err(e),
                 };
                 let puts = puts.unwrap_or_else(|e| {
                     tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
@@ -590,6 +595,44 @@ impl WorkerConnector {
     /// The engine layout this worker was built for.
     pub fn layout(&self) -> &EngineLayout {
         &self.layout
+    }
+}
+
+/// Blocks and the keys they are saved under or loaded from.
+type Blocks = Vec<(u32, BlockKey)>;
+
+/// Loads `keys` and waits until the bytes are in their blocks; returns the blocks that failed.
+async fn load_fully(
+    shared: &Shared,
+    kv: &KvLayout,
+    staged: Option<&Staged>,
+    req_id: &str,
+    keys: Blocks,
+) -> Vec<u32> {
+    match staged {
+        None => direct::load(shared, kv, req_id, keys).await,
+        Some(staged) => {
+            let (mut failed, waiters) = staged::load(shared, kv, staged, req_id, keys).await;
+            failed.extend(staged::settle(waiters).await);
+            failed
+        }
+    }
+}
+
+/// Saves `keys` until nothing reads the blocks any more; returns the backend writes from
+/// staging that are still running.
+async fn save_reads(
+    shared: &Arc<Shared>,
+    kv: &Arc<KvLayout>,
+    staged: Option<&Staged>,
+    req_id: &str,
+    keys: Blocks,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    match staged {
+        None => direct::save(shared, kv, req_id, keys)
+            .await
+            .map(|()| Vec::new()),
+        Some(staged) => staged::save(shared, kv, staged, req_id, keys).await,
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use kvpool::{Config, KvBackend, MemRegion};
 use kvpool_connector::{
-    CachedRequest, EngineLayout, KvRole, NewRequest, RequestInfo, SchedulerConnector, StepInput,
-    TensorDesc, WorkerConnector,
+    CachedRequest, Device, EngineLayout, KvRole, NewRequest, RequestInfo, SchedulerConnector,
+    StepInput, StreamHandle, TensorDesc, WorkerConnector,
 };
 
 const BLOCK: usize = 4;
@@ -67,6 +67,7 @@ impl Worker {
             shape: vec![BLOCKS, PAGE],
             strides: vec![PAGE as isize, 1],
             elem_size: 1,
+            device: Device::Host,
         };
         // SAFETY: `cache` lives as long as the worker.
         unsafe { connector.register_kv_caches(&[tensor], None) }.unwrap();
@@ -85,8 +86,8 @@ impl Worker {
 
     fn run_step(&self, meta: &[u8]) {
         self.connector.bind_connector_metadata(meta).unwrap();
-        self.connector.start_load_kv().unwrap();
-        self.connector.wait_for_save().unwrap();
+        self.connector.start_load_kv(StreamHandle(0)).unwrap();
+        self.connector.wait_for_save(StreamHandle(0)).unwrap();
         self.connector.clear_connector_metadata();
         let ids: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
         assert!(self

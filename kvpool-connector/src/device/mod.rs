@@ -31,7 +31,7 @@ pub mod cuda;
 pub mod fake;
 mod host;
 
-pub use fake::FakeEngine;
+pub use fake::{FakeDriver, FakeEngine, FakeEvent};
 pub use host::HostEngine;
 
 /// Where a KV-cache tensor lives.

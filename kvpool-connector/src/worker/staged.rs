@@ -13,10 +13,9 @@ use tokio::task::JoinHandle;
 
 use kvpool_core::error::{Error, ErrorKind, Result};
 
-use super::{load_keys, save_keys, LoadTally, SaveTally, Shared};
+use super::{Blocks, LoadTally, SaveTally, Shared};
 use crate::device::{CopyEngine, Fence};
 use crate::layout::KvLayout;
-use crate::meta::{LoadPlan, SavePlan};
 use crate::staging::{Slots, Staging};
 
 /// The device half of a worker: its copy engine and staging memory.
@@ -66,15 +65,15 @@ fn reorder(kv: &KvLayout, slots: &mut Slots, held: impl Iterator<Item = usize>, 
     }
 }
 
-/// Saves this rank's share of one plan. Returns once every device read is complete; the
-/// backend writes it started are returned as handles, still running.
+/// Saves blocks under `keys`. Returns once every device read is complete; the backend writes
+/// it started are returned as handles, still running.
 pub(super) async fn save(
     shared: &Arc<Shared>,
     kv: &Arc<KvLayout>,
     staged: &Staged,
-    plan: SavePlan,
+    req_id: &str,
+    share: Blocks,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let share = save_keys(shared, &plan)?;
     let mut puts = Vec::new();
     let mut copies = Vec::new();
     for chunk in share.chunks(staged.chunk) {
@@ -97,7 +96,7 @@ pub(super) async fn save(
             Err(e) => Err(e),
         };
         if let Err(e) = copied {
-            tracing::warn!(req = plan.req_id.as_str(), error = %e, "copy of KV to staging failed; blocks not saved");
+            tracing::warn!(req = req_id, error = %e, "copy of KV to staging failed; blocks not saved");
             tally.not_saved(missing.len());
             tally.finish();
             continue;
@@ -108,7 +107,7 @@ pub(super) async fn save(
             items.push((key, slots.iovec(i)?));
         }
         let shared = shared.clone();
-        let req_id = plan.req_id.clone();
+        let req_id = req_id.to_owned();
         puts.push(tokio::spawn(async move {
             if let Err(e) = tally.put(&shared, &req_id, items).await {
                 tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
@@ -120,18 +119,16 @@ pub(super) async fn save(
     Ok(puts)
 }
 
-/// Loads one plan into staging and queues the copies to the device. Returns the blocks that
+/// Loads `keys` into staging and queues the copies to their blocks. Returns the blocks that
 /// failed already (misses, backend errors, copies that could not be queued) and one waiter per
 /// chunk that resolves, once the chunk's copies are fenced, to the blocks whose copy failed.
 pub(super) async fn load(
     shared: &Shared,
     kv: &KvLayout,
     staged: &Staged,
-    plan: LoadPlan,
+    req_id: &str,
+    keys: Blocks,
 ) -> (Vec<u32>, Vec<Waiter>) {
-    let Ok(keys) = load_keys(shared, &plan) else {
-        return (plan.block_ids, Vec::new());
-    };
     let mut tally = LoadTally::default();
     let mut waiters = Vec::new();
     let mut copies = Vec::new();
@@ -139,7 +136,7 @@ pub(super) async fn load(
         let mut slots = match staged.staging.acquire(chunk.len()).await {
             Ok(s) => s,
             Err(e) => {
-                tally.failed(&plan.req_id, chunk.iter().map(|(b, _)| *b), &e);
+                tally.failed(req_id, chunk.iter().map(|(b, _)| *b), &e);
                 continue;
             }
         };
@@ -148,7 +145,7 @@ pub(super) async fn load(
             match slots.iovec_mut(i) {
                 Ok(iov) => batch.push((key.clone(), iov)),
                 Err(e) => {
-                    tally.failed(&plan.req_id, chunk.iter().map(|(b, _)| *b), &e);
+                    tally.failed(req_id, chunk.iter().map(|(b, _)| *b), &e);
                     batch.clear();
                     break;
                 }
@@ -160,13 +157,13 @@ pub(super) async fn load(
         let outcomes = match shared.backend.get_into(batch).await {
             Ok(o) => o,
             Err(e) => {
-                tally.failed(&plan.req_id, chunk.iter().map(|(b, _)| *b), &e);
+                tally.failed(req_id, chunk.iter().map(|(b, _)| *b), &e);
                 continue;
             }
         };
         let mut hits = Vec::with_capacity(chunk.len());
         for (i, ((block, _), outcome)) in chunk.iter().zip(outcomes).enumerate() {
-            if tally.outcome(&plan.req_id, *block, kv.value_len(), outcome) {
+            if tally.outcome(req_id, *block, kv.value_len(), outcome) {
                 hits.push((i, *block));
             }
         }
@@ -187,9 +184,9 @@ pub(super) async fn load(
             .and_then(|()| staged.engine.fence());
         let blocks: Vec<u32> = hits.iter().map(|&(_, b)| b).collect();
         match queued {
-            Err(e) => tally.copy_failed(&plan.req_id, &blocks, &e),
+            Err(e) => tally.copy_failed(req_id, &blocks, &e),
             Ok(fence) => {
-                let req_id = plan.req_id.clone();
+                let req_id = req_id.to_owned();
                 let covered = blocks.clone();
                 let handle = tokio::spawn(async move {
                     let result = fence_done(fence).await;
