@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvpool import _native
-from kvpool._native import KvPoolError
+from kvpool.device import current_stream, describe_kv_caches
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +105,7 @@ class KvPoolConnector(KVConnectorBase_V1):
         self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
         self._scheduler: Optional[_native.Scheduler] = None
         self._worker: Optional[_native.Worker] = None
+        self._device = "cpu"
         # Scheduler side: requests seen in update_state_after_alloc, for their block hashes
         # and tokens when a step describes them only by id.
         self._requests: dict = {}
@@ -115,6 +116,21 @@ class KvPoolConnector(KVConnectorBase_V1):
             logger.info("kvpool connector worker on %s", self._worker.backend_description())
             if self._worker.metrics_address():
                 logger.info("kvpool metrics on http://%s/metrics", self._worker.metrics_address())
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> Optional[str]:
+        """On CUDA, ask for block-outermost pages (BLHNC): a block's KV across all layers is
+        then one contiguous run, one copy per block. The stored bytes do not depend on it
+        (kvpool stores one canonical order), so vLLM may refuse it without harm."""
+        from vllm.platforms import current_platform
+
+        return "BLHNC" if current_platform.is_cuda() else None
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
+        # Sleep mode moves the KV cache; kvpool keeps its copy plans and staging for the
+        # registered addresses until it learns to drop and rebuild them.
+        return False
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -211,29 +227,15 @@ class KvPoolConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         assert self._worker is not None
-        tensors = []
-        for name, value in kv_caches.items():
-            parts = list(value) if isinstance(value, (tuple, list)) else [value]
-            if (
-                len(parts) == 1
-                and self._num_blocks is not None
-                and parts[0].dim() >= 2
-                and parts[0].shape[0] == 2
-                and parts[0].shape[1] == self._num_blocks
-            ):
-                # The older [2, blocks, ...] layout: K and V stacked in front of the blocks.
-                parts = [parts[0][0], parts[0][1]]
-            for t in parts:
-                if t.device.type != "cpu":
-                    raise KvPoolError(
-                        f"layer {name!r}: the KV cache is on {t.device}; kvpool's connector "
-                        "reads and writes host memory, so it needs CPU KV-cache tensors"
-                    )
-                tensors.append(
-                    (name, t.data_ptr(), list(t.shape), list(t.stride()), t.element_size())
-                )
+        tensors = describe_kv_caches(kv_caches, self._num_blocks)
+        self._device = tensors[0][5] if tensors else "cpu"
         value_len = self._worker.register_kv_caches(tensors, kv_caches)
-        logger.info("kvpool: %d cache tensors, %d bytes per block", len(tensors), value_len)
+        logger.info(
+            "kvpool: %d cache tensors on %s, %d bytes per block",
+            len(tensors),
+            self._device,
+            value_len,
+        )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -253,7 +255,7 @@ class KvPoolConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
-        self._worker.start_load_kv()
+        self._worker.start_load_kv(current_stream(self._device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv (sync) or before the request is scheduled (async).
@@ -271,7 +273,7 @@ class KvPoolConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
-        self._worker.wait_for_save()
+        self._worker.wait_for_save(current_stream(self._device))
 
     def get_finished(
         self, finished_req_ids: set
