@@ -1,0 +1,160 @@
+//! Per-request keys and the metrics of loads and saves, shared by both transfer paths.
+
+use kvpool_core::backend::{GetOutcome, PutOutcome};
+use kvpool_core::buffer::IoVec;
+use kvpool_core::error::{Error, Result};
+use kvpool_core::key::BlockKey;
+use kvpool_core::metrics;
+
+use super::{Blocks, Shared, METRICS_LABEL};
+use crate::meta::{decode_hashes, LoadPlan, SavePlan};
+
+/// The keys of a load plan's blocks, each rank starting at a different block so ranks read
+/// from different places first.
+pub(super) fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Blocks> {
+    let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
+    let mut keys: Vec<(u32, BlockKey)> = plan
+        .block_ids
+        .iter()
+        .zip(&hashes)
+        .map(|(&block, hash)| (block, shared.keys.own_key(*hash)))
+        .collect();
+    if !keys.is_empty() {
+        let shift = shared.tp_rank as usize % keys.len();
+        keys.rotate_left(shift);
+    }
+    Ok(keys)
+}
+
+/// This rank's share of a save plan: ranks holding identical KV split the blocks between them.
+pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
+    let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
+    let step = shared.put_step as usize;
+    let mine = shared.tp_rank as usize % step;
+    Ok(plan
+        .block_ids
+        .iter()
+        .zip(&hashes)
+        .enumerate()
+        .filter(|(i, _)| (plan.first_block as usize + i) % step == mine)
+        .map(|(_, (&block, hash))| (block, shared.keys.own_key(*hash)))
+        .collect())
+}
+
+/// Counts a load's outcomes into the metrics; collects the blocks that failed.
+#[derive(Debug, Default)]
+pub(super) struct LoadTally {
+    hits: u64,
+    bytes: u64,
+    failed: Vec<u32>,
+}
+
+impl LoadTally {
+    /// Records one block's outcome; true for a hit.
+    pub(super) fn outcome(
+        &mut self,
+        req_id: &str,
+        block: u32,
+        len: usize,
+        outcome: GetOutcome,
+    ) -> bool {
+        match outcome {
+            GetOutcome::Hit => {
+                self.hits += 1;
+                self.bytes += len as u64;
+                return true;
+            }
+            GetOutcome::Miss => self.failed.push(block),
+            GetOutcome::Failed(e) => {
+                tracing::warn!(req = req_id, block, error = %e, "load failed");
+                self.failed.push(block);
+            }
+        }
+        false
+    }
+
+    pub(super) fn failed(&mut self, req_id: &str, blocks: impl Iterator<Item = u32>, e: &Error) {
+        tracing::warn!(req = req_id, error = %e, "load failed");
+        self.failed.extend(blocks);
+    }
+
+    /// Blocks that were hits but whose copy to the device failed.
+    pub(super) fn copy_failed(&mut self, req_id: &str, blocks: &[u32], e: &Error) {
+        tracing::warn!(req = req_id, error = %e, "copy of loaded KV to the device failed");
+        self.hits = self.hits.saturating_sub(blocks.len() as u64);
+        self.failed.extend_from_slice(blocks);
+    }
+
+    pub(super) fn finish(self) -> Vec<u32> {
+        let m = metrics::global();
+        m.add_keys(METRICS_LABEL, "load", "hit", self.hits);
+        m.add_keys(METRICS_LABEL, "load", "failed", self.failed.len() as u64);
+        m.add_bytes(METRICS_LABEL, "load", self.bytes);
+        self.failed
+    }
+}
+
+/// Counts a save's outcomes into the metrics.
+#[derive(Debug, Default)]
+pub(super) struct SaveTally {
+    stored: u64,
+    existed: u64,
+    failed: u64,
+    bytes: u64,
+}
+
+impl SaveTally {
+    /// The blocks of `chunk` the backend does not hold yet.
+    pub(super) async fn missing(
+        &mut self,
+        shared: &Shared,
+        chunk: &[(u32, BlockKey)],
+    ) -> Result<Vec<(u32, BlockKey)>> {
+        let keys: Vec<BlockKey> = chunk.iter().map(|(_, k)| k.clone()).collect();
+        let present = shared.backend.exists(&keys).await?;
+        let mut missing = Vec::new();
+        for (item, present) in chunk.iter().zip(present) {
+            if present {
+                self.existed += 1;
+            } else {
+                missing.push(item.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    pub(super) fn not_saved(&mut self, blocks: usize) {
+        self.failed += blocks as u64;
+    }
+
+    pub(super) async fn put(
+        &mut self,
+        shared: &Shared,
+        req_id: &str,
+        items: Vec<(BlockKey, IoVec)>,
+    ) -> Result<()> {
+        let lens: Vec<usize> = items.iter().map(|(_, iov)| iov.len()).collect();
+        for (outcome, len) in shared.backend.put(items).await?.into_iter().zip(lens) {
+            match outcome {
+                PutOutcome::Stored => {
+                    self.stored += 1;
+                    self.bytes += len as u64;
+                }
+                PutOutcome::Exists => self.existed += 1,
+                PutOutcome::Failed(e) => {
+                    self.failed += 1;
+                    tracing::debug!(req = req_id, error = %e, "block not saved");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn finish(self) {
+        let m = metrics::global();
+        m.add_keys(METRICS_LABEL, "save", "stored", self.stored);
+        m.add_keys(METRICS_LABEL, "save", "exists", self.existed);
+        m.add_keys(METRICS_LABEL, "save", "failed", self.failed);
+        m.add_bytes(METRICS_LABEL, "save", self.bytes);
+    }
+}
