@@ -465,6 +465,17 @@ impl AscendCl {
         })
     }
 
+    /// Any other function of the library, for calls these bindings do not cover: `None`
+    /// when it has none by that name.
+    ///
+    /// # Safety
+    /// `F` is the function's C signature; calling it is as unsafe as the C function is.
+    pub unsafe fn symbol<F: Copy>(&self, name: &'static str) -> Option<F> {
+        // SAFETY: the caller vouches for the type; `self` keeps the library loaded as long
+        // as the pointer is reachable through it.
+        unsafe { optional(&self._lib, name) }
+    }
+
     /// The optional functions (see the crate doc) this library lacks: empty on a current
     /// CANN.
     pub fn missing_optional(&self) -> Vec<&'static str> {
@@ -1109,6 +1120,123 @@ mod tests {
             let all = unsafe { Optional::resolve(&lib) };
             assert_eq!(all.missing(), OPTIONAL_FUNCTIONS);
         }
+    }
+
+    /// Builds `tests/stub/libascendcl_stub.c` (a host-memory stand-in for CANN) into a
+    /// directory of its own, or `None` without a C compiler.
+    #[cfg(target_os = "linux")]
+    fn stub() -> Option<PathBuf> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ascendcl-stub-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libascendcl.so");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/stub/libascendcl_stub.c");
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(src)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built {
+            eprintln!("no C compiler: skipping the stub-CANN test");
+            return None;
+        }
+        Some(lib)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn streams_events_and_async_copies_against_a_stub_cann() {
+        let Some(path) = stub() else { return };
+        let acl = AscendCl::load_from(&path).unwrap();
+        // SAFETY: the stub's counters take no arguments and return int.
+        let count = |name: &str| unsafe {
+            let f: libloading::Symbol<'_, unsafe extern "C" fn() -> c_int> =
+                acl._lib.get(name.as_bytes()).unwrap();
+            f()
+        };
+        assert_eq!(
+            acl.missing_optional(),
+            [
+                "aclrtGetCurrentContext",
+                "aclrtSetCurrentContext",
+                "aclrtCreateStreamWithConfig",
+                "aclrtCreateEvent",
+                "aclrtQueryEvent"
+            ]
+        );
+        acl.init_shared().unwrap();
+        acl.init_shared().unwrap();
+        let err = acl.get_device().unwrap_err();
+        assert_eq!(err.code(), Some(107002));
+        assert!(err.to_string().contains("stub: recent error"), "{err}");
+        assert!(matches!(
+            acl.create_stream_with_config(0, 0),
+            Err(AclError::Unavailable {
+                call: "aclrtCreateStreamWithConfig",
+                ..
+            })
+        ));
+        acl.set_device(0).unwrap();
+        assert_eq!(acl.get_device().unwrap(), 0);
+
+        let stream = acl.create_stream().unwrap();
+        let src = [5u8; 64];
+        let mut dst = [0u8; 64];
+        // SAFETY: both arrays hold 64 bytes and outlive the copy (the stub copies at once).
+        unsafe {
+            acl.memcpy_async(
+                dst.as_mut_ptr().cast(),
+                64,
+                src.as_ptr().cast(),
+                64,
+                MemcpyKind::DeviceToHost,
+                &stream,
+            )
+        }
+        .unwrap();
+        // SAFETY: as above; the stub rejects a count over the destination's size.
+        let too_long = unsafe {
+            acl.memcpy_async(
+                dst.as_mut_ptr().cast(),
+                32,
+                src.as_ptr().cast(),
+                64,
+                MemcpyKind::DeviceToHost,
+                &stream,
+            )
+        };
+        assert!(too_long.is_err());
+        assert_eq!(dst, src);
+        let event = acl.create_event().unwrap();
+        assert_eq!(count("stub_live_events\0"), 1);
+        event.record(&stream).unwrap();
+        stream.wait_event(&event).unwrap();
+        assert!(event.is_complete().unwrap());
+        event.synchronize().unwrap();
+        stream.synchronize().unwrap();
+
+        let mut page = vec![0u8; 8192];
+        let aligned = page
+            .as_mut_ptr()
+            .wrapping_add(page.as_ptr().align_offset(4096));
+        // SAFETY: 4096 bytes inside `page`, unregistered before it drops.
+        unsafe {
+            acl.host_register(aligned.cast(), 4096, HostRegisterType::Mapped)
+                .unwrap();
+            assert_eq!(count("stub_registered\0"), 1);
+            acl.host_unregister(aligned.cast()).unwrap();
+        }
+        drop(event);
+        drop(stream);
+        assert_eq!(count("stub_live_events\0"), 0);
+        assert_eq!(count("stub_live_streams\0"), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

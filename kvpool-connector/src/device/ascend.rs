@@ -166,6 +166,15 @@ impl AscendEngine {
             )
             .set_source(e)
         })?;
+        Self::with_library(acl, device)
+    }
+
+    /// As [`open`](Self::open), with AscendCL already loaded (a CANN outside the usual
+    /// places: [`AscendCl::load_from`]).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), but for loading.
+    pub fn with_library(acl: Arc<AscendCl>, device: u32) -> Result<AscendEngine> {
         let missing = acl.missing_optional();
         let lacking: Vec<&str> = NEEDED
             .iter()
@@ -479,6 +488,160 @@ mod tests {
         }
         let err = AscendEngine::open(3).unwrap_err();
         assert!(err.to_string().contains("npu:3"), "{err}");
+    }
+
+    /// `ascendcl-sys/tests/stub/libascendcl_stub.c` (a host-memory stand-in for CANN that
+    /// checks thread binding, sizes, event flags and alignment), built and loaded; `None`
+    /// without a C compiler.
+    fn stub() -> Option<(tempfile::TempDir, Arc<AscendCl>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libascendcl.so");
+        let src = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ascendcl-sys/tests/stub/libascendcl_stub.c"
+        );
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(src)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built {
+            eprintln!("no C compiler: skipping the stub-CANN test");
+            return None;
+        }
+        let acl = AscendCl::load_from(&lib).unwrap();
+        Some((dir, acl))
+    }
+
+    /// Calls one of the stub's `int stub_*(void)` counters, or `stub_hold(int)`.
+    fn stub_call(acl: &AscendCl, name: &'static str, arg: Option<i32>) -> i32 {
+        // SAFETY: the stub's signatures.
+        unsafe {
+            match arg {
+                None => acl.symbol::<unsafe extern "C" fn() -> i32>(name).unwrap()(),
+                Some(a) => {
+                    acl.symbol::<unsafe extern "C" fn(i32)>(name).unwrap()(a);
+                    0
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copies_fences_and_waits_against_a_stub_cann() {
+        let Some((_dir, acl)) = stub() else { return };
+        let engine = Arc::new(AscendEngine::with_library(acl.clone(), 0).unwrap());
+        assert_eq!(engine.device(), Device::Npu { device: 0 });
+        let count = |name| stub_call(&acl, name, None);
+
+        // Staging: 4 KiB-aligned, as aclrtHostRegister wants; the stub rejects anything else.
+        let mut buf = vec![0u8; 3 * 4096];
+        let staging = buf
+            .as_mut_ptr()
+            .wrapping_add(buf.as_ptr().align_offset(4096));
+        // SAFETY: 8 KiB inside `buf`, unpinned below before `buf` drops.
+        unsafe { engine.pin(staging, 8192) }.unwrap();
+        assert_eq!(count("stub_registered"), 1);
+        // SAFETY: as above; the stub refuses the unaligned address.
+        let err = unsafe { engine.pin(staging.wrapping_add(1), 100) }.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unexpected);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("npu:0") && msg.contains("stub: recent error"),
+            "{msg}"
+        );
+
+        let device: Vec<u8> = (0..=255).collect();
+        let compute = StreamHandle(0x1000);
+        engine.order_after(compute).unwrap();
+        let copies = [
+            Copy {
+                device: device.as_ptr() as u64,
+                host: staging as usize,
+                len: 100,
+            },
+            Copy {
+                device: device.as_ptr() as u64 + 100,
+                host: staging as usize + 4096,
+                len: 156,
+            },
+            Copy {
+                device: 0,
+                host: 0,
+                len: 0,
+            },
+        ];
+        // SAFETY: the ranges lie in `device` and the pinned staging.
+        unsafe { engine.to_host(&copies) }.unwrap();
+        assert_eq!(count("stub_copies"), 2);
+        let fence = engine.fence().unwrap();
+        // The order_after event lives until this fence completes: reaped at the next call.
+        assert!(fence.is_done().unwrap());
+        fence.wait().unwrap();
+        // SAFETY: the staging was written by the fenced copies.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(staging, 100).to_vec(),
+                std::slice::from_raw_parts(staging.wrapping_add(4096), 156).to_vec(),
+            )
+        };
+        assert_eq!(a, &device[..100]);
+        assert_eq!(b, &device[100..]);
+
+        // Another thread, never bound to the NPU: the engine binds it (the stub refuses calls
+        // from an unbound thread).
+        let back = vec![0u8; 256];
+        let (e, f, back_addr) = (engine.clone(), fence.clone(), back.as_ptr() as u64);
+        let staging_addr = staging as usize;
+        std::thread::spawn(move || {
+            assert!(f.is_done().unwrap());
+            let copies = [Copy {
+                device: back_addr,
+                host: staging_addr,
+                len: 100,
+            }];
+            // SAFETY: `back` and the staging outlive the join below.
+            unsafe { e.to_device(&copies) }.unwrap();
+            e.fence().unwrap().wait().unwrap();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(&back[..100], &device[..100]);
+
+        // A fence already complete needs no wait.
+        engine.stream_wait(compute, &*fence).unwrap();
+        assert_eq!(count("stub_waits"), 1);
+        // A fence still in flight: the compute stream waits on its event (made with
+        // ACL_EVENT_SYNC, or the stub refuses), which outlives the fence until compute has
+        // passed the wait.
+        stub_call(&acl, "stub_hold", Some(1));
+        let pending = engine.fence().unwrap();
+        assert!(!pending.is_done().unwrap());
+        engine.stream_wait(compute, &*pending).unwrap();
+        assert_eq!(count("stub_waits"), 2);
+        drop(pending);
+        let live = count("stub_live_events");
+        assert!(live >= 2, "{live}");
+        stub_call(&acl, "stub_hold", Some(0));
+        engine.order_after(compute).unwrap();
+        // Reaped: only the new order_after event (and `fence`'s) remain.
+        assert_eq!(count("stub_live_events"), 2);
+
+        let foreign = super::super::HostEngine::new().fence().unwrap();
+        let err = engine.stream_wait(compute, &*foreign).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+
+        // SAFETY: nothing in flight; pinned above. The second address was never registered.
+        unsafe {
+            engine.unpin(staging).unwrap();
+            engine.unpin(staging.wrapping_add(1)).unwrap();
+        }
+        assert_eq!(count("stub_registered"), 0);
+        drop(fence);
+        drop(engine);
+        assert_eq!(count("stub_live_events"), 0);
+        assert_eq!(count("stub_live_streams"), 0);
     }
 
     #[test]
