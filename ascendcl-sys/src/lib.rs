@@ -3,10 +3,16 @@
 //! Nothing links against CANN: [`AscendCl::load`] opens the library with
 //! `libloading`, so a build without CANN works and only the call fails, with
 //! an error that says CANN is missing. See `README.md` for what is covered.
+//!
+//! The functions present in every CANN kvpool meets (init, devices, memory,
+//! synchronous copies) are required: a library without one fails to load.
+//! Streams, events, asynchronous copies and host registration are resolved
+//! *optionally*: a CANN without one still loads, and only calling it fails,
+//! with [`AclError::Unavailable`] naming the function and CANN.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// `aclError`: 0 is success.
@@ -14,6 +20,38 @@ pub type AclErrorCode = c_int;
 
 /// `ACL_SUCCESS`.
 pub const ACL_SUCCESS: AclErrorCode = 0;
+
+/// `ACL_ERROR_REPEAT_INITIALIZE`: `aclInit` was already called in this process
+/// (by torch_npu, typically). Not a failure for a library that shares the process.
+pub const ACL_ERROR_REPEAT_INITIALIZE: AclErrorCode = 100002;
+
+/// `aclrtStream`: an opaque runtime handle.
+pub type RawStream = *mut c_void;
+/// `aclrtEvent`: an opaque runtime handle.
+pub type RawEvent = *mut c_void;
+/// `aclrtContext`: an opaque runtime handle.
+pub type RawContext = *mut c_void;
+
+/// `ACL_EVENT_SYNC`: an event other streams may wait on (`aclrtStreamWaitEvent`).
+pub const ACL_EVENT_SYNC: u32 = 0x0000_0001;
+
+/// `aclrtEventRecordedStatus::ACL_EVENT_RECORDED_STATUS_COMPLETE`.
+pub const ACL_EVENT_RECORDED_STATUS_COMPLETE: c_int = 1;
+
+/// `aclrtEventStatus::ACL_EVENT_STATUS_COMPLETE` (the older `aclrtQueryEvent`).
+pub const ACL_EVENT_STATUS_COMPLETE: c_int = 0;
+
+/// `aclrtHostRegisterType`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRegisterType {
+    /// `ACL_HOST_REGISTER_MAPPED`: page-locked and mapped for the device.
+    Mapped = 0,
+    /// `ACL_HOST_REGISTER_IOMEMORY`.
+    IoMemory = 0x04,
+    /// `ACL_HOST_REGISTER_READONLY`.
+    ReadOnly = 0x08,
+}
 
 /// `aclrtMemcpyKind`.
 #[repr(C)]
@@ -69,14 +107,67 @@ pub enum LoadError {
 
 /// A failed AscendCL call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{call} failed with aclError {code}{}", .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
-pub struct AclError {
-    /// The function that failed.
-    pub call: &'static str,
-    /// Its `aclError`.
-    pub code: AclErrorCode,
-    /// `aclGetRecentErrMsg()`, when CANN had one.
-    pub message: Option<String>,
+pub enum AclError {
+    /// The call returned an `aclError` other than `ACL_SUCCESS`.
+    #[error("{call} failed with aclError {code}{}", .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Failed {
+        /// The function that failed.
+        call: &'static str,
+        /// Its `aclError`.
+        code: AclErrorCode,
+        /// `aclGetRecentErrMsg()`, when CANN had one.
+        message: Option<String>,
+    },
+    /// The loaded CANN has no such function (one resolved optionally).
+    #[error(
+        "{call} is not in {path}: this CANN is too old for it (kvpool's NPU copies need \
+         streams, events and aclrtMemcpyAsync; CANN 8.x has them); upgrade CANN, or use \
+         Mooncake's \"protocol\": \"tcp\" with KV in host memory"
+    )]
+    Unavailable {
+        /// The function looked for.
+        call: &'static str,
+        /// The library it was looked for in.
+        path: String,
+    },
+}
+
+impl AclError {
+    /// The function that failed or is missing.
+    pub fn call(&self) -> &'static str {
+        match self {
+            AclError::Failed { call, .. } | AclError::Unavailable { call, .. } => call,
+        }
+    }
+
+    /// The `aclError`, for a call that ran.
+    pub fn code(&self) -> Option<AclErrorCode> {
+        match self {
+            AclError::Failed { code, .. } => Some(*code),
+            AclError::Unavailable { .. } => None,
+        }
+    }
+}
+
+/// A function resolved optionally: `None` when the library lacks it.
+///
+/// # Safety
+/// `F` must be the function's C signature, and the pointer must not outlive `lib`.
+unsafe fn optional<F: Copy>(lib: &libloading::Library, name: &'static str) -> Option<F> {
+    let mut bytes = Vec::with_capacity(name.len() + 1);
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.push(0);
+    // SAFETY: the caller vouches for the type; the symbol is copied out while
+    // `lib` is borrowed.
+    unsafe { lib.get::<F>(&bytes) }.ok().map(|s| *s)
+}
+
+/// The function, or [`AclError::Unavailable`] naming it.
+fn need<F: Copy>(f: Option<F>, call: &'static str, path: &str) -> Result<F, AclError> {
+    f.ok_or_else(|| AclError::Unavailable {
+        call,
+        path: path.to_owned(),
+    })
 }
 
 type FnInit = unsafe extern "C" fn(*const c_char) -> AclErrorCode;
@@ -89,6 +180,28 @@ type FnMallocHost = unsafe extern "C" fn(*mut *mut c_void, usize) -> AclErrorCod
 type FnMemcpy =
     unsafe extern "C" fn(*mut c_void, usize, *const c_void, usize, MemcpyKind) -> AclErrorCode;
 type FnErrMsg = unsafe extern "C" fn() -> *const c_char;
+type FnGetDevice = unsafe extern "C" fn(*mut i32) -> AclErrorCode;
+type FnGetContext = unsafe extern "C" fn(*mut RawContext) -> AclErrorCode;
+type FnSetContext = unsafe extern "C" fn(RawContext) -> AclErrorCode;
+type FnCreateStream = unsafe extern "C" fn(*mut RawStream) -> AclErrorCode;
+type FnCreateStreamWithConfig = unsafe extern "C" fn(*mut RawStream, u32, u32) -> AclErrorCode;
+type FnStream = unsafe extern "C" fn(RawStream) -> AclErrorCode;
+type FnCreateEvent = unsafe extern "C" fn(*mut RawEvent) -> AclErrorCode;
+type FnCreateEventWithFlag = unsafe extern "C" fn(*mut RawEvent, u32) -> AclErrorCode;
+type FnEvent = unsafe extern "C" fn(RawEvent) -> AclErrorCode;
+type FnRecordEvent = unsafe extern "C" fn(RawEvent, RawStream) -> AclErrorCode;
+type FnStreamWaitEvent = unsafe extern "C" fn(RawStream, RawEvent) -> AclErrorCode;
+type FnQueryEvent = unsafe extern "C" fn(RawEvent, *mut c_int) -> AclErrorCode;
+type FnMemcpyAsync = unsafe extern "C" fn(
+    *mut c_void,
+    usize,
+    *const c_void,
+    usize,
+    MemcpyKind,
+    RawStream,
+) -> AclErrorCode;
+type FnHostRegister =
+    unsafe extern "C" fn(*mut c_void, u64, HostRegisterType, *mut *mut c_void) -> AclErrorCode;
 
 /// The loaded library and its functions.
 pub struct AscendCl {
@@ -104,9 +217,121 @@ pub struct AscendCl {
     free_host: FnFree,
     memcpy: FnMemcpy,
     recent_error: Option<FnErrMsg>,
+    opt: Optional,
     // Keeps the function pointers above valid; declared last so it is
     // dropped after them.
     _lib: libloading::Library,
+}
+
+/// Every function resolved optionally (see the crate doc), by name.
+pub const OPTIONAL_FUNCTIONS: &[&str] = &[
+    "aclrtGetDevice",
+    "aclrtGetCurrentContext",
+    "aclrtSetCurrentContext",
+    "aclrtCreateStream",
+    "aclrtCreateStreamWithConfig",
+    "aclrtSynchronizeStream",
+    "aclrtDestroyStream",
+    "aclrtCreateEvent",
+    "aclrtCreateEventWithFlag",
+    "aclrtDestroyEvent",
+    "aclrtRecordEvent",
+    "aclrtStreamWaitEvent",
+    "aclrtQueryEventStatus",
+    "aclrtQueryEvent",
+    "aclrtSynchronizeEvent",
+    "aclrtMemcpyAsync",
+    "aclrtHostRegister",
+    "aclrtHostUnregister",
+];
+
+/// The functions resolved optionally (see the crate doc).
+#[derive(Clone, Copy)]
+struct Optional {
+    get_device: Option<FnGetDevice>,
+    get_current_context: Option<FnGetContext>,
+    set_current_context: Option<FnSetContext>,
+    create_stream: Option<FnCreateStream>,
+    create_stream_with_config: Option<FnCreateStreamWithConfig>,
+    synchronize_stream: Option<FnStream>,
+    destroy_stream: Option<FnStream>,
+    create_event: Option<FnCreateEvent>,
+    create_event_with_flag: Option<FnCreateEventWithFlag>,
+    destroy_event: Option<FnEvent>,
+    record_event: Option<FnRecordEvent>,
+    stream_wait_event: Option<FnStreamWaitEvent>,
+    query_event_status: Option<FnQueryEvent>,
+    query_event: Option<FnQueryEvent>,
+    synchronize_event: Option<FnEvent>,
+    memcpy_async: Option<FnMemcpyAsync>,
+    host_register: Option<FnHostRegister>,
+    host_unregister: Option<FnFree>,
+}
+
+impl Optional {
+    /// # Safety
+    /// Each type below is the function's signature in `acl_rt.h` (CANN runtime 1.16/1.17).
+    unsafe fn resolve(lib: &libloading::Library) -> Self {
+        // SAFETY: (every call) the caller vouches for the signatures; the
+        // pointers are kept in `AscendCl` next to the library that owns them.
+        unsafe {
+            Optional {
+                get_device: optional(lib, "aclrtGetDevice"),
+                get_current_context: optional(lib, "aclrtGetCurrentContext"),
+                set_current_context: optional(lib, "aclrtSetCurrentContext"),
+                create_stream: optional(lib, "aclrtCreateStream"),
+                create_stream_with_config: optional(lib, "aclrtCreateStreamWithConfig"),
+                synchronize_stream: optional(lib, "aclrtSynchronizeStream"),
+                destroy_stream: optional(lib, "aclrtDestroyStream"),
+                create_event: optional(lib, "aclrtCreateEvent"),
+                create_event_with_flag: optional(lib, "aclrtCreateEventWithFlag"),
+                destroy_event: optional(lib, "aclrtDestroyEvent"),
+                record_event: optional(lib, "aclrtRecordEvent"),
+                stream_wait_event: optional(lib, "aclrtStreamWaitEvent"),
+                query_event_status: optional(lib, "aclrtQueryEventStatus"),
+                query_event: optional(lib, "aclrtQueryEvent"),
+                synchronize_event: optional(lib, "aclrtSynchronizeEvent"),
+                memcpy_async: optional(lib, "aclrtMemcpyAsync"),
+                host_register: optional(lib, "aclrtHostRegister"),
+                host_unregister: optional(lib, "aclrtHostUnregister"),
+            }
+        }
+    }
+
+    /// Every optional function this library lacks, by name.
+    fn missing(&self) -> Vec<&'static str> {
+        let present = [
+            ("aclrtGetDevice", self.get_device.is_some()),
+            ("aclrtGetCurrentContext", self.get_current_context.is_some()),
+            ("aclrtSetCurrentContext", self.set_current_context.is_some()),
+            ("aclrtCreateStream", self.create_stream.is_some()),
+            (
+                "aclrtCreateStreamWithConfig",
+                self.create_stream_with_config.is_some(),
+            ),
+            ("aclrtSynchronizeStream", self.synchronize_stream.is_some()),
+            ("aclrtDestroyStream", self.destroy_stream.is_some()),
+            ("aclrtCreateEvent", self.create_event.is_some()),
+            (
+                "aclrtCreateEventWithFlag",
+                self.create_event_with_flag.is_some(),
+            ),
+            ("aclrtDestroyEvent", self.destroy_event.is_some()),
+            ("aclrtRecordEvent", self.record_event.is_some()),
+            ("aclrtStreamWaitEvent", self.stream_wait_event.is_some()),
+            ("aclrtQueryEventStatus", self.query_event_status.is_some()),
+            ("aclrtQueryEvent", self.query_event.is_some()),
+            ("aclrtSynchronizeEvent", self.synchronize_event.is_some()),
+            ("aclrtMemcpyAsync", self.memcpy_async.is_some()),
+            ("aclrtHostRegister", self.host_register.is_some()),
+            ("aclrtHostUnregister", self.host_unregister.is_some()),
+        ];
+        present
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(name, _)| name)
+            .collect()
+    }
 }
 
 impl fmt::Debug for AscendCl {
@@ -162,6 +387,24 @@ impl AscendCl {
         Err(LoadError::NotInstalled { searched })
     }
 
+    /// Opens the library at `path` (a CANN outside the usual places) and resolves it as
+    /// [`load`](Self::load) does.
+    ///
+    /// # Errors
+    /// [`LoadError::NotInstalled`] when it cannot be opened; [`LoadError::MissingSymbol`]
+    /// for a library without one of the required functions.
+    pub fn load_from(path: impl AsRef<Path>) -> Result<Arc<Self>, LoadError> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        // SAFETY: as in `load`.
+        match unsafe { libloading::Library::new(path) } {
+            Ok(lib) => Self::resolve(lib, shown).map(Arc::new),
+            Err(_) => Err(LoadError::NotInstalled {
+                searched: vec![shown],
+            }),
+        }
+    }
+
     fn resolve(lib: libloading::Library, path: String) -> Result<Self, LoadError> {
         macro_rules! sym {
             ($name:literal) => {{
@@ -180,6 +423,8 @@ impl AscendCl {
             let s = unsafe { lib.get::<FnErrMsg>(b"aclGetRecentErrMsg\0") };
             s.ok().map(|s| *s)
         };
+        // SAFETY: the types in `Optional` are the acl_rt.h signatures.
+        let opt = unsafe { Optional::resolve(&lib) };
         Ok(AscendCl {
             init: sym!("aclInit"),
             finalize: sym!("aclFinalize"),
@@ -192,6 +437,7 @@ impl AscendCl {
             free_host: sym!("aclrtFreeHost"),
             memcpy: sym!("aclrtMemcpy"),
             recent_error,
+            opt,
             path,
             _lib: lib,
         })
@@ -212,11 +458,28 @@ impl AscendCl {
             // SAFETY: non-null pointers from aclGetRecentErrMsg are C strings.
             (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
         });
-        Err(AclError {
+        Err(AclError::Failed {
             call,
             code,
             message,
         })
+    }
+
+    /// Any other function of the library, for calls these bindings do not cover: `None`
+    /// when it has none by that name.
+    ///
+    /// # Safety
+    /// `F` is the function's C signature; calling it is as unsafe as the C function is.
+    pub unsafe fn symbol<F: Copy>(&self, name: &'static str) -> Option<F> {
+        // SAFETY: the caller vouches for the type; `self` keeps the library loaded as long
+        // as the pointer is reachable through it.
+        unsafe { optional(&self._lib, name) }
+    }
+
+    /// The optional functions (see the crate doc) this library lacks: empty on a current
+    /// CANN.
+    pub fn missing_optional(&self) -> Vec<&'static str> {
+        self.opt.missing()
     }
 
     /// `aclInit(config)`: once per process, before any other call.
@@ -296,7 +559,7 @@ impl AscendCl {
         offset
             .checked_add(src.len())
             .filter(|&e| e <= dst.len)
-            .ok_or(AclError {
+            .ok_or(AclError::Failed {
                 call: "aclrtMemcpy",
                 code: -1,
                 message: Some(format!(
@@ -333,7 +596,7 @@ impl AscendCl {
         offset
             .checked_add(dst.len())
             .filter(|&e| e <= src.len)
-            .ok_or(AclError {
+            .ok_or(AclError::Failed {
                 call: "aclrtMemcpy",
                 code: -1,
                 message: Some(format!(
@@ -358,6 +621,318 @@ impl AscendCl {
             )
         };
         self.check("aclrtMemcpy", code)
+    }
+
+    /// `aclInit(NULL)`, where a second call in the process (torch_npu made the first) is
+    /// success: kvpool shares the process and never calls `aclFinalize`.
+    pub fn init_shared(&self) -> Result<(), AclError> {
+        // SAFETY: null is a valid config argument.
+        let code = unsafe { (self.init)(std::ptr::null()) };
+        if code == ACL_ERROR_REPEAT_INITIALIZE {
+            return Ok(());
+        }
+        self.check("aclInit", code)
+    }
+
+    fn need<F: Copy>(&self, f: Option<F>, call: &'static str) -> Result<F, AclError> {
+        need(f, call, &self.path)
+    }
+
+    /// `aclrtGetDevice`: the device bound to the calling thread. Fails (with CANN's
+    /// "context is null" error) on a thread no device was set on.
+    pub fn get_device(&self) -> Result<i32, AclError> {
+        let f = self.need(self.opt.get_device, "aclrtGetDevice")?;
+        let mut d = -1i32;
+        // SAFETY: a valid out pointer.
+        self.check("aclrtGetDevice", unsafe { f(&mut d) })?;
+        Ok(d)
+    }
+
+    /// `aclrtGetCurrentContext`.
+    pub fn current_context(&self) -> Result<RawContext, AclError> {
+        let f = self.need(self.opt.get_current_context, "aclrtGetCurrentContext")?;
+        let mut c = std::ptr::null_mut();
+        // SAFETY: a valid out pointer.
+        self.check("aclrtGetCurrentContext", unsafe { f(&mut c) })?;
+        Ok(c)
+    }
+
+    /// `aclrtSetCurrentContext`.
+    ///
+    /// # Safety
+    /// `context` is a live context of this process.
+    pub unsafe fn set_current_context(&self, context: RawContext) -> Result<(), AclError> {
+        let f = self.need(self.opt.set_current_context, "aclrtSetCurrentContext")?;
+        // SAFETY: the caller vouches for the handle.
+        self.check("aclrtSetCurrentContext", unsafe { f(context) })
+    }
+
+    /// `aclrtCreateStream`: a stream on the calling thread's device, destroyed on drop.
+    pub fn create_stream(self: &Arc<Self>) -> Result<Stream, AclError> {
+        let f = self.need(self.opt.create_stream, "aclrtCreateStream")?;
+        self.need(self.opt.destroy_stream, "aclrtDestroyStream")?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: a valid out pointer.
+        self.check("aclrtCreateStream", unsafe { f(&mut raw) })?;
+        Ok(Stream {
+            acl: self.clone(),
+            raw,
+        })
+    }
+
+    /// `aclrtCreateStreamWithConfig(stream, priority, flag)`: `priority` 0 is the highest;
+    /// `flag` is `ACL_STREAM_*` (0 for none).
+    pub fn create_stream_with_config(
+        self: &Arc<Self>,
+        priority: u32,
+        flag: u32,
+    ) -> Result<Stream, AclError> {
+        let f = self.need(
+            self.opt.create_stream_with_config,
+            "aclrtCreateStreamWithConfig",
+        )?;
+        self.need(self.opt.destroy_stream, "aclrtDestroyStream")?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: a valid out pointer; plain integers.
+        self.check("aclrtCreateStreamWithConfig", unsafe {
+            f(&mut raw, priority, flag)
+        })?;
+        Ok(Stream {
+            acl: self.clone(),
+            raw,
+        })
+    }
+
+    /// An event other streams can wait on, destroyed on drop:
+    /// `aclrtCreateEventWithFlag(ACL_EVENT_SYNC)` where the library has it (the flag
+    /// `aclrtStreamWaitEvent` requires of flagged events), else `aclrtCreateEvent`.
+    pub fn create_event(self: &Arc<Self>) -> Result<Event, AclError> {
+        self.need(self.opt.destroy_event, "aclrtDestroyEvent")?;
+        let mut raw = std::ptr::null_mut();
+        if let Some(f) = self.opt.create_event_with_flag {
+            // SAFETY: a valid out pointer and a flag from acl_rt.h.
+            self.check("aclrtCreateEventWithFlag", unsafe {
+                f(&mut raw, ACL_EVENT_SYNC)
+            })?;
+        } else {
+            let f = self.need(self.opt.create_event, "aclrtCreateEvent")?;
+            // SAFETY: a valid out pointer.
+            self.check("aclrtCreateEvent", unsafe { f(&mut raw) })?;
+        }
+        Ok(Event {
+            acl: self.clone(),
+            raw,
+        })
+    }
+
+    /// `aclrtStreamWaitEvent(stream, event)` on a stream kvpool does not own (torch_npu's
+    /// `current_stream().npu_stream`): work queued on `stream` afterwards waits for the
+    /// event's last record.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the calling thread's device (0: the default stream).
+    /// `event` stays alive until the wait has completed on the device.
+    pub unsafe fn stream_wait_event_raw(
+        &self,
+        stream: RawStream,
+        event: &Event,
+    ) -> Result<(), AclError> {
+        let f = self.need(self.opt.stream_wait_event, "aclrtStreamWaitEvent")?;
+        // SAFETY: the caller vouches for `stream`; `event` is live.
+        self.check("aclrtStreamWaitEvent", unsafe { f(stream, event.raw) })
+    }
+
+    /// `aclrtMemcpyAsync(dst, dest_max, src, count, kind, stream)`: queued on `stream`.
+    ///
+    /// # Safety
+    /// `dst` holds `dest_max >= count` bytes and `src` `count` bytes of the kinds `kind`
+    /// names; both stay valid, and nobody else writes `dst`, until the copy completes on
+    /// `stream`. Host memory should be page-locked (`aclrtMallocHost` or
+    /// [`host_register`](Self::host_register)).
+    pub unsafe fn memcpy_async(
+        &self,
+        dst: *mut c_void,
+        dest_max: usize,
+        src: *const c_void,
+        count: usize,
+        kind: MemcpyKind,
+        stream: &Stream,
+    ) -> Result<(), AclError> {
+        let f = self.need(self.opt.memcpy_async, "aclrtMemcpyAsync")?;
+        // SAFETY: the caller vouches for the ranges; `stream` is live.
+        self.check("aclrtMemcpyAsync", unsafe {
+            f(dst, dest_max, src, count, kind, stream.raw)
+        })
+    }
+
+    /// `aclrtHostRegister(ptr, size, type, &dev_ptr)`: page-locks existing host memory
+    /// (CANN wants `ptr` 4 KiB-aligned) and returns the address the device sees it at.
+    ///
+    /// # Safety
+    /// `ptr..ptr + size` is host memory that stays allocated until
+    /// [`host_unregister`](Self::host_unregister).
+    pub unsafe fn host_register(
+        &self,
+        ptr: *mut c_void,
+        size: u64,
+        kind: HostRegisterType,
+    ) -> Result<*mut c_void, AclError> {
+        let f = self.need(self.opt.host_register, "aclrtHostRegister")?;
+        self.need(self.opt.host_unregister, "aclrtHostUnregister")?;
+        let mut dev = std::ptr::null_mut();
+        // SAFETY: the caller vouches for the range; a valid out pointer.
+        self.check("aclrtHostRegister", unsafe { f(ptr, size, kind, &mut dev) })?;
+        Ok(dev)
+    }
+
+    /// `aclrtHostUnregister(ptr)`.
+    ///
+    /// # Safety
+    /// `ptr` was registered with [`host_register`](Self::host_register) and no copy to or
+    /// from it is in flight.
+    pub unsafe fn host_unregister(&self, ptr: *mut c_void) -> Result<(), AclError> {
+        let f = self.need(self.opt.host_unregister, "aclrtHostUnregister")?;
+        // SAFETY: the caller vouches for `ptr`.
+        self.check("aclrtHostUnregister", unsafe { f(ptr) })
+    }
+}
+
+/// A stream created by kvpool, destroyed on drop.
+pub struct Stream {
+    acl: Arc<AscendCl>,
+    raw: RawStream,
+}
+
+// SAFETY: an `aclrtStream` is an opaque handle into the runtime, which takes task
+// submissions for one stream from any thread bound to its device (torch_npu submits to
+// its streams from several threads). `Stream` holds nothing else but an `Arc`.
+unsafe impl Send for Stream {}
+// SAFETY: every method takes `&self` and only passes the handle to AscendCL; see `Send`.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// The `aclrtStream`, for other CANN calls.
+    pub fn as_raw(&self) -> RawStream {
+        self.raw
+    }
+
+    /// `aclrtStreamWaitEvent(self, event)`: work queued here afterwards waits for `event`.
+    /// `event` must stay alive until the wait has completed on the device.
+    pub fn wait_event(&self, event: &Event) -> Result<(), AclError> {
+        // SAFETY: `self.raw` is a live stream this value owns.
+        unsafe { self.acl.stream_wait_event_raw(self.raw, event) }
+    }
+
+    /// `aclrtSynchronizeStream`: blocks until everything queued here has completed.
+    pub fn synchronize(&self) -> Result<(), AclError> {
+        let f = self
+            .acl
+            .need(self.acl.opt.synchronize_stream, "aclrtSynchronizeStream")?;
+        // SAFETY: a live stream.
+        self.acl
+            .check("aclrtSynchronizeStream", unsafe { f(self.raw) })
+    }
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Stream").field(&self.raw).finish()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(destroy) = self.acl.opt.destroy_stream {
+            // SAFETY: created by `create_stream*` and destroyed once. AscendCL destroys a
+            // stream with tasks outstanding only after they finish; callers synchronize first.
+            let _ = unsafe { destroy(self.raw) };
+        }
+    }
+}
+
+/// An event created by kvpool, destroyed on drop.
+pub struct Event {
+    acl: Arc<AscendCl>,
+    raw: RawEvent,
+}
+
+// SAFETY: an `aclrtEvent` is an opaque runtime handle, usable from any thread bound to its
+// device; `Event` holds nothing else but an `Arc`.
+unsafe impl Send for Event {}
+// SAFETY: every method takes `&self` and only passes the handle to AscendCL.
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// The `aclrtEvent`, for other CANN calls.
+    pub fn as_raw(&self) -> RawEvent {
+        self.raw
+    }
+
+    /// `aclrtRecordEvent(self, stream)`: the event completes once everything queued on
+    /// `stream` so far has.
+    pub fn record(&self, stream: &Stream) -> Result<(), AclError> {
+        // SAFETY: `stream` is live.
+        unsafe { self.record_raw(stream.raw) }
+    }
+
+    /// `aclrtRecordEvent` on a stream kvpool does not own.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the calling thread's device (0: the default stream).
+    pub unsafe fn record_raw(&self, stream: RawStream) -> Result<(), AclError> {
+        let f = self
+            .acl
+            .need(self.acl.opt.record_event, "aclrtRecordEvent")?;
+        // SAFETY: the caller vouches for `stream`; the event is live.
+        self.acl
+            .check("aclrtRecordEvent", unsafe { f(self.raw, stream) })
+    }
+
+    /// Whether the work before the last record has completed:
+    /// `aclrtQueryEventStatus == ACL_EVENT_RECORDED_STATUS_COMPLETE`, or on a CANN without
+    /// it the older `aclrtQueryEvent == ACL_EVENT_STATUS_COMPLETE`.
+    pub fn is_complete(&self) -> Result<bool, AclError> {
+        let mut status: c_int = -1;
+        if let Some(f) = self.acl.opt.query_event_status {
+            // SAFETY: a live event and a valid out pointer (the C enum is an int).
+            let code = unsafe { f(self.raw, &mut status) };
+            self.acl.check("aclrtQueryEventStatus", code)?;
+            return Ok(status == ACL_EVENT_RECORDED_STATUS_COMPLETE);
+        }
+        let f = self
+            .acl
+            .need(self.acl.opt.query_event, "aclrtQueryEventStatus")?;
+        // SAFETY: as above.
+        let code = unsafe { f(self.raw, &mut status) };
+        self.acl.check("aclrtQueryEvent", code)?;
+        Ok(status == ACL_EVENT_STATUS_COMPLETE)
+    }
+
+    /// `aclrtSynchronizeEvent`: blocks the calling thread until the event completes.
+    pub fn synchronize(&self) -> Result<(), AclError> {
+        let f = self
+            .acl
+            .need(self.acl.opt.synchronize_event, "aclrtSynchronizeEvent")?;
+        // SAFETY: a live event.
+        self.acl
+            .check("aclrtSynchronizeEvent", unsafe { f(self.raw) })
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Event").field(&self.raw).finish()
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Some(destroy) = self.acl.opt.destroy_event {
+            // SAFETY: created by `create_event` and destroyed once. acl_rt.h asks that no
+            // `aclrtStreamWaitEvent`/`aclrtSynchronizeEvent` on it be outstanding: owners
+            // keep an event alive until such waits have completed.
+            let _ = unsafe { destroy(self.raw) };
+        }
     }
 }
 
@@ -437,9 +1012,245 @@ mod tests {
                 assert_eq!(back, [7u8; 100]);
                 assert!(acl.copy_to_device(&buf, 4000, &[0u8; 100]).is_err());
                 drop(buf);
+                async_round_trip(&acl);
                 acl.finalize().unwrap();
             }
         }
+    }
+
+    /// Where CANN is installed: a host → device → host round trip on a stream, ordered by
+    /// an event. Never run so far (no NPU on kvpool's build machines).
+    fn async_round_trip(acl: &Arc<AscendCl>) {
+        assert_eq!(acl.missing_optional(), Vec::<&str>::new());
+        acl.set_device(0).unwrap();
+        assert_eq!(acl.get_device().unwrap(), 0);
+        let stream = acl.create_stream().unwrap();
+        let dev = acl.malloc(4096, MallocPolicy::HugeFirst).unwrap();
+        let src = acl.malloc_host(4096).unwrap();
+        let dst = acl.malloc_host(4096).unwrap();
+        acl.copy_to_device(&src, 0, &[9u8; 4096]).unwrap();
+        // SAFETY: all three buffers hold 4096 bytes and outlive the synchronize below.
+        unsafe {
+            acl.memcpy_async(
+                dev.as_ptr(),
+                4096,
+                src.as_ptr(),
+                4096,
+                MemcpyKind::HostToDevice,
+                &stream,
+            )
+            .unwrap();
+            acl.memcpy_async(
+                dst.as_ptr(),
+                4096,
+                dev.as_ptr(),
+                4096,
+                MemcpyKind::DeviceToHost,
+                &stream,
+            )
+            .unwrap();
+        }
+        let done = acl.create_event().unwrap();
+        done.record(&stream).unwrap();
+        done.synchronize().unwrap();
+        assert!(done.is_complete().unwrap());
+        let mut back = vec![0u8; 4096];
+        acl.copy_to_host(&mut back, &dst, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 9));
+        stream.synchronize().unwrap();
+    }
+
+    /// The resolver against a library that exists everywhere: glibc.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    mod against_libc {
+        use super::*;
+
+        fn libc() -> libloading::Library {
+            // SAFETY: glibc is already loaded in this process.
+            unsafe { libloading::Library::new("libc.so.6") }.unwrap()
+        }
+
+        #[test]
+        fn a_library_without_a_required_function_names_it() {
+            let err = AscendCl::load_from("libc.so.6").unwrap_err();
+            match &err {
+                LoadError::MissingSymbol { symbol, path, .. } => {
+                    assert_eq!(*symbol, "aclInit");
+                    assert_eq!(path, "libc.so.6");
+                }
+                other => panic!("{other}"),
+            }
+            assert!(
+                err.to_string().contains("unsupported CANN version"),
+                "{err}"
+            );
+        }
+
+        #[test]
+        fn a_library_that_cannot_be_opened_is_not_installed() {
+            let err = AscendCl::load_from("/nonexistent/libascendcl.so").unwrap_err();
+            assert!(matches!(err, LoadError::NotInstalled { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("CANN is not installed"), "{msg}");
+            assert!(msg.contains("/nonexistent/libascendcl.so"), "{msg}");
+            assert!(msg.contains("\"protocol\": \"tcp\""), "{msg}");
+        }
+
+        #[test]
+        fn optional_functions_resolve_to_none_and_say_which_when_called() {
+            let lib = libc();
+            type F = unsafe extern "C" fn();
+            // SAFETY: only compared with None, never called.
+            let strlen: Option<F> = unsafe { optional(&lib, "strlen") };
+            assert!(strlen.is_some());
+            // SAFETY: as above.
+            let missing: Option<FnCreateStream> = unsafe { optional(&lib, "aclrtCreateStream") };
+            assert!(missing.is_none());
+            let err = need(missing, "aclrtCreateStream", "libc.so.6").unwrap_err();
+            assert_eq!(err.call(), "aclrtCreateStream");
+            assert_eq!(err.code(), None);
+            let msg = err.to_string();
+            assert!(
+                msg.contains("aclrtCreateStream is not in libc.so.6"),
+                "{msg}"
+            );
+            assert!(msg.contains("CANN"), "{msg}");
+            assert!(msg.contains("\"protocol\": \"tcp\""), "{msg}");
+            // SAFETY: the types are never called.
+            let all = unsafe { Optional::resolve(&lib) };
+            assert_eq!(all.missing(), OPTIONAL_FUNCTIONS);
+        }
+    }
+
+    /// Builds `tests/stub/libascendcl_stub.c` (a host-memory stand-in for CANN) into a
+    /// directory of its own, or `None` without a C compiler.
+    #[cfg(target_os = "linux")]
+    fn stub() -> Option<PathBuf> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ascendcl-stub-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libascendcl.so");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/stub/libascendcl_stub.c");
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(src)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built {
+            eprintln!("no C compiler: skipping the stub-CANN test");
+            return None;
+        }
+        Some(lib)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn streams_events_and_async_copies_against_a_stub_cann() {
+        let Some(path) = stub() else { return };
+        let acl = AscendCl::load_from(&path).unwrap();
+        // SAFETY: the stub's counters take no arguments and return int.
+        let count = |name: &str| unsafe {
+            let f: libloading::Symbol<'_, unsafe extern "C" fn() -> c_int> =
+                acl._lib.get(name.as_bytes()).unwrap();
+            f()
+        };
+        assert_eq!(
+            acl.missing_optional(),
+            [
+                "aclrtGetCurrentContext",
+                "aclrtSetCurrentContext",
+                "aclrtCreateStreamWithConfig",
+                "aclrtCreateEvent",
+                "aclrtQueryEvent"
+            ]
+        );
+        acl.init_shared().unwrap();
+        acl.init_shared().unwrap();
+        let err = acl.get_device().unwrap_err();
+        assert_eq!(err.code(), Some(107002));
+        assert!(err.to_string().contains("stub: recent error"), "{err}");
+        assert!(matches!(
+            acl.create_stream_with_config(0, 0),
+            Err(AclError::Unavailable {
+                call: "aclrtCreateStreamWithConfig",
+                ..
+            })
+        ));
+        acl.set_device(0).unwrap();
+        assert_eq!(acl.get_device().unwrap(), 0);
+
+        let stream = acl.create_stream().unwrap();
+        let src = [5u8; 64];
+        let mut dst = [0u8; 64];
+        // SAFETY: both arrays hold 64 bytes and outlive the copy (the stub copies at once).
+        unsafe {
+            acl.memcpy_async(
+                dst.as_mut_ptr().cast(),
+                64,
+                src.as_ptr().cast(),
+                64,
+                MemcpyKind::DeviceToHost,
+                &stream,
+            )
+        }
+        .unwrap();
+        // SAFETY: as above; the stub rejects a count over the destination's size.
+        let too_long = unsafe {
+            acl.memcpy_async(
+                dst.as_mut_ptr().cast(),
+                32,
+                src.as_ptr().cast(),
+                64,
+                MemcpyKind::DeviceToHost,
+                &stream,
+            )
+        };
+        assert!(too_long.is_err());
+        assert_eq!(dst, src);
+        let event = acl.create_event().unwrap();
+        assert_eq!(count("stub_live_events\0"), 1);
+        event.record(&stream).unwrap();
+        stream.wait_event(&event).unwrap();
+        assert!(event.is_complete().unwrap());
+        event.synchronize().unwrap();
+        stream.synchronize().unwrap();
+
+        let mut page = vec![0u8; 8192];
+        let aligned = page
+            .as_mut_ptr()
+            .wrapping_add(page.as_ptr().align_offset(4096));
+        // SAFETY: 4096 bytes inside `page`, unregistered before it drops.
+        unsafe {
+            acl.host_register(aligned.cast(), 4096, HostRegisterType::Mapped)
+                .unwrap();
+            assert_eq!(count("stub_registered\0"), 1);
+            acl.host_unregister(aligned.cast()).unwrap();
+        }
+        drop(event);
+        drop(stream);
+        assert_eq!(count("stub_live_events\0"), 0);
+        assert_eq!(count("stub_live_streams\0"), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn failed_calls_carry_the_code_and_cann_message() {
+        let err = AclError::Failed {
+            call: "aclrtMemcpyAsync",
+            code: 107_000,
+            message: Some("invalid stream".into()),
+        };
+        assert_eq!(err.code(), Some(107_000));
+        assert_eq!(
+            err.to_string(),
+            "aclrtMemcpyAsync failed with aclError 107000: invalid stream"
+        );
     }
 
     #[test]

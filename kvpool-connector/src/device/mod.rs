@@ -176,7 +176,7 @@ pub fn engine_for(device: Device) -> Result<Arc<dyn CopyEngine>> {
     match device {
         Device::Host => Ok(Arc::new(HostEngine::new())),
         Device::Cuda { ordinal } => cuda_engine(ordinal),
-        Device::Npu { device } => Err(ascend::AscendEngine::open(device).unwrap_err()),
+        Device::Npu { device } => Ok(Arc::new(ascend::AscendEngine::open(device)?)),
     }
 }
 
