@@ -56,12 +56,16 @@ fn block_ids(offset: usize) -> Vec<u32> {
 }
 
 impl Rig {
-    fn new() -> Rig {
+    /// `staged`: through pinned staging (`stage_host_kv`), as device KV moves; `token_major`:
+    /// vLLM's GPU-default page order (LBNHC), whose stored value is reordered.
+    fn new(staged: bool, token_major: bool) -> Rig {
         let rpc_dir = tempfile::tempdir().unwrap();
         std::env::set_var("VLLM_RPC_BASE_PATH", rpc_dir.path());
         let config = Config::from_extra_config(serde_json::json!({
             "backend": "memory",
             "memory": {"capacity": "1GiB"},
+            "stage_host_kv": staged,
+            "device_staging_bytes": "128MiB",
         }))
         .unwrap();
         let layout = EngineLayout {
@@ -87,12 +91,21 @@ impl Rig {
                 layer: format!("model.layers.{l}.attn"),
                 ptr: cache.as_ptr() as usize + l * CACHE_BLOCKS * PAGE,
                 shape: vec![CACHE_BLOCKS, HEADS, TOKENS, CONTENT],
-                strides: vec![
-                    (PAGE / ELEM) as isize,
-                    (TOKENS * CONTENT) as isize,
-                    CONTENT as isize,
-                    1,
-                ],
+                strides: if token_major {
+                    vec![
+                        (PAGE / ELEM) as isize,
+                        CONTENT as isize,
+                        (HEADS * CONTENT) as isize,
+                        1,
+                    ]
+                } else {
+                    vec![
+                        (PAGE / ELEM) as isize,
+                        (TOKENS * CONTENT) as isize,
+                        CONTENT as isize,
+                        1,
+                    ]
+                },
                 elem_size: ELEM,
                 device: Device::Host,
             })
@@ -186,7 +199,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn step(c: &mut Criterion) {
-    let mut rig = Rig::new();
+    let mut rig = Rig::new(false, false);
     let bytes = (STEP_BLOCKS * LAYERS * PAGE) as u64;
     let mut group = c.benchmark_group("connector_step_64_blocks");
     group.throughput(Throughput::Bytes(bytes));
@@ -232,5 +245,42 @@ fn step(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, step);
+/// The staged path and the reordered layout against the direct path, interleaved in one run.
+fn variants(_c: &mut Criterion) {
+    let bytes = (STEP_BLOCKS * LAYERS * PAGE) as u64;
+    let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+    let mut rigs = [
+        ("direct, head-major", Rig::new(false, false)),
+        ("staged, head-major", Rig::new(true, false)),
+        ("direct, token-major", Rig::new(false, true)),
+        ("staged, token-major", Rig::new(true, true)),
+    ];
+    for (_, rig) in rigs.iter_mut() {
+        rig.save_step();
+        rig.load_step();
+    }
+    let mut saves = vec![Vec::new(); rigs.len()];
+    let mut loads = vec![Vec::new(); rigs.len()];
+    for _ in 0..21 {
+        for (i, (_, rig)) in rigs.iter_mut().enumerate() {
+            saves[i].push(rig.save_step());
+            loads[i].push(rig.load_step());
+        }
+    }
+    let base_save = median(saves[0].clone());
+    let base_load = median(loads[0].clone());
+    for (i, (name, _)) in rigs.iter().enumerate() {
+        let (s, l) = (median(saves[i].clone()), median(loads[i].clone()));
+        println!(
+            "connector {name:20}: save {:.2} GB/s ({:.2}x direct head-major), load {:.2} GB/s \
+             ({:.2}x)",
+            gbps(s),
+            base_save.as_secs_f64() / s.as_secs_f64(),
+            gbps(l),
+            base_load.as_secs_f64() / l.as_secs_f64(),
+        );
+    }
+}
+
+criterion_group!(benches, step, variants);
 criterion_main!(benches);
