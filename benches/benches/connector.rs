@@ -142,6 +142,11 @@ impl Rig {
         assert!(self
             .worker
             .wait_for_requests(&["r".into()], Duration::from_secs(30)));
+        // Staged saves report the request once its blocks are copied; the backend write
+        // follows. The step is done when the backend holds the blocks.
+        while self.worker.staged_puts_in_flight() > 0 {
+            std::thread::yield_now();
+        }
         let took = started.elapsed();
         self.worker.clear_connector_metadata();
         took
