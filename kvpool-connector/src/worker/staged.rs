@@ -18,6 +18,9 @@ use crate::device::{CopyEngine, Fence};
 use crate::layout::KvLayout;
 use crate::staging::{Slots, Staging};
 
+/// Most blocks per chunk.
+const MAX_CHUNK: usize = 16;
+
 /// The device half of a worker: its copy engine and staging memory.
 #[derive(Debug)]
 pub(crate) struct Staged {
@@ -29,7 +32,9 @@ pub(crate) struct Staged {
 
 impl Staged {
     pub(crate) fn new(engine: Arc<dyn CopyEngine>, staging: Staging, max_batch: usize) -> Self {
-        let chunk = (staging.slots() / 2).clamp(1, max_batch.max(1));
+        // Small enough that a step has several chunks, so the device copies of one overlap
+        // the backend transfer of the next; large enough to keep backend batches efficient.
+        let chunk = (staging.slots() / 2).clamp(1, max_batch.clamp(1, MAX_CHUNK));
         Staged {
             engine,
             staging: Arc::new(staging),
