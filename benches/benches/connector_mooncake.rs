@@ -24,8 +24,8 @@
 //! owner's segment is sized for every save. `KVPOOL_BENCH_ROUNDS` (default 11, at most 13)
 //! sets the rounds. Run with `cargo bench -p kvpool-benches --bench connector_mooncake`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use kvpool::{
     BlockHash, BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
 };
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_benches::SegmentOwner;
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use kvpool_connector::{
     Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
@@ -82,40 +83,13 @@ fn runtime(name: &str) -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A child process owning a segment until its stdin closes.
-struct Owner(Child);
-
-impl Owner {
-    fn kvpool(master: &str, segment: u64) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env("KVPOOL_BENCH_OWNER", master)
-            .env("KVPOOL_BENCH_SEGMENT", segment.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "the owner process did not start");
-        Owner(child)
-    }
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// This binary, re-executed as the owner of a segment of `segment` bytes.
+fn owner(master: &str, segment: u64) -> SegmentOwner {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .env("KVPOOL_BENCH_OWNER", master)
+        .env("KVPOOL_BENCH_SEGMENT", segment.to_string());
+    SegmentOwner::start(command)
 }
 
 fn run_owner(master: String) {
@@ -450,7 +424,7 @@ fn main() {
     std::env::set_var("VLLM_RPC_BASE_PATH", rpc_dir.path());
 
     let master = MooncakeMaster::start();
-    let _owner = Owner::kvpool(&master.address(), SEGMENT);
+    let _owner = owner(&master.address(), SEGMENT);
     let mut raw = Raw::new(&master.address());
     let mut direct = Rig::new(&master.address(), false, 1);
     let mut staged = Rig::new(&master.address(), true, 2);

@@ -16,14 +16,15 @@
 //! ratio, then one JSON line per value size. Run with
 //! `cargo bench -p kvpool-benches --bench mooncake`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvpool::size::ByteSize;
 use kvpool::{BlockHash, BlockKey, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome};
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_benches::SegmentOwner;
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use rand::RngCore;
 use serde_json::{json, Value};
@@ -156,55 +157,25 @@ async fn kvpool_phases(b: &dyn KvBackend, size: usize, seconds: f64, max_bytes: 
     }
 }
 
-/// A child process owning a segment until its stdin closes.
-struct Owner(Child);
+/// A segment owner: this binary re-executed, or the official client.
+struct Owner;
 
 impl Owner {
-    fn kvpool(master: &str, segment: u64, congestion: &str) -> Self {
-        let child = Command::new(std::env::current_exe().unwrap())
+    fn kvpool(master: &str, segment: u64, congestion: &str) -> SegmentOwner {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
             .env("KVPOOL_BENCH_OWNER", master)
             .env("KVPOOL_BENCH_SEGMENT", segment.to_string())
-            .env("KVPOOL_BENCH_CC", congestion)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Owner::ready(child)
+            .env("KVPOOL_BENCH_CC", congestion);
+        SegmentOwner::start(command)
     }
 
-    fn official(master: &str, segment: u64) -> Self {
-        let child = Command::new(python())
+    fn official(master: &str, segment: u64) -> SegmentOwner {
+        let mut command = Command::new(python());
+        command
             .args([SCRIPT, "owner", master, &segment.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Owner::ready(child)
-    }
-
-    fn ready(mut child: Child) -> Self {
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "the owner process did not start");
-        Owner(child)
-    }
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+            .stderr(Stdio::null());
+        SegmentOwner::start(command)
     }
 }
 
