@@ -27,6 +27,7 @@ measured in this run, on this card.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +53,9 @@ LAYOUTS = {
 }
 
 LOG: list = []
+# `--cpu` runs the correctness checks on CPU tensors (no streams, no timing): a dry run of
+# this script's own logic on a machine without a GPU.
+DEVICE = "cuda"
 
 
 def say(msg: str) -> None:
@@ -83,6 +87,8 @@ def logical(views: dict, block: int) -> list:
 
 def config(backend: str, url: str | None, staging: int, port: int) -> dict:
     c = {"backend": backend, "lookup_rpc_port": port, "device_staging_bytes": staging}
+    if DEVICE == "cpu":
+        c["stage_host_kv"] = True  # the dry run takes the staged path device KV takes
     if backend == "memory":
         c["memory"] = {"capacity": "8GiB"}
     else:
@@ -92,12 +98,17 @@ def config(backend: str, url: str | None, staging: int, port: int) -> dict:
 
 def correctness(layout: str, backend: str, url: str | None, stream_kind: str, port: int) -> bool:
     L, B, H, N, D = 4, 64, 4, 16, 64
-    dev = torch.device("cuda", 0)
+    dev = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu")
     raw, views = cache(layout, L, B, H, N, D, dev)
     raw.random_(-128, 127)
-    stream = torch.cuda.Stream() if stream_kind == "side" else torch.cuda.default_stream()
+    if DEVICE == "cuda":
+        stream = torch.cuda.Stream() if stream_kind == "side" else torch.cuda.default_stream()
+        on_stream = torch.cuda.stream(stream)
+    else:
+        on_stream = contextlib.nullcontext()
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     ok = True
-    with torch.cuda.stream(stream):
+    with on_stream:
         pool = KvCachePool(views, config(backend, url, 16 << 20, port), num_blocks=B,
                            model=f"gpu-check-{layout}")
         S = [3, 7, 8, 20]
@@ -105,7 +116,8 @@ def correctness(layout: str, backend: str, url: str | None, stream_kind: str, po
         new = {b: [torch.randn(H, N, 2 * D, device=dev).to(torch.bfloat16) for _ in range(L)]
                for b in S}
         # The forward: still queued behind a long sleep when the save is issued.
-        torch.cuda._sleep(200_000_000)
+        if DEVICE == "cuda":
+            torch.cuda._sleep(200_000_000)
         for b in S:
             for v, x in zip(views.values(), new[b]):
                 v[b].copy_(x)
@@ -114,7 +126,7 @@ def correctness(layout: str, backend: str, url: str | None, stream_kind: str, po
         if failed != []:
             say(f"  FAIL save: {failed}")
             ok = False
-        torch.cuda.synchronize()
+        sync()
         dst = [40, 41, 42, 43]
         for v in views.values():
             v[dst] = 0
@@ -124,7 +136,7 @@ def correctness(layout: str, backend: str, url: str | None, stream_kind: str, po
         if got != [43]:
             say(f"  FAIL load failures {got}, expected [43]")
             ok = False
-        torch.cuda.synchronize()
+        sync()
         for s, d in zip(S[:3], dst[:3]):
             for l, (x, y) in enumerate(zip(new[s], logical(views, d))):
                 if not torch.equal(x, y):
@@ -222,13 +234,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quick", action="store_true", help="fewer layers and repetitions")
+    p.add_argument("--cpu", action="store_true",
+                   help="dry run: the correctness checks on CPU tensors, no speed")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check here", file=sys.stderr)
+    global DEVICE
+    if args.cpu:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to check here (--cpu for a dry run)", file=sys.stderr)
         return 2
-    say(f"kvpool {kvpool.__version__}, torch {torch.__version__}, "
-        f"{torch.cuda.get_device_name(0)}")
-    results: dict = {"device": torch.cuda.get_device_name(0), "correct": {}, "speed": []}
+    name = "cpu (dry run)" if args.cpu else torch.cuda.get_device_name(0)
+    say(f"kvpool {kvpool.__version__}, torch {torch.__version__}, {name}")
+    results: dict = {"device": name, "correct": {}, "speed": []}
     redis = None
     url = None
     if shutil.which("redis-server"):
@@ -251,9 +268,10 @@ def main() -> int:
                 good = correctness(layout, backend, url, stream_kind, port)
                 results["correct"][f"{layout}/{backend}/{stream_kind}"] = good
                 ok &= good
-    say("speed (64 blocks):")
-    for layout in ("BLHNC", "LBHNC", "LBNHC"):
-        results["speed"].append(speed(layout, args.quick))
+    if not args.cpu:
+        say("speed (64 blocks):")
+        for layout in ("BLHNC", "LBHNC", "LBNHC"):
+            results["speed"].append(speed(layout, args.quick))
     if redis:
         redis.terminate()
     results["all_correct"] = ok

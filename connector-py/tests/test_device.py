@@ -192,3 +192,22 @@ def test_a_cuda_tensor_without_a_cuda_driver_is_one_clear_error(rpc_base_path):
         worker.register_kv_caches([fake_gpu_tensor[:5] + ("tpu:0",)], None)
     assert "tpu:0" in str(err.value) and "layers.0" in str(err.value)
     worker.shutdown(5.0)
+
+
+def test_the_gpu_check_script_passes_its_dry_run_on_cpu(tmp_path):
+    """The GPU check's own logic (layouts, the racing save, loads, misses, redis) on CPU
+    tensors through staging, so the script is known good before GPU minutes are spent."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ALL CORRECT" in out.stdout
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(results["correct"]) == 6 * 2 * 2, results["correct"]
+    assert all(results["correct"].values())
