@@ -81,17 +81,23 @@ pub fn factory(scheme: &str) -> Result<&'static BackendFactory> {
 }
 
 fn not_compiled_in(scheme: &str, registered: &str) -> String {
-    let needs = if scheme == "rocksdb-ssd" {
-        " (it links the system RocksDB: on Debian/Ubuntu `apt-get install librocksdb-dev \
-         clang libclang-dev` first)"
+    // rocksdb-ssd's wheel links the system librocksdb instead of bundling it: maturin's
+    // repair patches the cargo artifact in place, so a second build would fail to find the
+    // renamed copy it bundled the first time.
+    let (needs, pip_args) = if scheme == "rocksdb-ssd" {
+        (
+            " (it links the system RocksDB: on Debian/Ubuntu `apt-get install librocksdb-dev \
+             clang libclang-dev` first)",
+            " --auditwheel skip",
+        )
     } else {
-        ""
+        ("", "")
     };
     format!(
         "backend {scheme:?} is not compiled into this build; rebuild with the cargo feature \
          `{scheme}`{needs}: `cargo build --release -p kvpool-cli --features {scheme}` for the \
          kvpool command, `pip install ./connector-py --config-settings=build-args=\"--features \
-         {scheme}\"` for the Python package; {registered}"
+         {scheme}{pip_args}\"` for the Python package; {registered}"
     )
 }
 
