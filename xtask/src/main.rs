@@ -82,6 +82,7 @@ fn apt_packages() -> Result {
             missing.push(package);
         }
     };
+    want(on_path("python3"), "python3");
     want(on_path("cc"), "build-essential");
     // The redis backend's tests and bench start real servers and make TLS certificates.
     want(on_path("redis-server"), "redis-server");
