@@ -45,6 +45,19 @@ pub fn registered_schemes() -> Vec<&'static str> {
     schemes
 }
 
+/// The backends kvpool ships, each behind a feature of the same name in the `kvpool`,
+/// `kvpool-cli` and `kvpool-python` crates. A build may leave any of them out (rocksdb-ssd
+/// is left out by default), and naming one must then say how to get it rather than call
+/// the name unknown.
+const SHIPPED_BACKENDS: &[&str] = &[
+    "memory",
+    "mooncake",
+    "object",
+    "redis",
+    "rocksdb-ssd",
+    "tiered",
+];
+
 /// The factory for `scheme`; an unknown name errors and lists the registered ones.
 pub fn factory(scheme: &str) -> Result<&'static BackendFactory> {
     inventory::iter::<BackendFactory>
@@ -52,15 +65,40 @@ pub fn factory(scheme: &str) -> Result<&'static BackendFactory> {
         .find(|f| f.scheme == scheme)
         .ok_or_else(|| {
             let known = registered_schemes();
-            let hint = if known.is_empty() {
+            let registered = if known.is_empty() {
                 "no backend is compiled in; enable a backend feature of the kvpool crate"
                     .to_string()
             } else {
                 format!("registered backends: {}", known.join(", "))
             };
-            Error::config_invalid(format!("unknown backend {scheme:?}; {hint}"))
-                .with_context("key", "backend")
+            let message = if SHIPPED_BACKENDS.contains(&scheme) {
+                not_compiled_in(scheme, &registered)
+            } else {
+                format!("unknown backend {scheme:?}; {registered}")
+            };
+            Error::config_invalid(message).with_context("key", "backend")
         })
+}
+
+fn not_compiled_in(scheme: &str, registered: &str) -> String {
+    // rocksdb-ssd's wheel links the system librocksdb instead of bundling it: maturin's
+    // repair patches the cargo artifact in place, so a second build would fail to find the
+    // renamed copy it bundled the first time.
+    let (needs, pip_args) = if scheme == "rocksdb-ssd" {
+        (
+            " (it links the system RocksDB: on Debian/Ubuntu `apt-get install librocksdb-dev \
+             clang libclang-dev` first)",
+            " --auditwheel skip",
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        "backend {scheme:?} is not compiled into this build; rebuild with the cargo feature \
+         `{scheme}`{needs}: `cargo build --release -p kvpool-cli --features {scheme}` for the \
+         kvpool command, `pip install ./connector-py --config-settings=build-args=\"--features \
+         {scheme}{pip_args}\"` for the Python package; {registered}"
+    )
 }
 
 /// Opens the backend `config.backend` names, wrapped in the contract-check and
@@ -72,4 +110,31 @@ pub async fn open(config: &Config) -> Result<Arc<dyn KvBackend>> {
             .with_context("backend", factory.scheme)
     })?;
     Ok(Arc::new(CheckedBackend::new(backend)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    // kvpool-core's own tests link no backend, so every name is missing here.
+    #[test]
+    fn a_shipped_backend_left_out_of_the_build_names_its_feature() {
+        let err = factory("rocksdb-ssd").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigInvalid);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"rocksdb-ssd\" is not compiled into this build"),
+            "{msg}"
+        );
+        assert!(msg.contains("--features rocksdb-ssd"), "{msg}");
+        assert!(msg.contains("librocksdb-dev"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_backend_is_called_unknown() {
+        let msg = factory("nosuch").unwrap_err().to_string();
+        assert!(msg.contains("unknown backend \"nosuch\""), "{msg}");
+        assert!(!msg.contains("--features"), "{msg}");
+    }
 }
