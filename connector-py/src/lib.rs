@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use kvpool::config::{Config, ConfigSources};
 use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
+use kvpool::key::KeyFormat;
 use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
 use kvpool_connector::{
     CachedRequest, Device, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
@@ -522,17 +523,29 @@ fn vllm_hashes<'py>(
         .collect())
 }
 
-/// The vllm-ascend string key of a block: `{model}@pcp0@dcp0@head_or_tp_rank:{h}@pp_rank:{p}@{hex}`.
+/// The vllm-ascend string key of a block. `key_format` `"current"` (Ascend Store v0.20.2 and
+/// later, as the connector writes by default):
+/// `{model}@pcp0@dcp0@head_or_tp_rank:{h}@pp_rank:{p}@group:{g}@cache_role:kv@cache_family:{f}@{hex}`;
+/// `"v0.18"`: `{model}@pcp0@dcp0@head_or_tp_rank:{h}@pp_rank:{p}@{hex}`.
 #[pyfunction]
-#[pyo3(signature = (model, block_hash, head_or_tp_rank=0, pp_rank=0))]
+#[pyo3(signature = (model, block_hash, head_or_tp_rank=0, pp_rank=0, key_format="current", group=0, cache_family="default"))]
 fn block_key(
     model: &str,
     block_hash: Vec<u8>,
     head_or_tp_rank: u32,
     pp_rank: u32,
+    key_format: &str,
+    group: u32,
+    cache_family: &str,
 ) -> PyResult<String> {
     let hash = BlockHash::from_slice(&block_hash).map_err(to_py)?;
-    let ns = kvpool::Namespace::new(model, 0, 0, head_or_tp_rank, pp_rank).map_err(to_py)?;
+    let ns = match key_format.parse::<KeyFormat>().map_err(to_py)? {
+        KeyFormat::Current => {
+            kvpool::Namespace::current(model, 0, 0, head_or_tp_rank, pp_rank, group, cache_family)
+        }
+        KeyFormat::V018 => kvpool::Namespace::new(model, 0, 0, head_or_tp_rank, pp_rank),
+    }
+    .map_err(to_py)?;
     Ok(BlockKey::new(Arc::new(ns), hash).to_key_string())
 }
 

@@ -521,3 +521,41 @@ def test_metrics_port_serves_connector_counters(rpc_base_path):
               and 'outcome="stored"' in line and not line.startswith("#")]
     assert stored and float(stored[0].split()[-1]) >= 3, stored
     inst.shutdown()
+
+
+# ---------------------------------------------------------------- key formats
+
+
+def test_keys_are_in_the_current_ascend_store_format_and_v018_never_aliases(
+    rpc_base_path, shared_redis
+):
+    backend = {"backend": "redis", "redis": {"url": shared_redis.url}}
+    cur = Instance({**backend, "lookup_rpc_port": "15"})
+    tokens = prompt(48)
+    cur.run(cur.request("k1", tokens))
+    cur.drain_saves()
+    keys = shared_redis.command("KEYS", "*").decode(errors="replace")
+    assert keys.count("@group:0@cache_role:kv@cache_family:default@") == 3, keys
+    # The same prompt through an instance writing v0.18 keys: no hit, its own 3 keys.
+    old = Instance({**backend, "lookup_rpc_port": "16", "key_format": "v0.18"})
+    req = old.request("k2", tokens)
+    assert old.sched_connector.get_num_new_matched_tokens(req, 0) == (0, False)
+    old.run(req)
+    old.drain_saves()
+    assert shared_redis.command("DBSIZE").strip() == b":6"
+    # And the key strings kvpool.block_key writes are the ones the connector stored.
+    hashes = kvpool.token_hashes(tokens, BLOCK)
+    model = cur.cfg.model_config.model
+    for h in hashes:
+        for fmt in ("current", "v0.18"):
+            # The redis backend prefixes every key with its `key_prefix` ("kvpool:").
+            k = "kvpool:" + kvpool.block_key(model, h, key_format=fmt)
+            assert shared_redis.command("EXISTS", k).strip() == b":1", k
+    with pytest.raises(kvpool.KvPoolError) as err:
+        kvpool.block_key(model, hashes[0], key_format="v0.23")
+    assert "v0.18" in str(err.value)
+    with pytest.raises(kvpool.KvPoolError) as err:
+        Instance({**backend, "lookup_rpc_port": "17", "key_format": "v0.19"})
+    assert "key_format" in str(err.value)
+    cur.shutdown()
+    old.shutdown()

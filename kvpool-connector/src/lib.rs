@@ -46,7 +46,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use kvpool_core::error::{Error, Result};
-use kvpool_core::key::{BlockHash, BlockKey, Namespace};
+use kvpool_core::key::{BlockHash, BlockKey, KeyFormat, Namespace};
 
 /// vLLM's `kv_role`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,21 +188,22 @@ pub struct RankKeys {
 }
 
 impl RankKeys {
-    /// Namespaces for `layout`: this rank's, and every (head_or_tp_rank, pp_rank) that stores
-    /// data, which a lookup must find before it counts a block as present.
-    pub fn new(layout: &EngineLayout) -> Result<Self> {
-        let own = Arc::new(Namespace::new(
-            &layout.model,
-            0,
-            0,
-            layout.head_or_tp_rank(),
-            layout.pp_rank,
-        )?);
+    /// Namespaces for `layout` in `format`: this rank's, and every (head_or_tp_rank, pp_rank)
+    /// that stores data, which a lookup must find before it counts a block as present.
+    /// kvpool keys one KV-cache group (group 0); its cache family is `c1` for MLA models and
+    /// `default` otherwise, as Ascend Store v0.23 infers them.
+    pub fn new(layout: &EngineLayout, format: KeyFormat) -> Result<Self> {
+        let family = if layout.use_mla { "c1" } else { "default" };
+        let namespace = |head: u32, pp: u32| match format {
+            KeyFormat::Current => Namespace::current(&layout.model, 0, 0, head, pp, 0, family),
+            KeyFormat::V018 => Namespace::new(&layout.model, 0, 0, head, pp),
+        };
+        let own = Arc::new(namespace(layout.head_or_tp_rank(), layout.pp_rank)?);
         let heads = layout.tp_size.min(layout.effective_kv_heads());
         let mut all = Vec::with_capacity((heads * layout.pp_size) as usize);
         for pp in 0..layout.pp_size {
             for head in 0..heads {
-                all.push(Arc::new(Namespace::new(&layout.model, 0, 0, head, pp)?));
+                all.push(Arc::new(namespace(head, pp)?));
             }
         }
         Ok(RankKeys { own, all })

@@ -136,7 +136,7 @@ impl WorkerConnector {
         runtime: Runtime,
     ) -> Result<WorkerConnector> {
         layout.validate()?;
-        let keys = RankKeys::new(&layout)?;
+        let keys = RankKeys::new(&layout, config.connector.key_format)?;
         let max_batch = backend
             .info()
             .capabilities

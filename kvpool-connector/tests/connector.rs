@@ -275,7 +275,10 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
     sched.update_state_after_alloc("b", vec![10, 11, 12, 13, 14], 19);
 
     // Two of the blocks vanish between the lookup and the load.
-    let ns = Arc::new(kvpool::Namespace::new("/models/test-model", 0, 0, 0, 0).unwrap());
+    // The connector's default key format is Ascend Store's current one.
+    let ns = Arc::new(
+        kvpool::Namespace::current("/models/test-model", 0, 0, 0, 0, 0, "default").unwrap(),
+    );
     let hashes = kvpool::hash::token_block_hashes(
         &tokens,
         std::num::NonZeroUsize::new(BLOCK).unwrap(),

@@ -274,7 +274,9 @@ fn hex(hashes: &[u8]) -> String {
 }
 
 fn key(i: u8) -> BlockKey {
-    let ns = Arc::new(kvpool::Namespace::new("/models/device-test", 0, 0, 0, 0).unwrap());
+    let ns = Arc::new(
+        kvpool::Namespace::current("/models/device-test", 0, 0, 0, 0, 0, "default").unwrap(),
+    );
     BlockKey::new(ns, hash(i))
 }
 
@@ -471,12 +473,8 @@ fn a_finished_request_is_reported_sent_after_its_device_reads_and_preemption_wai
         ..StepMeta::default()
     }
     .encode();
-    let waiter = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let start = Instant::now();
-            rig.worker.handle_preemptions(&preempt).unwrap();
-            start.elapsed()
-        });
+    std::thread::scope(|s| {
+        let h = s.spawn(|| rig.worker.handle_preemptions(&preempt).unwrap());
         std::thread::sleep(Duration::from_millis(60));
         assert!(
             !h.is_finished(),
@@ -485,7 +483,6 @@ fn a_finished_request_is_reported_sent_after_its_device_reads_and_preemption_wai
         let _driver = rig.fake.drive(2, Duration::from_micros(100));
         h.join().unwrap()
     });
-    assert!(waiter >= Duration::from_millis(60));
     wait_until("reported sent", || {
         rig.worker.get_finished(&[]).sending == vec!["a".to_string()]
     });

@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -89,8 +90,63 @@ pub struct Namespace {
     dcp_rank: u32,
     head_or_tp_rank: u32,
     pp_rank: u32,
+    format: KeyFormat,
+    group: u32,
+    cache_family: String,
     prefix: String,
     fingerprint: u64,
+}
+
+/// How key strings are spelled: the Ascend Store release they are byte-identical to.
+///
+/// The two never alias: a current key always carries `@group:…@cache_role:kv@cache_family:…`
+/// before the hash, a v0.18 key never does, so a pool holding both serves each format only its
+/// own objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum KeyFormat {
+    /// vllm-ascend v0.20.2 and later (v0.23.x, the current release):
+    /// `{model}@pcp{p}@dcp{d}@head_or_tp_rank:{h}@pp_rank:{pp}@group:{g}@cache_role:kv@cache_family:{f}@{hash}`.
+    #[default]
+    #[serde(rename = "current")]
+    Current,
+    /// vllm-ascend v0.18: `{model}@pcp{p}@dcp{d}@head_or_tp_rank:{h}@pp_rank:{pp}@{hash}`.
+    #[serde(rename = "v0.18")]
+    V018,
+}
+
+impl fmt::Display for KeyFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyFormat::Current => "current",
+            KeyFormat::V018 => "v0.18",
+        })
+    }
+}
+
+impl FromStr for KeyFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "current" => Ok(KeyFormat::Current),
+            "v0.18" => Ok(KeyFormat::V018),
+            other => Err(Error::invalid_argument(format!(
+                "unknown key format {other:?}; expected \"current\" (Ascend Store v0.20.2 and \
+                 later) or \"v0.18\""
+            ))),
+        }
+    }
+}
+
+/// Whether `family` is a `cache_family` Ascend Store writes: `default`, `mixed` or `c{N}`.
+fn valid_family(family: &str) -> bool {
+    match family {
+        "default" | "mixed" => true,
+        _ => family.strip_prefix('c').is_some_and(|n| {
+            !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && !(n.len() > 1 && n.starts_with('0'))
+        }),
+    }
 }
 
 impl Namespace {
@@ -116,11 +172,63 @@ impl Namespace {
             dcp_rank,
             head_or_tp_rank,
             pp_rank,
+            KeyFormat::V018,
+            0,
+            String::new(),
         ))
     }
 
-    fn from_parts(model: String, pcp: u32, dcp: u32, head: u32, pp: u32) -> Self {
-        let prefix = format!("{model}@pcp{pcp}@dcp{dcp}@head_or_tp_rank:{head}@pp_rank:{pp}@");
+    /// A namespace spelled in the current Ascend Store format, for KV-cache group `group`
+    /// and cache family `cache_family` (`default`; `c1` for MLA models; `c{N}` for compressed
+    /// groups; `mixed`).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty model basename or a family Ascend Store never writes.
+    pub fn current(
+        model: &str,
+        pcp_rank: u32,
+        dcp_rank: u32,
+        head_or_tp_rank: u32,
+        pp_rank: u32,
+        group: u32,
+        cache_family: &str,
+    ) -> Result<Self> {
+        let v018 = Self::new(model, pcp_rank, dcp_rank, head_or_tp_rank, pp_rank)?;
+        if !valid_family(cache_family) {
+            return Err(Error::invalid_argument(format!(
+                "cache family {cache_family:?} is not one Ascend Store writes (default, mixed, \
+                 c1, c4, …)"
+            )));
+        }
+        Ok(Self::from_parts(
+            v018.model,
+            pcp_rank,
+            dcp_rank,
+            head_or_tp_rank,
+            pp_rank,
+            KeyFormat::Current,
+            group,
+            cache_family.to_string(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        model: String,
+        pcp: u32,
+        dcp: u32,
+        head: u32,
+        pp: u32,
+        format: KeyFormat,
+        group: u32,
+        cache_family: String,
+    ) -> Self {
+        let mut prefix = format!("{model}@pcp{pcp}@dcp{dcp}@head_or_tp_rank:{head}@pp_rank:{pp}@");
+        if format == KeyFormat::Current {
+            prefix.push_str(&format!(
+                "group:{group}@cache_role:kv@cache_family:{cache_family}@"
+            ));
+        }
         let digest = Sha256::digest(prefix.as_bytes());
         let fingerprint = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         Namespace {
@@ -129,9 +237,38 @@ impl Namespace {
             dcp_rank: dcp,
             head_or_tp_rank: head,
             pp_rank: pp,
+            format,
+            group,
+            cache_family,
             prefix,
             fingerprint,
         }
+    }
+
+    fn respelled(&self, head: u32, pp: u32) -> Self {
+        Self::from_parts(
+            self.model.clone(),
+            self.pcp_rank,
+            self.dcp_rank,
+            head,
+            pp,
+            self.format,
+            self.group,
+            self.cache_family.clone(),
+        )
+    }
+
+    /// The key format.
+    pub fn format(&self) -> KeyFormat {
+        self.format
+    }
+    /// The KV-cache group (0 in the v0.18 format, which has none).
+    pub fn group(&self) -> u32 {
+        self.group
+    }
+    /// The cache family (empty in the v0.18 format, which has none).
+    pub fn cache_family(&self) -> &str {
+        &self.cache_family
     }
 
     /// A namespace for tests and tools: the model with every rank 0.
@@ -163,24 +300,12 @@ impl Namespace {
     /// The same namespace for another `head_or_tp_rank`, as the lookup expands
     /// rank 0's keys to every rank that stores data.
     pub fn with_head_or_tp_rank(&self, head_or_tp_rank: u32) -> Self {
-        Self::from_parts(
-            self.model.clone(),
-            self.pcp_rank,
-            self.dcp_rank,
-            head_or_tp_rank,
-            self.pp_rank,
-        )
+        self.respelled(head_or_tp_rank, self.pp_rank)
     }
 
     /// The same namespace for another `pp_rank`.
     pub fn with_pp_rank(&self, pp_rank: u32) -> Self {
-        Self::from_parts(
-            self.model.clone(),
-            self.pcp_rank,
-            self.dcp_rank,
-            self.head_or_tp_rank,
-            pp_rank,
-        )
+        self.respelled(self.head_or_tp_rank, pp_rank)
     }
 
     /// The string key prefix, ending in `@`.
@@ -206,6 +331,17 @@ impl fmt::Debug for Namespace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Namespace({})", self.prefix.trim_end_matches('@'))
     }
+}
+
+/// A decimal number written as Python writes it: digits, no leading zero.
+fn canonical_number(digits: &str) -> Option<u32> {
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The last path component of a model path or id, as vllm-ascend names models in keys.
@@ -243,7 +379,7 @@ impl BlockKey {
         self.namespace.fingerprint ^ head
     }
 
-    /// The vllm-ascend v0.18 string form.
+    /// The vllm-ascend string form, in the namespace's [`KeyFormat`].
     pub fn to_key_string(&self) -> String {
         let mut s = String::with_capacity(self.namespace.prefix.len() + 64);
         s.push_str(&self.namespace.prefix);
@@ -251,7 +387,8 @@ impl BlockKey {
         s
     }
 
-    /// Parses the vllm-ascend v0.18 string form.
+    /// Parses either vllm-ascend string form: the current one when the fields before the
+    /// hash are `@group:…@cache_role:…@cache_family:…`, else v0.18.
     ///
     /// The model part may itself contain `@`: the fixed fields are taken from
     /// the right.
@@ -259,11 +396,37 @@ impl BlockKey {
         let bad = |why: &str| {
             Error::invalid_argument(format!(
                 "key {s:?} is not of the form \
-                 {{model}}@pcp{{p}}@dcp{{d}}@head_or_tp_rank:{{h}}@pp_rank:{{pp}}@{{64 hex}}: {why}"
+                 {{model}}@pcp{{p}}@dcp{{d}}@head_or_tp_rank:{{h}}@pp_rank:{{pp}}@\
+                 [group:{{g}}@cache_role:kv@cache_family:{{f}}@]{{64 hex}}: {why}"
             ))
         };
-        let mut parts = s.rsplitn(6, '@');
+        let mut parts = s.rsplitn(2, '@');
         let hash_hex = parts.next().ok_or_else(|| bad("empty"))?;
+        let mut rest = parts
+            .next()
+            .ok_or_else(|| bad("missing the fields before the hash"))?;
+        let mut format = KeyFormat::V018;
+        let (mut group, mut family) = (0u32, String::new());
+        let tail: Vec<&str> = rest.rsplitn(4, '@').collect();
+        if tail.len() == 4 && tail[0].starts_with("cache_family:") {
+            format = KeyFormat::Current;
+            family = tail[0]["cache_family:".len()..].to_string();
+            if !valid_family(&family) {
+                return Err(bad(&format!(
+                    "cache_family {family:?} is not default, mixed or c{{N}}"
+                )));
+            }
+            if tail[1] != "cache_role:kv" {
+                return Err(bad(&format!("{:?} is not cache_role:kv", tail[1])));
+            }
+            let g = tail[2]
+                .strip_prefix("group:")
+                .ok_or_else(|| bad(&format!("{:?} is not group:{{g}}", tail[2])))?;
+            group =
+                canonical_number(g).ok_or_else(|| bad(&format!("group {g:?} is not a number")))?;
+            rest = tail[3];
+        }
+        let mut parts = rest.rsplitn(5, '@');
         let pp = parts.next().ok_or_else(|| bad("missing pp_rank"))?;
         let head = parts.next().ok_or_else(|| bad("missing head_or_tp_rank"))?;
         let dcp = parts.next().ok_or_else(|| bad("missing dcp"))?;
@@ -298,7 +461,8 @@ impl BlockKey {
                 "the hash must be lower-case hex, as Python's bytes.hex() writes it",
             ));
         }
-        let namespace = Namespace::from_parts(model.to_string(), pcp, dcp, head, pp);
+        let namespace =
+            Namespace::from_parts(model.to_string(), pcp, dcp, head, pp, format, group, family);
         Ok(BlockKey::new(Arc::new(namespace), hash))
     }
 }
@@ -325,6 +489,149 @@ impl fmt::Debug for BlockKey {
 
 #[cfg(test)]
 mod tests {
+
+    /// vLLM's sha256 block hashes of tokens 1000..1511 at block size 128 (PYTHONHASHSEED=0),
+    /// from the Ascend Store v0.23 reference's worked examples.
+    const B: [&str; 4] = [
+        "d5a79ef9201c8550d69ba6d8bc1781687dfd834d125ed42931c9a6ac32ce6353",
+        "b7fb2cebac79839ef3139cae0b0f5bfcb342d5c2454f208e28b4f6856a2455ab",
+        "415d24191b6e4c20df0458e6d7b26603adf7b3a947b106031422e065a74bf08e",
+        "ab6de795cd3e5026424e6077ac5f58c408d154ce0ebe973582d726ac3cc42ad9",
+    ];
+
+    fn h(i: usize) -> BlockHash {
+        BlockHash::from_hex(B[i]).unwrap()
+    }
+
+    fn current(
+        model: &str,
+        head: u32,
+        pp: u32,
+        group: u32,
+        family: &str,
+        hash: BlockHash,
+    ) -> String {
+        let ns = Namespace::current(model, 0, 0, head, pp, group, family).unwrap();
+        BlockKey::new(Arc::new(ns), hash).to_key_string()
+    }
+
+    #[test]
+    fn current_format_matches_every_worked_key_of_ascend_store_v0_23() {
+        // A: plain full attention, one group, TP=1, PP=1; the path form keeps the basename.
+        for (i, model) in ["Qwen/Qwen2.5-7B-Instruct", "/models/Qwen2.5-7B-Instruct/"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(
+                current(model, 0, 0, 0, "default", h(i)),
+                format!("Qwen2.5-7B-Instruct@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:0@cache_role:kv@cache_family:default@{}", B[i])
+            );
+        }
+        for (i, hex) in B.iter().enumerate().skip(2) {
+            assert_eq!(
+                current("Qwen/Qwen2.5-7B-Instruct", 0, 0, 0, "default", h(i)),
+                format!("Qwen2.5-7B-Instruct@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:0@cache_role:kv@cache_family:default@{hex}")
+            );
+        }
+        // A, v0.18 form.
+        let v018 = Namespace::new("Qwen/Qwen2.5-7B-Instruct", 0, 0, 0, 0).unwrap();
+        assert_eq!(
+            BlockKey::new(Arc::new(v018), h(0)).to_key_string(),
+            format!(
+                "Qwen2.5-7B-Instruct@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@{}",
+                B[0]
+            )
+        );
+        // B: TP=2, rank 1.
+        assert_eq!(
+            current("Qwen/Qwen2.5-7B-Instruct", 1, 0, 0, "default", h(0)),
+            format!("Qwen2.5-7B-Instruct@pcp0@dcp0@head_or_tp_rank:1@pp_rank:0@group:0@cache_role:kv@cache_family:default@{}", B[0])
+        );
+        // C: MLA, PP stage 1.
+        assert_eq!(
+            current("deepseek-ai/DeepSeek-V3", 0, 1, 0, "c1", h(0)),
+            format!("DeepSeek-V3@pcp0@dcp0@head_or_tp_rank:0@pp_rank:1@group:0@cache_role:kv@cache_family:c1@{}", B[0])
+        );
+        // D: hybrid, the same hash in two groups.
+        for g in 0..2 {
+            assert_eq!(
+                current("openai/gpt-oss-20b", 0, 0, g, "default", h(0)),
+                format!("gpt-oss-20b@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:{g}@cache_role:kv@cache_family:default@{}", B[0])
+            );
+        }
+        // F: a c4 group keys four hash blocks by their grouped hash.
+        let f = crate::hash::grouped_block_hash(&[h(0), h(1), h(2), h(3)]);
+        assert_eq!(
+            current("deepseek-ai/DeepSeek-V4-Flash", 0, 0, 1, "c4", f),
+            "DeepSeek-V4-Flash@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:1@cache_role:kv@cache_family:c4@4421f3da5cd30621f7f299a89d7ba92c3dbe54256e6f55726bfc4aaab31eb99b"
+        );
+        // G: group block 256 over hash block 128.
+        let g0 = crate::hash::grouped_block_hash(&[h(0), h(1)]);
+        let g1 = crate::hash::grouped_block_hash(&[h(2), h(3)]);
+        assert_eq!(
+            current("M", 0, 0, 1, "default", g0),
+            "M@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:1@cache_role:kv@cache_family:default@e6e9a2381c172c4200ae2a443f822bb4482678f04b99fc37eab0ce3e50996b2d"
+        );
+        assert_eq!(
+            current("M", 0, 0, 1, "default", g1),
+            "M@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:1@cache_role:kv@cache_family:default@5b95cc3ec00301e3a88f393051d1d202ab51e32265bb4c5246046a4334c632f5"
+        );
+    }
+
+    #[test]
+    fn both_formats_parse_back_and_never_alias() {
+        let cur = current("/m/Qwen3-8B", 3, 1, 2, "c1", h(1));
+        let old = BlockKey::new(
+            Arc::new(Namespace::new("/m/Qwen3-8B", 0, 0, 3, 1).unwrap()),
+            h(1),
+        );
+        assert_ne!(cur, old.to_key_string());
+        let parsed = BlockKey::parse(&cur).unwrap();
+        assert_eq!(parsed.to_key_string(), cur);
+        assert_eq!(parsed.namespace().format(), KeyFormat::Current);
+        assert_eq!(
+            (
+                parsed.namespace().group(),
+                parsed.namespace().cache_family()
+            ),
+            (2, "c1")
+        );
+        let parsed_old = BlockKey::parse(&old.to_key_string()).unwrap();
+        assert_eq!(parsed_old, old);
+        assert_eq!(parsed_old.namespace().format(), KeyFormat::V018);
+        assert_ne!(parsed, parsed_old);
+        assert_ne!(parsed.fingerprint(), parsed_old.fingerprint());
+        // Rank variants keep the format.
+        let ns = parsed.namespace().with_head_or_tp_rank(0).with_pp_rank(0);
+        assert!(ns
+            .key_prefix()
+            .ends_with("@head_or_tp_rank:0@pp_rank:0@group:2@cache_role:kv@cache_family:c1@"));
+    }
+
+    #[test]
+    fn malformed_current_keys_and_formats_are_clear_errors() {
+        let good = current("Qwen3-8B", 0, 0, 0, "default", h(0));
+        for (bad, what) in [
+            (
+                good.replace("cache_role:kv", "cache_role:state"),
+                "cache_role",
+            ),
+            (good.replace("group:0", "group:00"), "group"),
+            (good.replace("group:0", "grp:0"), "group"),
+            (
+                good.replace("cache_family:default", "cache_family:c0x"),
+                "cache_family",
+            ),
+        ] {
+            let err = BlockKey::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(what), "{bad}: {err}");
+        }
+        assert!(Namespace::current("m", 0, 0, 0, 0, 0, "weird").is_err());
+        let err = "v0.23".parse::<KeyFormat>().unwrap_err().to_string();
+        assert!(err.contains("current") && err.contains("v0.18"), "{err}");
+        assert_eq!("v0.18".parse::<KeyFormat>().unwrap(), KeyFormat::V018);
+    }
+
     use super::*;
 
     const HEX: &str = "3f1c0000000000000000000000000000000000000000000000000000000000ab";

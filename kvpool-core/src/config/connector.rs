@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::flex;
 use crate::error::{Error, Result};
+use crate::key::KeyFormat;
 use crate::size::ByteSize;
 
 /// The fields of [`ConnectorConfig`], in declaration order.
@@ -22,6 +23,7 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
     "metrics_port",
     "device_staging_bytes",
     "stage_host_kv",
+    "key_format",
 ];
 
 /// Ascend Store keys for features kvpool does not implement. A config written for Ascend Store
@@ -91,6 +93,9 @@ pub struct ConnectorConfig {
     /// device path on machines without an accelerator.
     #[serde(deserialize_with = "flex::bool")]
     pub stage_host_kv: bool,
+    /// How keys are spelled: `"current"` (Ascend Store v0.20.2 and later, with
+    /// `@group:…@cache_role:kv@cache_family:…`) or `"v0.18"`. The two never alias.
+    pub key_format: KeyFormat,
 }
 
 impl Default for ConnectorConfig {
@@ -109,6 +114,7 @@ impl Default for ConnectorConfig {
             metrics_port: 0,
             device_staging_bytes: ByteSize(256 << 20),
             stage_host_kv: false,
+            key_format: KeyFormat::Current,
         }
     }
 }

@@ -57,6 +57,21 @@ fn sha256(bytes: &[u8]) -> BlockHash {
     BlockHash(Sha256::digest(bytes).into())
 }
 
+/// The hash Ascend Store v0.23 keys a span of several consecutive hash blocks under (a
+/// KV-cache group whose blocks are larger than vLLM's hash blocks, or a compressed group):
+/// `sha256(b"vllm-ascend-grouped-block-hash-v1\0" ‖ u32be(k) ‖ (u32be(32) ‖ h) for each h)`.
+/// (Releases from v0.25.1 key the span by its last hash instead.)
+pub fn grouped_block_hash(hashes: &[BlockHash]) -> BlockHash {
+    let mut h = Sha256::new();
+    h.update(b"vllm-ascend-grouped-block-hash-v1\0");
+    h.update((hashes.len() as u32).to_be_bytes());
+    for hash in hashes {
+        h.update((hash.0.len() as u32).to_be_bytes());
+        h.update(hash.0);
+    }
+    BlockHash(h.finalize().into())
+}
+
 /// Helpers the tests of every hashing module share.
 #[cfg(test)]
 mod test_support {
