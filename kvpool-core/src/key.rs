@@ -2,14 +2,20 @@
 //!
 //! A [`BlockKey`] is a [`Namespace`] plus a [`BlockHash`]. The namespace holds
 //! everything that makes the KV bytes of the same tokens differ between
-//! writers: the model and the rank split. The string form, used by backends
-//! that key by string (mooncake, redis), is byte-identical to vllm-ascend
-//! v0.18's `PoolKey.to_string`, so a pool shared with Ascend Store sees the
-//! same objects:
+//! writers: the model, the rank split and, in the current format, the KV-cache
+//! group and cache family. The string form, used by backends that key by string
+//! (mooncake, redis), is byte-identical to vllm-ascend's `PoolKey.to_string`,
+//! in either [`KeyFormat`], so a pool shared with Ascend Store sees the same
+//! objects:
 //!
 //! ```text
-//! {model_basename}@pcp{p}@dcp{d}@head_or_tp_rank:{h}@pp_rank:{pp}@{hash_hex}
+//! current: {model_basename}@pcp{p}@dcp{d}@head_or_tp_rank:{h}@pp_rank:{pp}@group:{g}@cache_role:kv@cache_family:{f}@{hash_hex}
+//! v0.18:   {model_basename}@pcp{p}@dcp{d}@head_or_tp_rank:{h}@pp_rank:{pp}@{hash_hex}
 //! ```
+//!
+//! [`Namespace::new`] spells v0.18 keys (backends and tools that only need a
+//! namespace); [`Namespace::current`] the current ones, which the connector
+//! writes by default.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
