@@ -188,4 +188,34 @@ mod tests {
             serde_json::from_value::<ConnectorConfig>(json!({"lookup_rpc_port": 1.5})).is_err()
         );
     }
+
+    #[test]
+    fn every_key_ascend_store_v0_23_reads_loads() {
+        // The reference's §5.3 list, with its example values.
+        let c = crate::config::Config::from_extra_config(json!({
+            "backend": "memory",
+            "lookup_rpc_port": "0",
+            "load_async": "true",
+            "use_layerwise": false,
+            "consumer_is_to_put": false,
+            "consumer_is_to_load": false,
+            "discard_partial_chunks": true,
+            "prefill_pp_size": 2,
+            "prefill_pp_layer_partition": "30,31",
+            "save_decode_cache": false,
+            "layerwise_prefetch_layers": 1,
+            "layerwise_max_transfer_blocks": 0,
+            "layerwise_max_transfer_bytes": 0,
+            "h2d_stagger_us": 0,
+            "key_format": "v0.18",
+        }))
+        .unwrap();
+        assert!(c.connector.load_async);
+        assert_eq!(c.connector.key_format, KeyFormat::V018);
+        assert_eq!(c.connector.layer_partition().unwrap(), Some(vec![30, 31]));
+        let err = crate::config::Config::from_extra_config(json!({"key_format": "v0.19"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key_format"), "{err}");
+    }
 }
