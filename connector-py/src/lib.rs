@@ -93,6 +93,10 @@ fn parse_key(key: &str) -> PyResult<BlockKey> {
     BlockKey::parse(key).map_err(to_py)
 }
 
+fn parse_keys(keys: &[String]) -> PyResult<Vec<BlockKey>> {
+    keys.iter().map(|k| parse_key(k)).collect()
+}
+
 #[pymethods]
 impl Pool {
     #[new]
@@ -138,14 +142,14 @@ impl Pool {
 
     /// One bool per key, in order.
     fn exists(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<Vec<bool>> {
-        let keys: Vec<BlockKey> = keys.iter().map(|k| parse_key(k)).collect::<PyResult<_>>()?;
+        let keys = parse_keys(&keys)?;
         py.allow_threads(|| self.runtime.block_on(self.backend.exists(&keys)))
             .map_err(to_py)
     }
 
     /// Removes the keys (absent keys are fine).
     fn remove(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<()> {
-        let keys: Vec<BlockKey> = keys.iter().map(|k| parse_key(k)).collect::<PyResult<_>>()?;
+        let keys = parse_keys(&keys)?;
         py.allow_threads(|| self.runtime.block_on(self.backend.remove(&keys)))
             .map_err(to_py)
     }
@@ -391,10 +395,7 @@ impl Worker {
         keys: Vec<String>,
         stream: u64,
     ) -> PyResult<Transfer> {
-        let keys = keys
-            .iter()
-            .map(|k| parse_key(k))
-            .collect::<PyResult<Vec<_>>>()?;
+        let keys = parse_keys(&keys)?;
         py.allow_threads(|| {
             self.inner
                 .save_blocks(&block_ids, keys, StreamHandle(stream))
@@ -413,10 +414,7 @@ impl Worker {
         keys: Vec<String>,
         stream: u64,
     ) -> PyResult<Transfer> {
-        let keys = keys
-            .iter()
-            .map(|k| parse_key(k))
-            .collect::<PyResult<Vec<_>>>()?;
+        let keys = parse_keys(&keys)?;
         py.allow_threads(|| {
             self.inner
                 .load_blocks(&block_ids, keys, StreamHandle(stream))

@@ -199,7 +199,7 @@ impl KvLayout {
         self.value_len
     }
 
-    fn check_block(&self, block: u32) -> Result<usize> {
+    pub(crate) fn check_block(&self, block: u32) -> Result<usize> {
         let b = block as usize;
         if b >= self.num_blocks {
             return Err(Error::invalid_argument(format!(

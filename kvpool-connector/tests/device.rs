@@ -121,6 +121,23 @@ impl KvBackend for Spy {
     }
 }
 
+fn open_backend(config: &Config) -> Arc<dyn KvBackend> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(kvpool::open(config)).unwrap()
+}
+
+/// A worker over `backend` with its own runtime.
+fn worker_on(config: &Config, backend: Arc<dyn KvBackend>) -> WorkerConnector {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    WorkerConnector::with_backend(config, layout(), backend, runtime).unwrap()
+}
+
 struct Rig {
     worker: WorkerConnector,
     fake: FakeEngine,
@@ -200,10 +217,7 @@ fn value_of(pattern: u8) -> Vec<u8> {
 impl Rig {
     fn new(port: u32, perm: [usize; 5], staging_slots: usize) -> Rig {
         let config = config(port, staging_slots, false);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let inner = rt.block_on(kvpool::open(&config)).unwrap();
+        let inner = open_backend(&config);
         let spy = Arc::new(Spy {
             inner,
             device: Mutex::new(None),
@@ -216,12 +230,7 @@ impl Rig {
         let fake = FakeEngine::new(Device::Cuda { ordinal: 0 }, LAYERS * BLOCKS * PAGE);
         *spy.device.lock().unwrap() = Some(fake.clone());
         fake.expect_stream(STREAM);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let worker = WorkerConnector::with_backend(config, layout(), spy.clone(), runtime).unwrap();
+        let worker = worker_on(config, spy.clone());
         worker.use_copy_engine(Arc::new(fake.clone()));
         let descs = tensors(fake.addr(0), perm, Device::Cuda { ordinal: 0 });
         // SAFETY: the fake device's memory lives as long as `fake`, which the rig holds.
@@ -577,10 +586,7 @@ fn instances_with_different_layouts_share_blocks_through_one_pool() {
     // A GPU instance with vLLM's default token-major layout saves; a CPU instance with the
     // head-major layout vLLM's CPU backend uses loads, and gets the same KV.
     let config = config(250, 8, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let pool = rt.block_on(kvpool::open(&config)).unwrap();
+    let pool = open_backend(&config);
     let spy = Arc::new(Spy {
         inner: pool.clone(),
         device: Mutex::new(None),
@@ -595,12 +601,7 @@ fn instances_with_different_layouts_share_blocks_through_one_pool() {
         "backend": "memory", "lookup_rpc_port": 251,
     }))
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cpu = WorkerConnector::with_backend(&cpu_config, layout(), pool, runtime).unwrap();
+    let cpu = worker_on(&cpu_config, pool);
     let cache = MemRegion::alloc(LAYERS * BLOCKS * PAGE);
     let descs = tensors(cache.as_ptr() as usize, LBHNC, Device::Host);
     // SAFETY: `cache` outlives the worker.
@@ -619,16 +620,7 @@ fn instances_with_different_layouts_share_blocks_through_one_pool() {
 #[test]
 fn host_kv_can_take_the_staged_path_end_to_end() {
     let config = config(260, 4, true);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let backend = rt.block_on(kvpool::open(&config)).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let worker = WorkerConnector::with_backend(&config, layout(), backend, runtime).unwrap();
+    let worker = worker_on(&config, open_backend(&config));
     let cache = MemRegion::alloc(LAYERS * BLOCKS * PAGE);
     let descs = tensors(cache.as_ptr() as usize, LBNHC, Device::Host);
     // SAFETY: `cache` outlives the worker.
@@ -678,16 +670,7 @@ fn host_kv_can_take_the_staged_path_end_to_end() {
 #[test]
 fn wrong_devices_and_small_staging_are_clear_errors() {
     let config = config(270, 1, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let backend = rt.block_on(kvpool::open(&config)).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let worker = WorkerConnector::with_backend(&config, layout(), backend, runtime).unwrap();
+    let worker = worker_on(&config, open_backend(&config));
     let fake = FakeEngine::new(Device::Cuda { ordinal: 0 }, LAYERS * BLOCKS * PAGE);
     worker.use_copy_engine(Arc::new(fake.clone()));
     let descs = tensors(fake.addr(0), BLHNC, Device::Cuda { ordinal: 0 });

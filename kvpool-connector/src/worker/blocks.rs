@@ -9,8 +9,10 @@ use std::time::Duration;
 use kvpool_core::error::{Error, Result};
 use kvpool_core::key::BlockKey;
 
-use super::{load_fully, lock, save_reads, WorkerConnector};
+use super::staged::Staged;
+use super::{load_fully, lock, save_reads, Blocks, WorkerConnector};
 use crate::device::StreamHandle;
+use crate::layout::KvLayout;
 
 /// A save or load in flight. Cloning shares it.
 #[derive(Debug, Clone, Default)]
@@ -42,8 +44,18 @@ impl Transfer {
     }
 }
 
+/// What a block transfer runs with once its arguments are checked.
+type Prepared = (Arc<KvLayout>, Option<Arc<Staged>>, Blocks, Transfer);
+
 impl WorkerConnector {
-    fn check_pairs(blocks: &[u32], keys: &[BlockKey]) -> Result<()> {
+    /// Checks `blocks` against `keys` and the cache, and orders the copy stream after
+    /// `compute`.
+    fn prepare(
+        &self,
+        blocks: &[u32],
+        keys: Vec<BlockKey>,
+        compute: StreamHandle,
+    ) -> Result<Prepared> {
         if blocks.len() != keys.len() {
             return Err(Error::invalid_argument(format!(
                 "{} block ids but {} keys; each block needs its key",
@@ -51,7 +63,16 @@ impl WorkerConnector {
                 keys.len()
             )));
         }
-        Ok(())
+        let kv = self.kv_layout()?;
+        for &b in blocks {
+            kv.check_block(b)?;
+        }
+        let staged = lock(&self.staged).clone();
+        if let Some(staged) = &staged {
+            staged.engine.order_after(compute)?;
+        }
+        let pairs = blocks.iter().copied().zip(keys).collect();
+        Ok((kv, staged, pairs, Transfer::default()))
     }
 
     /// Saves `blocks` under `keys` (keys the backend holds already are left alone). Device KV
@@ -66,22 +87,9 @@ impl WorkerConnector {
         keys: Vec<BlockKey>,
         compute: StreamHandle,
     ) -> Result<Transfer> {
-        Self::check_pairs(blocks, &keys)?;
-        let kv = self.kv_layout()?;
-        if let Some(&bad) = blocks.iter().find(|&&b| b as usize >= kv.num_blocks()) {
-            return Err(Error::invalid_argument(format!(
-                "block id {bad} is outside the registered cache of {} blocks",
-                kv.num_blocks()
-            )));
-        }
-        let staged = lock(&self.staged).clone();
-        if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
-        }
-        let transfer = Transfer::default();
+        let (kv, staged, pairs, transfer) = self.prepare(blocks, keys, compute)?;
         let done = transfer.clone();
         let shared = self.shared.clone();
-        let pairs: Vec<(u32, BlockKey)> = blocks.iter().copied().zip(keys).collect();
         self.runtime.spawn(async move {
             let all: Vec<u32> = pairs.iter().map(|(b, _)| *b).collect();
             let failed =
@@ -115,22 +123,9 @@ impl WorkerConnector {
         keys: Vec<BlockKey>,
         compute: StreamHandle,
     ) -> Result<Transfer> {
-        Self::check_pairs(blocks, &keys)?;
-        let kv = self.kv_layout()?;
-        if let Some(&bad) = blocks.iter().find(|&&b| b as usize >= kv.num_blocks()) {
-            return Err(Error::invalid_argument(format!(
-                "block id {bad} is outside the registered cache of {} blocks",
-                kv.num_blocks()
-            )));
-        }
-        let staged = lock(&self.staged).clone();
-        if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
-        }
-        let transfer = Transfer::default();
+        let (kv, staged, pairs, transfer) = self.prepare(blocks, keys, compute)?;
         let done = transfer.clone();
         let shared = self.shared.clone();
-        let pairs: Vec<(u32, BlockKey)> = blocks.iter().copied().zip(keys).collect();
         self.runtime.spawn(async move {
             let failed = load_fully(&shared, &kv, staged.as_deref(), "load_blocks", pairs).await;
             done.finish(failed);
