@@ -24,7 +24,6 @@
 //! owner's segment is sized for every save. `KVPOOL_BENCH_ROUNDS` (default 11, at most 13)
 //! sets the rounds. Run with `cargo bench -p kvpool-benches --bench connector_mooncake`.
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ use kvpool::{
     BlockHash, BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
 };
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
-use kvpool_benches::SegmentOwner;
+use kvpool_benches::{announce_ready_and_wait_for_stdin, SegmentOwner};
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use kvpool_connector::{
     Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
@@ -97,19 +96,12 @@ fn run_owner(master: String) {
         .unwrap()
         .parse()
         .unwrap();
-    runtime("owner").block_on(async {
-        let owner = MooncakeBackend::open(config(&master, segment))
-            .await
-            .expect("open the owner");
-        println!("ready");
-        std::io::stdout().flush().unwrap();
-        tokio::task::spawn_blocking(|| {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        })
-        .await
-        .unwrap();
-        owner.close().await.unwrap();
-    });
+    let rt = runtime("owner");
+    let owner = rt
+        .block_on(MooncakeBackend::open(config(&master, segment)))
+        .expect("open the owner");
+    announce_ready_and_wait_for_stdin();
+    rt.block_on(owner.close()).unwrap();
 }
 
 /// (a): the backend's own calls on 64 contiguous 1 MiB values.

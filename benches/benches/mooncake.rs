@@ -16,7 +16,6 @@
 //! ratio, then one JSON line per value size. Run with
 //! `cargo bench -p kvpool-benches --bench mooncake`.
 
-use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use std::time::{Duration, Instant};
 use kvpool::size::ByteSize;
 use kvpool::{BlockHash, BlockKey, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome};
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
-use kvpool_benches::SegmentOwner;
+use kvpool_benches::{announce_ready_and_wait_for_stdin, SegmentOwner};
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 use rand::RngCore;
 use serde_json::{json, Value};
@@ -208,19 +207,11 @@ fn run_owner(master: String) {
         .unwrap();
     let cc = std::env::var("KVPOOL_BENCH_CC").unwrap_or_default();
     let rt = runtime();
-    rt.block_on(async {
-        let owner = MooncakeBackend::open(config(&master, segment, &cc))
-            .await
-            .expect("open the owner");
-        println!("ready");
-        std::io::stdout().flush().unwrap();
-        tokio::task::spawn_blocking(|| {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        })
-        .await
-        .unwrap();
-        owner.close().await.unwrap();
-    });
+    let owner = rt
+        .block_on(MooncakeBackend::open(config(&master, segment, &cc)))
+        .expect("open the owner");
+    announce_ready_and_wait_for_stdin();
+    rt.block_on(owner.close()).unwrap();
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -1,6 +1,6 @@
 //! Shared helpers for kvpool's criterion benchmarks (see `benches/`).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,4 +42,12 @@ impl Drop for SegmentOwner {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The owner side of [`SegmentOwner`]: says `ready`, then blocks until stdin closes. Call it
+/// outside the runtime's `block_on`, so the runtime's workers keep the segment alive meanwhile.
+pub fn announce_ready_and_wait_for_stdin() {
+    println!("ready");
+    std::io::stdout().flush().expect("flush stdout");
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
