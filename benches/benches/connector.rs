@@ -13,19 +13,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvpool::{BlockHash, Config, MemRegion};
-use kvpool_connector::{
-    Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
-    WorkerConnector,
-};
+use kvpool_benches::step::{self, median, LAYERS, PAGE, STEP_BLOCKS};
+use kvpool_connector::{LoadPlan, SavePlan, StepMeta, StreamHandle, WorkerConnector};
 
-const LAYERS: usize = 16;
-const HEADS: usize = 8;
-const TOKENS: usize = 16;
-const CONTENT: usize = 2 * 128;
-const ELEM: usize = 2;
-const PAGE: usize = HEADS * TOKENS * CONTENT * ELEM;
 const CACHE_BLOCKS: usize = 256;
-const STEP_BLOCKS: usize = 64;
 
 struct Rig {
     worker: WorkerConnector,
@@ -68,48 +59,13 @@ impl Rig {
             "device_staging_bytes": "128MiB",
         }))
         .unwrap();
-        let layout = EngineLayout {
-            model: "bench-model".into(),
-            block_size: TOKENS,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
-            dp_rank: 0,
-            num_kv_heads: HEADS as u32,
-            use_mla: false,
-            role: KvRole::Both,
-        };
+        let layout = step::layout("bench-model");
         let worker = WorkerConnector::open(&config, layout).unwrap();
         let cache = MemRegion::alloc(LAYERS * CACHE_BLOCKS * PAGE);
         for (i, chunk) in (0..cache.len()).step_by(1 << 20).enumerate() {
             cache.write(chunk, &vec![i as u8; 1 << 20]).unwrap();
         }
-        // vLLM's CPU layout: per layer [blocks, heads, tokens, content], contiguous.
-        let tensors: Vec<TensorDesc> = (0..LAYERS)
-            .map(|l| TensorDesc {
-                layer: format!("model.layers.{l}.attn"),
-                ptr: cache.as_ptr() as usize + l * CACHE_BLOCKS * PAGE,
-                shape: vec![CACHE_BLOCKS, HEADS, TOKENS, CONTENT],
-                strides: if token_major {
-                    vec![
-                        (PAGE / ELEM) as isize,
-                        CONTENT as isize,
-                        (HEADS * CONTENT) as isize,
-                        1,
-                    ]
-                } else {
-                    vec![
-                        (PAGE / ELEM) as isize,
-                        (TOKENS * CONTENT) as isize,
-                        CONTENT as isize,
-                        1,
-                    ]
-                },
-                elem_size: ELEM,
-                device: Device::Host,
-            })
-            .collect();
+        let tensors = step::tensors(cache.as_ptr() as usize, CACHE_BLOCKS, token_major);
         // SAFETY: `cache` lives in the rig as long as the worker.
         unsafe { worker.register_kv_caches(&tensors, None) }.unwrap();
         assert_eq!(worker.value_len(), Some(LAYERS * PAGE));
@@ -196,11 +152,6 @@ impl Rig {
         std::hint::black_box(&self.staging);
         started.elapsed()
     }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn step(c: &mut Criterion) {

@@ -33,25 +33,13 @@ use kvpool::{
     BlockHash, BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
 };
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_benches::step::{self, median, LAYERS, PAGE, STEP_BLOCKS, VALUE};
 use kvpool_benches::{announce_ready_and_wait_for_stdin, SegmentOwner};
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
-use kvpool_connector::{
-    Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
-    WorkerConnector,
-};
+use kvpool_connector::{LoadPlan, SavePlan, StepMeta, StreamHandle, WorkerConnector};
 use rand::RngCore;
 use serde_json::json;
 
-const LAYERS: usize = 16;
-const HEADS: usize = 8;
-const TOKENS: usize = 16;
-const CONTENT: usize = 2 * 128;
-const ELEM: usize = 2;
-/// One layer's page of one block: 64 KiB.
-const PAGE: usize = HEADS * TOKENS * CONTENT * ELEM;
-/// One block's value: 1 MiB.
-const VALUE: usize = LAYERS * PAGE;
-const STEP_BLOCKS: usize = 64;
 const CACHE_BLOCKS: usize = 2 * STEP_BLOCKS;
 const STEP_BYTES: usize = STEP_BLOCKS * VALUE;
 /// The owner's segment: every save of every round (4 paths × 64 MiB per round, plus the
@@ -244,18 +232,10 @@ impl Rig {
             "device_staging_bytes": "256MiB",
         }))
         .unwrap();
-        let layout = EngineLayout {
-            model: format!("bench-{}", if staged { "staged" } else { "direct" }),
-            block_size: TOKENS,
-            tp_size: 1,
-            tp_rank: 0,
-            pp_size: 1,
-            pp_rank: 0,
-            dp_rank: 0,
-            num_kv_heads: HEADS as u32,
-            use_mla: false,
-            role: KvRole::Both,
-        };
+        let layout = step::layout(&format!(
+            "bench-{}",
+            if staged { "staged" } else { "direct" }
+        ));
         let rt = runtime(if staged { "staged" } else { "direct" });
         let backend: Arc<dyn KvBackend> = Arc::new(
             rt.block_on(MooncakeBackend::open(config(master, 0)))
@@ -266,22 +246,7 @@ impl Rig {
         let mut data = vec![0u8; cache.len()];
         rand::thread_rng().fill_bytes(&mut data);
         cache.write(0, &data).unwrap();
-        // vLLM's CPU layout: per layer [blocks, heads, tokens, content], contiguous.
-        let tensors: Vec<TensorDesc> = (0..LAYERS)
-            .map(|l| TensorDesc {
-                layer: format!("model.layers.{l}.attn"),
-                ptr: cache.as_ptr() as usize + l * CACHE_BLOCKS * PAGE,
-                shape: vec![CACHE_BLOCKS, HEADS, TOKENS, CONTENT],
-                strides: vec![
-                    (PAGE / ELEM) as isize,
-                    (TOKENS * CONTENT) as isize,
-                    CONTENT as isize,
-                    1,
-                ],
-                elem_size: ELEM,
-                device: Device::Host,
-            })
-            .collect();
+        let tensors = step::tensors(cache.as_ptr() as usize, CACHE_BLOCKS, false);
         // SAFETY: `cache` lives in the rig as long as the worker.
         unsafe { worker.register_kv_caches(&tensors, None) }.unwrap();
         assert_eq!(worker.value_len(), Some(VALUE));
@@ -385,11 +350,6 @@ fn memcpy_step(rig: &Rig, values: &MemRegion) -> Duration {
     }
     std::hint::black_box(&rig.cache);
     started.elapsed()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn gbps(d: Duration) -> f64 {

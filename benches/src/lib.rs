@@ -51,3 +51,66 @@ pub fn announce_ready_and_wait_for_stdin() {
     std::io::stdout().flush().expect("flush stdout");
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
+
+/// The connector benches' engine step: a small model's KV (16 layers, 8 KV heads, head size
+/// 128 for K and V, 16 tokens per block, fp16: 64 KiB per layer page, 1 MiB per block).
+pub mod step {
+    use std::time::Duration;
+
+    use kvpool_connector::{Device, EngineLayout, KvRole, TensorDesc};
+
+    pub const LAYERS: usize = 16;
+    pub const HEADS: usize = 8;
+    pub const TOKENS: usize = 16;
+    pub const CONTENT: usize = 2 * 128;
+    pub const ELEM: usize = 2;
+    /// One layer's page of one block.
+    pub const PAGE: usize = HEADS * TOKENS * CONTENT * ELEM;
+    /// One block's value.
+    pub const VALUE: usize = LAYERS * PAGE;
+    /// Blocks a step saves or loads.
+    pub const STEP_BLOCKS: usize = 64;
+
+    /// The engine layout of a single-rank instance of this model.
+    pub fn layout(model: &str) -> EngineLayout {
+        EngineLayout {
+            model: model.into(),
+            block_size: TOKENS,
+            tp_size: 1,
+            tp_rank: 0,
+            pp_size: 1,
+            pp_rank: 0,
+            dp_rank: 0,
+            num_kv_heads: HEADS as u32,
+            use_mla: false,
+            role: KvRole::Both,
+        }
+    }
+
+    /// One `[blocks, heads, tokens, content]` tensor per layer over `cache_blocks` blocks at
+    /// `base`, layers one after the other: head-major pages (vLLM's CPU layout, LBHNC), or
+    /// token-major ones (its GPU default, LBNHC) with `token_major`.
+    pub fn tensors(base: usize, cache_blocks: usize, token_major: bool) -> Vec<TensorDesc> {
+        let (head, token) = if token_major {
+            (CONTENT, HEADS * CONTENT)
+        } else {
+            (TOKENS * CONTENT, CONTENT)
+        };
+        (0..LAYERS)
+            .map(|l| TensorDesc {
+                layer: format!("model.layers.{l}.attn"),
+                ptr: base + l * cache_blocks * PAGE,
+                shape: vec![cache_blocks, HEADS, TOKENS, CONTENT],
+                strides: vec![(PAGE / ELEM) as isize, head as isize, token as isize, 1],
+                elem_size: ELEM,
+                device: Device::Host,
+            })
+            .collect()
+    }
+
+    /// The median of `v`.
+    pub fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+}
