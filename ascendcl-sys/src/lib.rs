@@ -801,4 +801,26 @@ mod handles;
 #[cfg(test)]
 mod tests;
 
+/// Builds `tests/stub/libascendcl_stub.c`, a host-memory stand-in for CANN that checks thread
+/// binding, sizes, event flags and alignment, into `dir` and returns the library's path: for
+/// tests of code that drives AscendCL, on machines without CANN.
+///
+/// # Panics
+/// When `cc` cannot build it: a test that needs the stand-in must fail, not skip.
+#[doc(hidden)]
+pub fn build_test_stub(dir: &std::path::Path) -> PathBuf {
+    let lib = dir.join("libascendcl.so");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/stub/libascendcl_stub.c");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(src)
+        .status();
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "cc could not build {src} ({status:?}); the AscendCL tests need a C compiler"
+    );
+    lib
+}
+
 pub use handles::{DeviceBuffer, Event, Stream};
