@@ -88,6 +88,7 @@ impl Rig {
                 block_ids: block_ids(0),
                 first_block: 0,
                 hashes: hex,
+                group: 0,
             }],
             ..StepMeta::default()
         }
@@ -117,6 +118,7 @@ impl Rig {
                 block_ids: block_ids(1),
                 hashes: hex,
                 is_async: false,
+                groups: vec![],
             }],
             ..StepMeta::default()
         }

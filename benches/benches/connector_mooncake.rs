@@ -270,6 +270,7 @@ impl Rig {
                 block_ids: block_ids(false),
                 first_block: 0,
                 hashes: hex_hashes(self.tag, self.next, STEP_BLOCKS),
+                group: 0,
             }],
             ..StepMeta::default()
         }
@@ -298,6 +299,7 @@ impl Rig {
                 block_ids: block_ids(true),
                 hashes: hex_hashes(self.tag, 0, STEP_BLOCKS),
                 is_async: false,
+                groups: vec![],
             }],
             ..StepMeta::default()
         }

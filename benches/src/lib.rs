@@ -84,6 +84,7 @@ pub mod step {
             num_kv_heads: HEADS as u32,
             use_mla: false,
             role: KvRole::Both,
+            groups: vec![],
         }
     }
 

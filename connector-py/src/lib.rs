@@ -170,7 +170,7 @@ type NewReqTuple = (
     String,
     Vec<u32>,
     Vec<Vec<u8>>,
-    Vec<u32>,
+    Vec<Vec<u32>>,
     usize,
     usize,
     Option<String>,
@@ -178,7 +178,15 @@ type NewReqTuple = (
 );
 /// (layer name, data pointer, shape, strides in elements, element size).
 type TensorTuple = (String, usize, Vec<usize>, Vec<isize>, usize, String);
-type CachedReqTuple = (String, bool, Vec<u32>, usize, usize, Vec<u32>, Vec<Vec<u8>>);
+type CachedReqTuple = (
+    String,
+    bool,
+    Vec<Vec<u32>>,
+    usize,
+    usize,
+    Vec<u32>,
+    Vec<Vec<u8>>,
+);
 
 #[pymethods]
 impl Scheduler {
@@ -224,19 +232,21 @@ impl Scheduler {
         }))
     }
 
+    /// `block_ids`: the request's blocks per KV-cache group.
     fn update_state_after_alloc(
         &self,
         req_id: &str,
-        block_ids: Vec<u32>,
+        block_ids: Vec<Vec<u32>>,
         num_external_tokens: usize,
     ) {
         self.inner
             .update_state_after_alloc(req_id, block_ids, num_external_tokens);
     }
 
-    /// `new_requests`: (req_id, prompt_token_ids, block_hashes, block_ids, num_computed,
-    /// num_scheduled, lora_name, cache_salt); `cached_requests`: (req_id, resumed,
-    /// new_block_ids, num_computed, num_scheduled, all_token_ids, block_hashes).
+    /// `new_requests`: (req_id, prompt_token_ids, block_hashes, block_ids per group,
+    /// num_computed, num_scheduled, lora_name, cache_salt); `cached_requests`: (req_id,
+    /// resumed, new_block_ids per group, num_computed, num_scheduled, all_token_ids,
+    /// block_hashes).
     fn build_connector_meta<'py>(
         &self,
         py: Python<'py>,
@@ -281,6 +291,11 @@ impl Scheduler {
     /// Whether freeing the request's blocks must wait for `finished_sending`.
     fn request_finished(&self, req_id: &str, num_blocks: usize) -> bool {
         self.inner.request_finished(req_id, num_blocks)
+    }
+
+    /// As `request_finished`, with the request's blocks per KV-cache group (hybrid models).
+    fn request_finished_all_groups(&self, req_id: &str, block_ids: Vec<Vec<u32>>) -> bool {
+        self.inner.request_finished_all_groups(req_id, &block_ids)
     }
 
     fn update_connector_output(
@@ -334,11 +349,14 @@ impl Worker {
     /// `tensors`: (layer name, data pointer, shape, strides in elements, element size, device
     /// as torch spells it) for every cache tensor in registration order; `owner` keeps them
     /// alive.
+    /// `groups`: the KV-cache group of each tensor (hybrid models); empty: all in group 0.
+    #[pyo3(signature = (tensors, owner, groups=Vec::new()))]
     fn register_kv_caches(
         &self,
         py: Python<'_>,
         tensors: Vec<TensorTuple>,
         owner: PyObject,
+        groups: Vec<u32>,
     ) -> PyResult<usize> {
         let descs: Vec<TensorDesc> = tensors
             .into_iter()
@@ -359,8 +377,11 @@ impl Worker {
         let owner: Arc<dyn Any + Send + Sync> = Arc::new(PyOwner(owner));
         // SAFETY: the descriptions come from live tensors, and `owner` (holding them) lives
         // as long as the regions, so the memory stays valid.
-        py.allow_threads(|| unsafe { self.inner.register_kv_caches(&descs, Some(owner)) })
-            .map_err(to_py)?;
+        py.allow_threads(|| unsafe {
+            self.inner
+                .register_kv_cache_groups(&descs, &groups, Some(owner))
+        })
+        .map_err(to_py)?;
         Ok(self.inner.value_len().unwrap_or(0))
     }
 

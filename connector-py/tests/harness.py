@@ -79,14 +79,26 @@ from vllm.model_executor.layers.attention.kv_transfer_utils import (
     maybe_transfer_kv_layer,
 )
 from vllm.utils.hashing import get_hash_fn_by_name
-from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.kv_cache_planning import (
+    get_global_kv_cache_groups,
+    get_kv_cache_config_from_groups,
+    kv_cache_groups_tp_replicas,
+)
+from vllm.v1.core.kv_cache_utils import (
+    get_request_block_hasher,
+    init_none_hash,
+    resolve_cache_hit_alignment_tokens,
+    resolve_kv_cache_block_sizes,
+)
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    MambaSpec,
+    SlidingWindowSpec,
 )
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
@@ -123,6 +135,9 @@ def make_vllm_config(
     max_model_len: int = 2048,
     enable_prefix_caching: bool = True,
     engine_id: str | None = None,
+    hybrid: bool | None = None,
+    num_layers: int | None = None,
+    mamba_cache_mode: str | None = None,
 ) -> VllmConfig:
     """A real VllmConfig for a config-only local model dir, with a KV connector.
 
@@ -132,6 +147,25 @@ def make_vllm_config(
     turns a failed load into a failed request): recompute is what production uses
     with a cache pool. kv_cache_layout is fixed here because the engine core normally
     resolves it before connectors are built.
+
+    Hybrid models (several KV-cache groups, see make_hybrid_kv_cache_config):
+    `hybrid` is vLLM's hybrid KV-cache manager ("HMA") switch,
+    scheduler_config.disable_hybrid_kv_cache_manager:
+    - None (default, no flag): VllmConfig decides. HMA stays ON iff the connector
+      class is a SupportsHMA subclass (KVConnectorFactory.supports_hma_config);
+      otherwise VllmConfig turns it OFF and logs the warning "Turning off hybrid
+      kv cache manager because `--kv-transfer-config` selects a KV connector that
+      does not support it. ..." (no error).
+    - True (--enable-hybrid-kv-cache-manager): HMA forced ON. VllmConfig accepts
+      this whatever the connector; with a connector that is not SupportsHMA,
+      creating it (make_scheduler / WorkerRig) raises ValueError "Connector X does
+      not support HMA but HMA is enabled. Please set
+      `--disable-hybrid-kv-cache-manager`."
+    - False (--disable-hybrid-kv-cache-manager): HMA OFF; vLLM's planner then
+      merges sliding-window layers into one full-attention group.
+    `num_layers` overrides the model's num_hidden_layers (the tiny OPT has 2).
+    `mamba_cache_mode` sets cache_config.mamba_cache_mode (for
+    make_mamba_hybrid_kv_cache_config: "align").
     """
     model_config = ModelConfig(
         model=str(model_dir),
@@ -140,6 +174,11 @@ def make_vllm_config(
         dtype="float16",
         seed=42,
         max_model_len=max_model_len,
+        **(
+            {"hf_overrides": {"num_hidden_layers": num_layers}}
+            if num_layers is not None
+            else {}
+        ),
     )
     scheduler_config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -148,12 +187,18 @@ def make_vllm_config(
         enable_chunked_prefill=True,
         is_encoder_decoder=model_config.is_encoder_decoder,
         async_scheduling=False,
+        **(
+            {"disable_hybrid_kv_cache_manager": not hybrid}
+            if hybrid is not None
+            else {}
+        ),
     )
     cache_config = CacheConfig(
         block_size=block_size,
         cache_dtype="auto",
         enable_prefix_caching=enable_prefix_caching,
         prefix_caching_hash_algo=hash_algo,
+        **({"mamba_cache_mode": mamba_cache_mode} if mamba_cache_mode else {}),
     )
     cache_config.kv_cache_layout = kv_cache_layout
     kv_transfer_config = KVTransferConfig(
@@ -204,6 +249,157 @@ def make_kv_cache_config(vllm_config: VllmConfig, num_blocks: int) -> KVCacheCon
     return kv_cache_config
 
 
+def _layer_name_set(
+    vllm_config: VllmConfig, layers: Iterable[int | str] | None, default_odd: bool
+) -> set[str]:
+    names = layer_names(vllm_config)
+    if layers is None:
+        return {n for i, n in enumerate(names) if (i % 2 == 1) == default_odd}
+    out = {names[x] if isinstance(x, int) else x for x in layers}
+    unknown = out - set(names)
+    assert not unknown, f"not layers of this model: {sorted(unknown)}"
+    return out
+
+
+def _plan_multi_group(
+    vllm_config: VllmConfig,
+    specs: dict[str, Any],
+    num_blocks: int,
+    allow_unified: bool,
+) -> KVCacheConfig:
+    """Group `specs` and place them with vLLM's own planner, then resolve what the
+    engine core resolves (EngineCore._initialize_kv_caches in 0.33)."""
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager and not allow_unified:
+        raise ValueError(
+            "the hybrid KV-cache manager is OFF in this VllmConfig (connector not "
+            "SupportsHMA, or hybrid=False), so vLLM would merge every layer into ONE "
+            "full-attention group; pass allow_unified=True to get that config"
+        )
+    # Same grouping call as the engine (get_global_kv_cache_groups: registry check,
+    # SWA extra_retained_tokens tagging, unify_hybrid_kv_cache_specs when HMA is off,
+    # _get_kv_cache_groups_uniform_page_size otherwise).
+    groups = get_global_kv_cache_groups(vllm_config, [dict(specs)])
+    vllm_config.cache_config.num_gpu_blocks_override = num_blocks
+    kv_cache_config = get_kv_cache_config_from_groups(
+        vllm_config, groups, available_memory=0
+    )
+    kv_cache_config.kv_cache_layout = vllm_config.cache_config.kv_cache_layout
+    kv_cache_config.kv_tp_replicas = kv_cache_groups_tp_replicas(
+        kv_cache_config.kv_cache_groups,
+        vllm_config.parallel_config.tensor_parallel_size,
+        vllm_config.parallel_config.decode_context_parallel_size,
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    cacheable = [
+        g.kv_cache_spec.block_size
+        for g in kv_cache_config.kv_cache_groups
+        if g.kv_cache_spec.prefix_cacheable
+    ]
+    vllm_config.cache_config.block_size = min(
+        cacheable or [g.kv_cache_spec.block_size for g in kv_cache_config.kv_cache_groups]
+    )
+    sched_bs, hash_bs = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+    kv_cache_config.hash_block_size = hash_bs
+    kv_cache_config.cache_hit_alignment_tokens = resolve_cache_hit_alignment_tokens(
+        kv_cache_config, vllm_config, sched_bs, hash_bs
+    )
+    return kv_cache_config
+
+
+def make_hybrid_kv_cache_config(
+    vllm_config: VllmConfig,
+    num_blocks: int,
+    sliding_window: int,
+    swa_layers: Iterable[int | str] | None = None,
+    *,
+    allow_unified: bool = False,
+) -> KVCacheConfig:
+    """A two-group KVCacheConfig for a "hybrid" tiny model, from vLLM's planner.
+
+    Layers in `swa_layers` (indices or names; default: the odd layers) get a
+    SlidingWindowSpec(sliding_window), the others a FullAttentionSpec; block size,
+    heads, head size and dtype are the same for both, so the page sizes match and
+    vLLM's _get_kv_cache_groups_uniform_page_size makes group 0 = full attention,
+    group 1 = sliding window (the first layer's type comes first). With the tiny
+    OPT (2 layers): group 0 = [layer 0], group 1 = [layer 1]; make_vllm_config(
+    num_layers=4) gives two layers per group (equal counts avoid padding layers).
+
+    Groups ALIAS the same memory, as in vLLM: every group's KVCacheTensor starts at
+    byte 0 of the one backing buffer, so layer k of group 0 and layer k of group 1
+    share bytes for a block id. Block ids come from ONE BlockPool and a block
+    belongs to one group at a time, so nothing collides; a connector that writes
+    a block through the wrong group's layer overwrites the other group's data.
+
+    Needs HMA on (a SupportsHMA connector, or make_vllm_config(hybrid=True)); with
+    HMA off vLLM merges everything into one full-attention group, which this
+    returns only with allow_unified=True. Sets what make_kv_cache_config sets,
+    plus hash_block_size/cache_hit_alignment_tokens as the engine resolves them.
+    The scheduler then runs vLLM's HybridKVCacheCoordinator (make_scheduler).
+    """
+    mc = vllm_config.model_config
+    common = dict(
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=mc.get_head_size(),
+        dtype=mc.dtype,
+    )
+    swa = _layer_name_set(vllm_config, swa_layers, default_odd=True)
+    specs = {
+        name: SlidingWindowSpec(sliding_window=sliding_window, **common)
+        if name in swa
+        else FullAttentionSpec(**common)
+        for name in layer_names(vllm_config)
+    }
+    return _plan_multi_group(vllm_config, specs, num_blocks, allow_unified)
+
+
+def make_mamba_hybrid_kv_cache_config(
+    vllm_config: VllmConfig,
+    num_blocks: int,
+    mamba_layers: Iterable[int | str] | None = None,
+    *,
+    state_shapes: tuple[tuple[int, ...], ...] = ((3, 64), (4, 16, 16)),
+    mamba_block_size: int | None = None,
+    allow_unified: bool = False,
+) -> KVCacheConfig:
+    """Full attention + one MambaSpec group (mamba_cache_mode "align").
+
+    `mamba_layers` (default: the odd layers) get MambaSpec(shapes=state_shapes,
+    dtypes=model dtype, block_size=mamba_block_size or the attention block size,
+    mamba_cache_mode=cache_config.mamba_cache_mode, which must be "align":
+    make_vllm_config(mamba_cache_mode="align")), padded (page_size_padded) to the
+    attention page so the planner can use one page size, as vLLM pads real hybrid
+    models. Scheduler-side only: WorkerRig cannot run Mamba layers (there is no
+    per-token slot mapping for state; see the harness notes).
+    """
+    cc = vllm_config.cache_config
+    assert cc.mamba_cache_mode == "align", (
+        "make_vllm_config(mamba_cache_mode='align') first"
+    )
+    mc = vllm_config.model_config
+    attn = FullAttentionSpec(
+        block_size=cc.block_size,
+        num_kv_heads=mc.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=mc.get_head_size(),
+        dtype=mc.dtype,
+    )
+    mamba_names = _layer_name_set(vllm_config, mamba_layers, default_odd=True)
+    mamba = MambaSpec(
+        block_size=mamba_block_size or cc.block_size,
+        shapes=tuple(state_shapes),
+        dtypes=tuple(mc.dtype for _ in state_shapes),
+        page_size_padded=attn.page_size_bytes,
+        mamba_cache_mode=cc.mamba_cache_mode,
+    )
+    assert mamba.state_content_size_bytes <= attn.page_size_bytes, (
+        "state larger than an attention page; shrink state_shapes"
+    )
+    specs = {
+        name: mamba if name in mamba_names else attn for name in layer_names(vllm_config)
+    }
+    return _plan_multi_group(vllm_config, specs, num_blocks, allow_unified)
+
+
 def make_scheduler(
     vllm_config: VllmConfig,
     num_blocks: int = 64,
@@ -217,12 +413,19 @@ def make_scheduler(
     if kv_cache_config is None:
         kv_cache_config = make_kv_cache_config(vllm_config, num_blocks)
     block_size = vllm_config.cache_config.block_size
+    hash_block_size = block_size
+    if len(kv_cache_config.kv_cache_groups) > 1:
+        # As EngineCore: scheduler block size = lcm of the group block sizes,
+        # hash block size = their gcd (prefix-cacheable groups).
+        block_size, hash_block_size = resolve_kv_cache_block_sizes(
+            kv_cache_config, vllm_config
+        )
     return Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
         structured_output_manager=StructuredOutputManager(vllm_config),
         block_size=block_size,
-        hash_block_size=block_size,
+        hash_block_size=hash_block_size,
         log_stats=True,
     )
 
@@ -382,6 +585,16 @@ class WorkerRig:
     It tracks each request's block table and token ids from the scheduler outputs it
     is given, like the model runner's input batch. One vllm_config per rig: two rigs
     (two "instances") need two configs.
+
+    Several KV-cache groups (make_hybrid_kv_cache_config): the rig keeps one block
+    table per group (NewRequestData.block_ids / CachedRequestData.new_block_ids are
+    per-group tuples; a resumed request's lists REPLACE its tables), and the fake
+    attention of a layer writes into its own group's blocks through that group's
+    slot mapping (attn_metadata[layer].slot_mapping differs per group). A
+    sliding-window group's table keeps vLLM's null block (id 0) where vLLM left or
+    put it (blocks before the window); newly computed tokens never land there
+    (asserted). `layer_names` lists every layer in model order, `layer_groups[g]`
+    the layers of group g, `layer_group[name]` the group of a layer.
     """
 
     def __init__(
@@ -394,13 +607,35 @@ class WorkerRig:
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.kv_format = kv_format
-        group = kv_cache_config.kv_cache_groups[0]
-        spec = group.kv_cache_spec
-        self.layer_names: list[str] = list(group.layer_names)
+        groups = kv_cache_config.kv_cache_groups
+        self.layer_groups: list[list[str]] = [list(g.layer_names) for g in groups]
+        self.layer_group: dict[str, int] = {
+            name: gid for gid, names in enumerate(self.layer_groups) for name in names
+        }
+        self.group_specs: list[Any] = [g.kv_cache_spec for g in groups]
+        for gid, spec in enumerate(self.group_specs):
+            if not isinstance(spec, AttentionSpec):
+                raise NotImplementedError(
+                    f"group {gid} is {type(spec).__name__}: WorkerRig only runs "
+                    "attention groups (full / sliding window)"
+                )
+        # Every layer, in model order (model layer index = position here; the fake
+        # K/V depends on it). One group: exactly that group's layer list.
+        model_order = {n: i for i, n in enumerate(layer_names(vllm_config))}
+        self.layer_names: list[str] = sorted(
+            self.layer_group, key=lambda n: (model_order.get(n, len(model_order)), n)
+        ) if len(groups) > 1 else list(self.layer_groups[0])
+        spec = self.group_specs[0]
         self.block_size: int = spec.block_size
         self.num_kv_heads: int = spec.num_kv_heads
         self.head_size: int = spec.head_size
         self.dtype: torch.dtype = spec.dtype
+        for s in self.group_specs[1:]:
+            assert (s.num_kv_heads, s.head_size, s.dtype) == (
+                self.num_kv_heads,
+                self.head_size,
+                self.dtype,
+            ), "all attention groups must share heads, head size and dtype"
         self.num_blocks: int = kv_cache_config.num_blocks
 
         self.connector: KVConnectorBase_V1 = KVConnectorFactory.create_connector(
@@ -413,9 +648,17 @@ class WorkerRig:
         for name in self.layer_names:
             ctx[name] = SimpleNamespace(kv_cache=self.kv_caches[name], layer_name=name)
 
-        # Per request, what the model runner's input batch would hold.
-        self._block_table: dict[str, list[int]] = {}
+        # Per request, what the model runner's input batch would hold:
+        # one block table per KV-cache group.
+        self._block_table: dict[str, list[list[int]]] = {}
         self._tokens: dict[str, list[int]] = {}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.layer_groups)
+
+    def group_block_size(self, group: int) -> int:
+        return self.group_specs[group].block_size
 
     # ---- KV cache
 
@@ -424,10 +667,29 @@ class WorkerRig:
             layout = self.vllm_config.cache_config.get_resolved_kv_cache_layout()
             return allocate_kv_cache(self.kv_cache_config, torch.device("cpu"), layout)
         shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
-        return {
-            name: (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-            for name in self.layer_names
-        }
+        if self.num_groups == 1:
+            return {
+                name: (
+                    torch.zeros(shape, dtype=self.dtype),
+                    torch.zeros(shape, dtype=self.dtype),
+                )
+                for name in self.layer_names
+            }
+        # Groups alias memory as in vLLM: the k-th layer of every group shares one
+        # (K, V) pair (block ids are unique across groups).
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = {}
+        for names in self.layer_groups:
+            for k, name in enumerate(names):
+                if k == len(pairs):
+                    pairs.append(
+                        (
+                            torch.zeros(shape, dtype=self.dtype),
+                            torch.zeros(shape, dtype=self.dtype),
+                        )
+                    )
+                out[name] = pairs[k]
+        return out
 
     def _kv_views(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_size]
@@ -457,9 +719,11 @@ class WorkerRig:
         """The (K, V) the fake model computes for the `block_index`-th block of a
         sequence with these token ids: [n, num_kv_heads, head_size] each, n = the
         tokens of that block present in token_ids (block_size unless it is the last,
-        partial block); compare with read_block(...)[:n]."""
-        start = block_index * self.block_size
-        end = min(start + self.block_size, len(token_ids))
+        partial block); compare with read_block(...)[:n]. Block size = that of the
+        layer's group."""
+        bs = self.group_block_size(self.layer_group[layer_name])
+        start = block_index * bs
+        end = min(start + bs, len(token_ids))
         assert end > start, f"block {block_index} is past {len(token_ids)} tokens"
         return expected_kv(
             token_ids,
@@ -470,9 +734,11 @@ class WorkerRig:
             self.dtype,
         )
 
-    def block_ids(self, req_id: str) -> list[int]:
-        """The block table the worker currently holds for a request."""
-        return list(self._block_table[req_id])
+    def block_ids(self, req_id: str, group: int = 0) -> list[int]:
+        """The block table the worker currently holds for a request, for one
+        KV-cache group (0 = the only / the first group). A sliding-window group's
+        table can hold 0 (vLLM's null block) for blocks before the window."""
+        return list(self._block_table[req_id][group])
 
     # ---- one engine step
 
@@ -484,20 +750,22 @@ class WorkerRig:
             self._tokens.pop(req_id, None)
         work = []
         for r in so.scheduled_new_reqs:
-            self._block_table[r.req_id] = list(r.block_ids[0])
+            assert len(r.block_ids) == self.num_groups, r.block_ids
+            self._block_table[r.req_id] = [list(ids) for ids in r.block_ids]
             self._tokens[r.req_id] = list(r.prompt_token_ids or [])
             work.append((r.req_id, r.num_computed_tokens, so.num_scheduled_tokens[r.req_id]))
         c = so.scheduled_cached_reqs
         for i, req_id in enumerate(c.req_ids):
             new_ids = c.new_block_ids[i]
             if req_id in c.resumed_req_ids:
-                # A resumed (preempted) request gets its whole block table again.
+                # A resumed (preempted) request gets its whole block tables again.
                 assert new_ids is not None
-                self._block_table[req_id] = list(new_ids[0])
+                self._block_table[req_id] = [list(ids) for ids in new_ids]
                 if req_id in c.all_token_ids:
                     self._tokens[req_id] = list(c.all_token_ids[req_id])
             elif new_ids is not None:
-                self._block_table[req_id].extend(new_ids[0])
+                for table, ids in zip(self._block_table[req_id], new_ids, strict=True):
+                    table.extend(ids)
             work.append((req_id, c.num_computed_tokens[i], so.num_scheduled_tokens[req_id]))
         return work
 
@@ -526,34 +794,48 @@ class WorkerRig:
                 return mro.kv_connector_output or KVConnectorOutput()
 
             slots, writes = self._plan_writes(work)
+            layer_slots = {name: slots[self.layer_group[name]] for name in self.layer_names}
             attn_metadata = {
-                name: SimpleNamespace(slot_mapping=slots, num_actual_tokens=len(slots))
-                for name in self.layer_names
+                name: SimpleNamespace(slot_mapping=s, num_actual_tokens=len(s))
+                for name, s in layer_slots.items()
             }
             with (
                 set_forward_context(
                     attn_metadata,
                     self.vllm_config,
-                    slot_mapping={name: slots for name in self.layer_names},
+                    slot_mapping=layer_slots,
                 ),
                 KVConnectorModelRunnerMixin._get_kv_connector_output(so) as out,
             ):
                 for li, name in enumerate(self.layer_names):
-                    _fake_attention(lambda li=li, name=name: self._write(li, name, writes), name)
+                    gw = writes[self.layer_group[name]]
+                    _fake_attention(lambda li=li, name=name, gw=gw: self._write(li, name, gw), name)
             return out
 
     def _plan_writes(self, work):
-        slots: list[int] = []
-        writes = []  # (block_ids, offsets, token_ids_of_seq, positions)
-        for req_id, start, count in work:
-            table = self._block_table[req_id]
-            positions = list(range(start, start + count))
-            blocks = [table[p // self.block_size] for p in positions]
-            offsets = [p % self.block_size for p in positions]
-            slots += [b * self.block_size + o for b, o in zip(blocks, offsets)]
-            toks = [self._token_at(req_id, p) for p in range(start + count)]
-            writes.append((blocks, offsets, toks, positions))
-        return torch.tensor(slots, dtype=torch.int64), writes
+        """Per group: the slot mapping tensor and the writes
+        (block_ids, offsets, token_ids_of_seq, positions) of each request."""
+        all_slots = []
+        all_writes = []
+        for gid in range(self.num_groups):
+            bs = self.group_block_size(gid)
+            slots: list[int] = []
+            writes = []
+            for req_id, start, count in work:
+                table = self._block_table[req_id][gid]
+                positions = list(range(start, start + count))
+                blocks = [table[p // bs] for p in positions]
+                assert 0 not in blocks, (
+                    f"{req_id}: group {gid} puts a newly computed token into the null "
+                    f"block (positions {start}..{start + count}, table {table})"
+                )
+                offsets = [p % bs for p in positions]
+                slots += [b * bs + o for b, o in zip(blocks, offsets)]
+                toks = [self._token_at(req_id, p) for p in range(start + count)]
+                writes.append((blocks, offsets, toks, positions))
+            all_slots.append(torch.tensor(slots, dtype=torch.int64))
+            all_writes.append(writes)
+        return all_slots, all_writes
 
     def _write(self, layer_idx: int, layer_name: str, writes) -> None:
         k_cache, v_cache = self._kv_views(layer_name)

@@ -114,9 +114,41 @@ impl KvLayout {
         tensors: &[TensorDesc],
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<KvLayout> {
+        // SAFETY: forwarded from the caller.
+        let mut layouts = unsafe { Self::grouped(tensors, &[], owner)? };
+        Ok(layouts.remove(0))
+    }
+
+    /// As [`new`](Self::new), for tensors of several KV-cache groups: `groups[i]` is the group
+    /// of `tensors[i]` (empty: all in group 0), and the result holds one layout per group
+    /// `0..=max(groups)`, each planning its group's tensors in order. Groups of a hybrid model
+    /// share memory (a block id belongs to one group at a time), so the host regions are
+    /// planned once over every tensor and shared: [`regions`](Self::regions) of every layout
+    /// is the same list, to be registered once.
+    ///
+    /// # Safety
+    /// As for [`new`](Self::new).
+    ///
+    /// # Errors
+    /// As for [`new`](Self::new); also a `groups` list of the wrong length, or a group with no
+    /// tensor.
+    pub unsafe fn grouped(
+        tensors: &[TensorDesc],
+        groups: &[u32],
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Vec<KvLayout>> {
         let Some(first) = tensors.first() else {
             return Err(Error::invalid_argument("no KV-cache tensors to register"));
         };
+        if !groups.is_empty() && groups.len() != tensors.len() {
+            return Err(Error::invalid_argument(format!(
+                "{} KV-cache tensors but {} group indices; each tensor needs its group",
+                tensors.len(),
+                groups.len()
+            )));
+        }
+        let group_of = |i: usize| groups.get(i).copied().unwrap_or(0) as usize;
+        let num_groups = groups.iter().max().map_or(1, |&g| g as usize + 1);
         let device = first.device;
         let num_blocks = first.shape.first().copied().unwrap_or(0);
         let mut spans = Vec::with_capacity(tensors.len());
@@ -146,9 +178,9 @@ impl KvLayout {
             (Vec::new(), vec![None; tensors.len()])
         };
 
-        let mut plans = Vec::with_capacity(tensors.len());
-        let mut value_len = 0usize;
-        for (t, home) in tensors.iter().zip(homes) {
+        let mut plans: Vec<Vec<TensorPlan>> = (0..num_groups).map(|_| Vec::new()).collect();
+        let mut value_lens = vec![0usize; num_groups];
+        for (i, (t, home)) in tensors.iter().zip(homes).enumerate() {
             let pieces = block_pieces(t);
             let runs = address_order(&pieces).ok_or_else(|| {
                 Error::invalid_argument(format!(
@@ -157,8 +189,9 @@ impl KvLayout {
                     t.layer, t.strides
                 ))
             })?;
-            value_len += pieces.iter().map(|r| r.len).sum::<usize>();
-            plans.push(TensorPlan {
+            let g = group_of(i);
+            value_lens[g] += pieces.iter().map(|r| r.len).sum::<usize>();
+            plans[g].push(TensorPlan {
                 region: home,
                 addr: t.ptr,
                 block_stride: t.strides[0] as usize * t.elem_size,
@@ -166,17 +199,27 @@ impl KvLayout {
                 runs,
             });
         }
-        let image = image_order(&plans);
-        let reorder = reorder_plan(&plans, &image);
-        Ok(KvLayout {
-            image,
-            tensors: plans,
-            regions,
-            device,
-            num_blocks,
-            value_len,
-            reorder,
-        })
+        let mut layouts = Vec::with_capacity(num_groups);
+        for (g, (tensors, value_len)) in plans.into_iter().zip(value_lens).enumerate() {
+            if tensors.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "KV-cache group {g} has no tensor on this worker; every group must have \
+                     layers on every worker"
+                )));
+            }
+            let image = image_order(&tensors);
+            let reorder = reorder_plan(&tensors, &image);
+            layouts.push(KvLayout {
+                image,
+                tensors,
+                regions: regions.clone(),
+                device,
+                num_blocks,
+                value_len,
+                reorder,
+            });
+        }
+        Ok(layouts)
     }
 
     /// The regions to register with a backend: empty for device tensors.

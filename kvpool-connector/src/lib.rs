@@ -24,6 +24,7 @@
 //! blocks whose KV is identical across ranks, and `exists` before `put`.
 
 pub mod device;
+pub mod groups;
 mod layout;
 pub mod lookup;
 mod meta;
@@ -33,6 +34,7 @@ mod staging;
 mod worker;
 
 pub use device::{Device, StreamHandle};
+pub use groups::{GroupKind, KvCacheGroup};
 pub use layout::{KvLayout, TensorDesc};
 pub use meta::{LoadPlan, SavePlan, StepMeta};
 pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
@@ -110,6 +112,10 @@ pub struct EngineLayout {
     pub use_mla: bool,
     /// vLLM's `kv_role`.
     pub role: KvRole,
+    /// The engine's KV-cache groups (vLLM's `kv_cache_config.kv_cache_groups`), in order.
+    /// Empty means one full-attention group of `block_size` tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<KvCacheGroup>,
 }
 
 impl EngineLayout {
@@ -134,11 +140,38 @@ impl EngineLayout {
         if self.num_kv_heads == 0 && !self.use_mla {
             return bad("num_kv_heads is 0".into());
         }
+        for (i, g) in self.groups.iter().enumerate() {
+            g.validate(i)?;
+        }
         Namespace::new(&self.model, 0, 0, 0, 0).map(|_| ())
     }
 
-    pub(crate) fn block_size_nz(&self) -> NonZeroUsize {
-        NonZeroUsize::new(self.block_size).unwrap_or(NonZeroUsize::MIN)
+    /// The KV-cache groups: `groups`, or one full-attention group of `block_size` tokens.
+    pub fn kv_cache_groups(&self) -> Vec<KvCacheGroup> {
+        if self.groups.is_empty() {
+            vec![KvCacheGroup::full_attention(self.block_size)]
+        } else {
+            self.groups.clone()
+        }
+    }
+
+    /// Whether the engine has more than one KV-cache group (a hybrid model).
+    pub fn is_hybrid(&self) -> bool {
+        self.groups.len() > 1
+    }
+
+    /// Tokens per hashed block: vLLM hashes at the greatest common divisor of the groups'
+    /// block sizes (`block_size` for one group).
+    pub fn hash_block_size(&self) -> usize {
+        if self.groups.is_empty() {
+            self.block_size
+        } else {
+            groups::hash_block_size(&self.groups)
+        }
+    }
+
+    pub(crate) fn hash_block_size_nz(&self) -> NonZeroUsize {
+        NonZeroUsize::new(self.hash_block_size()).unwrap_or(NonZeroUsize::MIN)
     }
 
     /// KV heads as far as key sharing goes: 1 with MLA, where every rank holds the same KV.
@@ -180,33 +213,71 @@ impl EngineLayout {
     }
 }
 
-/// The namespaces a worker writes under and the scheduler's lookup checks.
+/// The namespaces a worker writes one KV-cache group under and the scheduler's lookup checks.
 #[derive(Debug, Clone)]
 pub struct RankKeys {
     own: Arc<Namespace>,
     all: Vec<Arc<Namespace>>,
+    put_step: u32,
 }
 
 impl RankKeys {
-    /// Namespaces for `layout` in `format`: this rank's, and every (head_or_tp_rank, pp_rank)
-    /// that stores data, which a lookup must find before it counts a block as present.
-    /// kvpool keys one KV-cache group (group 0); its cache family is `c1` for MLA models and
-    /// `default` otherwise, as Ascend Store v0.23 infers them.
+    /// Namespaces of KV-cache group 0 for `layout` in `format`; see [`for_group`](Self::for_group).
     pub fn new(layout: &EngineLayout, format: KeyFormat) -> Result<Self> {
-        let family = if layout.use_mla { "c1" } else { "default" };
+        Self::for_group(layout, format, 0)
+    }
+
+    /// Namespaces of KV-cache group `group` for `layout` in `format`: this rank's, and every
+    /// (head_or_tp_rank, pp_rank) that stores data, which a lookup must find before it counts
+    /// a block as present. As Ascend Store v0.23 infers them: the cache family is `c1` for MLA
+    /// models and `default` otherwise; Mamba groups key on the raw tensor-parallel rank (each
+    /// rank holds its own state, so every rank saves its blocks).
+    ///
+    /// # Errors
+    /// `ConfigInvalid` for a hybrid layout with `v0.18` keys, which have no group field.
+    pub fn for_group(layout: &EngineLayout, format: KeyFormat, group: u32) -> Result<Self> {
+        if format == KeyFormat::V018 && layout.is_hybrid() {
+            return Err(Error::config_invalid(format!(
+                "`key_format` \"v0.18\" keys one KV-cache group, but this model has {}; \
+                 hybrid models need the current format (remove `key_format`)",
+                layout.groups.len()
+            )));
+        }
+        let kind = layout
+            .kv_cache_groups()
+            .get(group as usize)
+            .map(|g| g.kind)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!("the engine has no KV-cache group {group}"))
+            })?;
+        let family = if layout.use_mla && kind != GroupKind::Mamba {
+            "c1"
+        } else {
+            "default"
+        };
         let namespace = |head: u32, pp: u32| match format {
-            KeyFormat::Current => Namespace::current(&layout.model, 0, 0, head, pp, 0, family),
+            KeyFormat::Current => {
+                Namespace::current(&layout.model, 0, 0, head, pp, group, family)
+            }
             KeyFormat::V018 => Namespace::new(&layout.model, 0, 0, head, pp),
         };
-        let own = Arc::new(namespace(layout.head_or_tp_rank(), layout.pp_rank)?);
-        let heads = layout.tp_size.min(layout.effective_kv_heads());
+        let (own_head, heads, put_step) = if kind == GroupKind::Mamba {
+            (layout.tp_rank, layout.tp_size, 1)
+        } else {
+            (
+                layout.head_or_tp_rank(),
+                layout.tp_size.min(layout.effective_kv_heads()),
+                layout.put_step(),
+            )
+        };
+        let own = Arc::new(namespace(own_head, layout.pp_rank)?);
         let mut all = Vec::with_capacity((heads * layout.pp_size) as usize);
         for pp in 0..layout.pp_size {
             for head in 0..heads {
                 all.push(Arc::new(namespace(head, pp)?));
             }
         }
-        Ok(RankKeys { own, all })
+        Ok(RankKeys { own, all, put_step })
     }
 
     /// This rank's key for a block.
@@ -217,5 +288,10 @@ impl RankKeys {
     /// The namespaces of every rank that stores data, pipeline stage major.
     pub fn all(&self) -> &[Arc<Namespace>] {
         &self.all
+    }
+
+    /// How many consecutive tensor-parallel ranks share this group's keys (and split its saves).
+    pub fn put_step(&self) -> u32 {
+        self.put_step
     }
 }

@@ -21,6 +21,9 @@ pub struct LoadPlan {
     pub hashes: String,
     /// Load in the background and report through `get_finished`.
     pub is_async: bool,
+    /// The KV-cache group of each block (hybrid models); empty: every block is in group 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
 }
 
 /// Blocks of one request to save from the engine's cache.
@@ -35,6 +38,13 @@ pub struct SavePlan {
     pub first_block: u32,
     /// The blocks' hashes, hex, 64 characters each, concatenated.
     pub hashes: String,
+    /// The KV-cache group the blocks belong to.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub group: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One step's plan.
@@ -52,7 +62,8 @@ pub struct StepMeta {
     pub forget: Vec<String>,
 }
 
-pub(crate) fn encode_hashes(hashes: &[BlockHash]) -> String {
+#[cfg(test)]
+fn encode_hashes(hashes: &[BlockHash]) -> String {
     let mut s = String::with_capacity(hashes.len() * 64);
     for h in hashes {
         s.push_str(&h.to_hex());
@@ -102,6 +113,14 @@ impl StepMeta {
         })?;
         for l in &meta.loads {
             decode_hashes(&l.hashes, l.block_ids.len(), &l.req_id)?;
+            if !l.groups.is_empty() && l.groups.len() != l.block_ids.len() {
+                return Err(Error::invalid_argument(format!(
+                    "connector metadata for request {:?}: {} group indices for {} blocks",
+                    l.req_id,
+                    l.groups.len(),
+                    l.block_ids.len()
+                )));
+            }
         }
         for s in &meta.saves {
             decode_hashes(&s.hashes, s.block_ids.len(), &s.req_id)?;
@@ -123,6 +142,7 @@ mod tests {
                 block_ids: vec![3, 4],
                 hashes: encode_hashes(&[h, h]),
                 is_async: false,
+                groups: vec![],
             }],
             saves: vec![],
             preempted: vec!["b".into()],
@@ -140,6 +160,13 @@ mod tests {
         let err = StepMeta::decode(&bad.encode()).unwrap_err();
         assert!(err.to_string().contains("\"a\""), "{err}");
         assert!(StepMeta::decode(b"{\"loads\": 1}").is_err());
+        let mut bad = meta.clone();
+        bad.loads[0].groups = vec![1];
+        let err = StepMeta::decode(&bad.encode()).unwrap_err();
+        assert!(err.to_string().contains("1 group indices for 2 blocks"), "{err}");
+        let mut hybrid = meta.clone();
+        hybrid.loads[0].groups = vec![0, 1];
+        assert_eq!(StepMeta::decode(&hybrid.encode()).unwrap(), hybrid);
         assert!(StepMeta::decode(b"\xff").is_err());
     }
 }

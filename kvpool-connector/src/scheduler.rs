@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::lookup::{socket_path_from_env, LookupClient};
-use crate::meta::{encode_hashes, LoadPlan, SavePlan, StepMeta};
+use crate::meta::{LoadPlan, SavePlan, StepMeta};
+use crate::groups::{self, GroupKind, KvCacheGroup};
 use crate::EngineLayout;
 use kvpool_core::config::{Config, HashingMode};
 use kvpool_core::error::{Error, Result};
@@ -36,8 +37,9 @@ pub struct NewRequest {
     pub prompt_token_ids: Vec<u32>,
     /// vLLM's block hashes (`hash_mode = "vllm"`).
     pub block_hashes: Vec<BlockHash>,
-    /// The request's blocks (first KV-cache group).
-    pub block_ids: Vec<u32>,
+    /// The request's blocks, per KV-cache group (vLLM's null block, 0, where a group keeps
+    /// none).
+    pub block_ids: Vec<Vec<u32>>,
     pub num_computed_tokens: usize,
     pub num_scheduled_tokens: usize,
     pub lora_name: Option<String>,
@@ -50,8 +52,8 @@ pub struct CachedRequest {
     pub req_id: String,
     /// Resumed after preemption: `new_block_ids` is then its whole block list.
     pub resumed_from_preemption: bool,
-    /// Blocks added in this step (first KV-cache group), if any.
-    pub new_block_ids: Vec<u32>,
+    /// Blocks added in this step, per KV-cache group (empty if none).
+    pub new_block_ids: Vec<Vec<u32>>,
     pub num_computed_tokens: usize,
     pub num_scheduled_tokens: usize,
     /// All token ids so far; needed only with `save_decode_cache`, else empty.
@@ -77,17 +79,20 @@ struct LoadSpec {
     pool_cached: usize,
     /// Set once vLLM allocated the blocks.
     can_load: bool,
-    block_ids: Vec<u32>,
+    /// Per KV-cache group.
+    block_ids: Vec<Vec<u32>>,
     is_async: bool,
 }
 
 #[derive(Debug)]
 struct Tracker {
+    /// vLLM's block hashes (at the hash block size).
     hashes: Vec<BlockHash>,
-    block_ids: Vec<u32>,
+    /// Per KV-cache group.
+    block_ids: Vec<Vec<u32>>,
     prompt_len: usize,
-    /// Tokens whose blocks were handed to the workers for saving.
-    saved_tokens: usize,
+    /// Per KV-cache group: blocks handed to the workers for saving (or found in the pool).
+    saved_blocks: Vec<usize>,
     lora_name: Option<String>,
     cache_salt: Option<String>,
 }
@@ -115,6 +120,7 @@ struct State {
 #[derive(Debug)]
 pub struct SchedulerConnector {
     layout: EngineLayout,
+    groups: Vec<KvCacheGroup>,
     hash_mode: HashingMode,
     load_async: bool,
     discard_partial_chunks: bool,
@@ -134,6 +140,8 @@ impl SchedulerConnector {
     pub fn new(config: &Config, layout: EngineLayout) -> Result<SchedulerConnector> {
         layout.validate()?;
         let c = &config.connector;
+        // Keys are checked here too, so a bad combination fails at start-up in the scheduler.
+        crate::RankKeys::for_group(&layout, c.key_format, 0)?;
         if c.use_layerwise {
             return Err(Error::config_invalid(
                 "`use_layerwise` is not supported by kvpool: blocks are saved and loaded whole \
@@ -151,6 +159,7 @@ impl SchedulerConnector {
             loads: layout.loads(c.consumer_is_to_load),
             lookup: Mutex::new(LookupClient::new(path, timeout)),
             state: Mutex::new(State::default()),
+            groups: layout.kv_cache_groups(),
             layout,
         })
     }
@@ -195,7 +204,7 @@ impl SchedulerConnector {
                 extend_token_block_hashes(
                     hashes,
                     req.prompt_token_ids,
-                    self.layout.block_size_nz(),
+                    self.layout.hash_block_size_nz(),
                     req.lora_name,
                     req.cache_salt,
                 );
@@ -217,17 +226,24 @@ impl SchedulerConnector {
         if !self.loads || self.lock().load_failed.contains(req.req_id) {
             return (0, false);
         }
-        let b = self.layout.block_size;
+        let b = self.layout.hash_block_size();
         let prompt_len = req.prompt_token_ids.len();
-        let token_len = if self.discard_partial_chunks {
+        let mut token_len = if self.discard_partial_chunks {
             prompt_len / b * b
         } else {
             prompt_len
         };
-        if token_len < b || num_computed_tokens >= token_len {
+        let align = groups::alignment_tokens(&self.groups);
+        if self.layout.is_hybrid() || self.groups.iter().any(|g| g.kind != GroupKind::FullAttention) {
+            // vLLM computes at least the last token, and every group's blocks must end where
+            // the hit ends: Mamba state is exact only at its block's end, so "one token less
+            // than a full hit" (below) would replay a token. Look up whole aligned blocks short
+            // of the last token instead, as vLLM's own prefix cache does.
+            token_len = token_len.min(req.num_tokens.saturating_sub(1)) / align * align;
+        }
+        if token_len < align.max(b) || num_computed_tokens >= token_len {
             return (0, false);
         }
-        let full_blocks = token_len.div_ceil(b);
         let hashes = match self.hashes_for(req, prompt_len / b) {
             Ok(h) => h,
             Err(e) => {
@@ -235,7 +251,7 @@ impl SchedulerConnector {
                 return (0, false);
             }
         };
-        let hashes = &hashes[..full_blocks.min(hashes.len())];
+        let hashes = &hashes[..token_len.div_ceil(b).min(hashes.len())];
         let result = self
             .lookup
             .lock()
@@ -275,7 +291,7 @@ impl SchedulerConnector {
     pub fn update_state_after_alloc(
         &self,
         req_id: &str,
-        block_ids: Vec<u32>,
+        block_ids: Vec<Vec<u32>>,
         num_external_tokens: usize,
     ) {
         let mut state = self.lock();
@@ -308,47 +324,101 @@ impl SchedulerConnector {
         spec.block_ids = block_ids;
     }
 
+    /// One plan for every group's blocks of the hit that vLLM does not hold already: all of
+    /// them for full attention, the window's blocks before the hit's end for sliding-window
+    /// groups, the block at the end for Mamba. Null blocks (id 0) are never loaded.
     fn load_plan(&self, req_id: &str, spec: &LoadSpec, hashes: &[BlockHash]) -> Option<LoadPlan> {
-        let b = self.layout.block_size;
-        let first = spec.vllm_cached / b;
-        let end = spec.pool_cached.div_ceil(b);
-        if end > hashes.len() || end > spec.block_ids.len() || first >= end {
-            tracing::warn!(
-                req = req_id,
-                "load plan does not match the request's blocks; skipped"
-            );
-            return None;
-        }
-        Some(LoadPlan {
+        let hash_bs = self.layout.hash_block_size();
+        let hybrid = self.layout.is_hybrid();
+        let mut plan = LoadPlan {
             req_id: req_id.to_string(),
-            block_ids: spec.block_ids[first..end].to_vec(),
-            hashes: encode_hashes(&hashes[first..end]),
+            block_ids: Vec::new(),
+            hashes: String::new(),
             is_async: spec.is_async,
-        })
+            groups: Vec::new(),
+        };
+        for (g, group) in self.groups.iter().enumerate() {
+            let bs = group.block_size;
+            let first = spec.vllm_cached / bs;
+            let end = spec.pool_cached.div_ceil(bs);
+            let key_hashes = group.key_hashes(hashes, hash_bs);
+            let blocks = spec.block_ids.get(g).map_or(&[][..], Vec::as_slice);
+            if end > key_hashes.len() || end > blocks.len() || first >= end {
+                tracing::warn!(
+                    req = req_id,
+                    group = g,
+                    "load plan does not match the request's blocks; skipped"
+                );
+                return None;
+            }
+            for i in group.load_range(first, end) {
+                if blocks[i] == 0 {
+                    continue;
+                }
+                plan.block_ids.push(blocks[i]);
+                plan.hashes.push_str(&key_hashes[i].to_hex());
+                if hybrid {
+                    plan.groups.push(g as u32);
+                }
+            }
+        }
+        Some(plan)
     }
 
-    fn save_plan(&self, req_id: &str, t: &mut Tracker, token_len: usize) -> Option<SavePlan> {
+    /// The blocks of every group completed since the last save plan, in runs of non-null
+    /// blocks. Mamba groups save only the state block ending exactly at `token_len`: a block
+    /// holds the state after its last token only at the end of the step that computed it.
+    fn save_plans(&self, req_id: &str, t: &mut Tracker, token_len: usize) -> Vec<SavePlan> {
+        let mut plans = Vec::new();
         if !self.saves {
-            return None;
+            return plans;
         }
-        let b = self.layout.block_size;
         let limit = if self.save_decode_cache {
             token_len
         } else {
             token_len.min(t.prompt_len)
         };
-        let blocks = (limit / b).min(t.hashes.len()).min(t.block_ids.len());
-        let first = t.saved_tokens / b;
-        if blocks <= first {
-            return None;
+        let hash_bs = self.layout.hash_block_size();
+        for (g, group) in self.groups.iter().enumerate() {
+            let bs = group.block_size;
+            let per_key = (bs / hash_bs.max(1)).max(1);
+            let ids = t.block_ids.get(g).map_or(&[][..], Vec::as_slice);
+            let blocks = (limit / bs).min(t.hashes.len() / per_key).min(ids.len());
+            let first = t.saved_blocks[g];
+            if blocks <= first {
+                continue;
+            }
+            t.saved_blocks[g] = blocks;
+            let wanted = if group.kind == GroupKind::Mamba {
+                let last = blocks - 1;
+                if token_len % bs == 0 && token_len / bs == blocks {
+                    last..blocks
+                } else {
+                    blocks..blocks
+                }
+            } else {
+                first..blocks
+            };
+            let key_hashes = group.key_hashes(&t.hashes[..blocks * per_key], hash_bs);
+            let mut run: Option<SavePlan> = None;
+            for i in wanted {
+                if ids[i] == 0 {
+                    plans.extend(run.take());
+                    continue;
+                }
+                let plan = run.get_or_insert_with(|| SavePlan {
+                    req_id: req_id.to_string(),
+                    block_ids: Vec::new(),
+                    first_block: i as u32,
+                    hashes: String::new(),
+                    group: g as u32,
+                });
+                plan.block_ids.push(ids[i]);
+                plan.hashes.push_str(&key_hashes[i].to_hex());
+            }
+            plans.extend(run);
         }
-        t.saved_tokens = blocks * b;
-        Some(SavePlan {
-            req_id: req_id.to_string(),
-            block_ids: t.block_ids[first..blocks].to_vec(),
-            first_block: first as u32,
-            hashes: encode_hashes(&t.hashes[first..blocks]),
-        })
+        plans
     }
 
     /// vLLM's `build_connector_meta`: this step's loads and saves, encoded for the workers.
@@ -374,7 +444,7 @@ impl SchedulerConnector {
                     extend_token_block_hashes(
                         &mut h,
                         &req.prompt_token_ids,
-                        self.layout.block_size_nz(),
+                        self.layout.hash_block_size_nz(),
                         req.lora_name.as_deref(),
                         req.cache_salt.as_deref(),
                     );
@@ -383,15 +453,15 @@ impl SchedulerConnector {
             };
             // Blocks the lookup found are in the pool already: saving starts after them.
             let mut present_tokens = 0;
+            let block_ids = self.per_group(req.block_ids);
             if let Some(spec) = state.load_specs.remove(&req.req_id) {
                 if spec.can_load {
                     let spec = LoadSpec {
-                        block_ids: req.block_ids.clone(),
+                        block_ids: block_ids.clone(),
                         ..spec
                     };
                     if let Some(plan) = self.load_plan(&req.req_id, &spec, &hashes) {
-                        present_tokens =
-                            spec.pool_cached / self.layout.block_size * self.layout.block_size;
+                        present_tokens = spec.pool_cached;
                         state
                             .load_blocks
                             .insert(req.req_id.clone(), plan.block_ids.clone());
@@ -401,16 +471,17 @@ impl SchedulerConnector {
             }
             let mut tracker = Tracker {
                 hashes,
-                block_ids: req.block_ids,
+                block_ids,
                 prompt_len: req.prompt_token_ids.len(),
-                saved_tokens: present_tokens,
+                saved_blocks: self.groups.iter().map(|g| present_tokens / g.block_size).collect(),
                 lora_name: req.lora_name,
                 cache_salt: req.cache_salt,
             };
             let token_len = req.num_computed_tokens + req.num_scheduled_tokens;
-            if let Some(save) = self.save_plan(&req.req_id, &mut tracker, token_len) {
+            let saves = self.save_plans(&req.req_id, &mut tracker, token_len);
+            if !saves.is_empty() {
                 state.saving.insert(req.req_id.clone());
-                meta.saves.push(save);
+                meta.saves.extend(saves);
             }
             state.trackers.insert(req.req_id, tracker);
         }
@@ -423,11 +494,14 @@ impl SchedulerConnector {
                 }
                 continue;
             };
+            let new_block_ids = self.per_group(req.new_block_ids);
             if req.resumed_from_preemption {
-                tracker.block_ids = req.new_block_ids;
-                tracker.saved_tokens = 0;
+                tracker.block_ids = new_block_ids;
+                tracker.saved_blocks.iter_mut().for_each(|n| *n = 0);
             } else {
-                tracker.block_ids.extend_from_slice(&req.new_block_ids);
+                for (ids, new) in tracker.block_ids.iter_mut().zip(new_block_ids) {
+                    ids.extend(new);
+                }
             }
             match self.hash_mode {
                 HashingMode::Vllm if req.block_hashes.len() > tracker.hashes.len() => {
@@ -438,7 +512,7 @@ impl SchedulerConnector {
                     extend_token_block_hashes(
                         &mut tracker.hashes,
                         &req.all_token_ids,
-                        self.layout.block_size_nz(),
+                        self.layout.hash_block_size_nz(),
                         lora.as_deref(),
                         salt.as_deref(),
                     );
@@ -446,13 +520,13 @@ impl SchedulerConnector {
                 _ => {}
             }
             let req_id = req.req_id;
-            let save = {
+            let saves = {
                 let tracker = state.trackers.get_mut(&req_id).expect("looked up above");
-                self.save_plan(&req_id, tracker, token_len)
+                self.save_plans(&req_id, tracker, token_len)
             };
-            if let Some(save) = save {
+            if !saves.is_empty() {
                 state.saving.insert(req_id);
-                meta.saves.push(save);
+                meta.saves.extend(saves);
             }
         }
 
@@ -474,6 +548,22 @@ impl SchedulerConnector {
             }
         }
         meta.encode()
+    }
+
+    /// Block ids per group as this connector keeps them: one list per group (vLLM passes a
+    /// list per group; a missing group has no blocks).
+    fn per_group(&self, mut block_ids: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
+        block_ids.resize(self.groups.len(), Vec::new());
+        block_ids
+    }
+
+    /// vLLM's `request_finished_all_groups` (hybrid models; vLLM calls it instead of
+    /// `request_finished` for a connector that supports HMA): as
+    /// [`request_finished`](Self::request_finished), with the request's blocks per group
+    /// (null blocks, id 0, are not the request's).
+    pub fn request_finished_all_groups(&self, req_id: &str, block_ids: &[Vec<u32>]) -> bool {
+        let held = block_ids.iter().flatten().filter(|&&b| b != 0).count();
+        self.request_finished(req_id, held)
     }
 
     /// vLLM's `request_finished`: whether freeing the request's blocks must wait for the

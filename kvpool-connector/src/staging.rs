@@ -124,13 +124,13 @@ impl Slots {
     }
 
     /// Slot `i` as a source for a backend's `put`.
-    pub(crate) fn iovec(&self, i: usize) -> Result<IoVec> {
-        IoVec::single(&self.staging.region, self.offset(i), self.staging.slot_len)
+    pub(crate) fn iovec(&self, i: usize, len: usize) -> Result<IoVec> {
+        IoVec::single(&self.staging.region, self.offset(i), len.min(self.staging.slot_len))
     }
 
     /// Slot `i` as a destination for a backend's `get_into`.
-    pub(crate) fn iovec_mut(&self, i: usize) -> Result<IoVecMut> {
-        IoVecMut::single(&self.staging.region, self.offset(i), self.staging.slot_len)
+    pub(crate) fn iovec_mut(&self, i: usize, len: usize) -> Result<IoVecMut> {
+        IoVecMut::single(&self.staging.region, self.offset(i), len.min(self.staging.slot_len))
     }
 }
 

@@ -27,6 +27,7 @@ use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::meta::StepMeta;
 use crate::metrics_server::MetricsServer;
 use crate::staging::Staging;
+use crate::groups::{self, KvCacheGroup};
 use crate::{EngineLayout, RankKeys};
 use kvpool_core::backend::KvBackend;
 use kvpool_core::config::Config;
@@ -66,8 +67,8 @@ struct Progress {
 #[derive(Debug)]
 struct Shared {
     backend: Arc<dyn KvBackend>,
-    keys: RankKeys,
-    put_step: u32,
+    /// Keys of each KV-cache group.
+    keys: Vec<RankKeys>,
     tp_rank: u32,
     max_batch: usize,
     progress: Mutex<Progress>,
@@ -78,6 +79,16 @@ impl Shared {
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn group_keys(&self, group: usize, req_id: &str) -> Result<&RankKeys> {
+        self.keys.get(group).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "connector metadata for request {req_id:?} names KV-cache group {group}, but \
+                 the engine has {}",
+                self.keys.len()
+            ))
+        })
+    }
 }
 
 /// The worker half of the connector: one per worker process.
@@ -85,7 +96,8 @@ impl Shared {
 pub struct WorkerConnector {
     layout: EngineLayout,
     shared: Arc<Shared>,
-    kv: Mutex<Option<Arc<KvLayout>>>,
+    /// The registered cache, one layout per KV-cache group; empty until registered.
+    kv: Mutex<Vec<Arc<KvLayout>>>,
     staged: Mutex<Option<Arc<Staged>>>,
     /// Copies to the device of this step's sync loads, until their failures are collected.
     sync_waiters: Mutex<Vec<Waiter>>,
@@ -136,7 +148,9 @@ impl WorkerConnector {
         runtime: Runtime,
     ) -> Result<WorkerConnector> {
         layout.validate()?;
-        let keys = RankKeys::new(&layout, config.connector.key_format)?;
+        let keys = (0..layout.kv_cache_groups().len() as u32)
+            .map(|g| RankKeys::for_group(&layout, config.connector.key_format, g))
+            .collect::<Result<Vec<_>>>()?;
         let max_batch = backend
             .info()
             .capabilities
@@ -145,7 +159,6 @@ impl WorkerConnector {
             .max(1);
         let shared = Arc::new(Shared {
             backend,
-            put_step: layout.put_step(),
             tp_rank: layout.tp_rank,
             max_batch,
             keys,
@@ -157,7 +170,8 @@ impl WorkerConnector {
             let path = socket_path_from_env(c.lookup_rpc_port, layout.dp_rank);
             let handler = Arc::new(PoolLookup {
                 shared: shared.clone(),
-                block_size: layout.block_size,
+                groups: layout.kv_cache_groups(),
+                hash_block_size: layout.hash_block_size(),
             });
             let _guard = runtime.enter();
             Some(LookupServer::bind(&path, handler)?)
@@ -182,7 +196,7 @@ impl WorkerConnector {
             loads: layout.loads(c.consumer_is_to_load),
             layout,
             shared,
-            kv: Mutex::new(None),
+            kv: Mutex::new(Vec::new()),
             staged: Mutex::new(None),
             sync_waiters: Mutex::new(Vec::new()),
             engine_override: Mutex::new(None),
@@ -224,19 +238,48 @@ impl WorkerConnector {
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
-        let kv = unsafe { KvLayout::new(tensors, owner)? };
+        unsafe { self.register_kv_cache_groups(tensors, &[], owner) }
+    }
+
+    /// As [`register_kv_caches`](Self::register_kv_caches) for a hybrid model: `groups[i]` is
+    /// the KV-cache group of `tensors[i]` (vLLM's `kv_cache_config.kv_cache_groups`); a
+    /// group's block value is its own tensors' bytes.
+    ///
+    /// # Safety
+    /// As for [`register_kv_caches`](Self::register_kv_caches).
+    ///
+    /// # Errors
+    /// As for [`register_kv_caches`](Self::register_kv_caches); also groups that do not match
+    /// the engine layout's.
+    pub unsafe fn register_kv_cache_groups(
+        &self,
+        tensors: &[TensorDesc],
+        groups: &[u32],
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        let kvs = unsafe { KvLayout::grouped(tensors, groups, owner)? };
+        if kvs.len() != self.shared.keys.len() {
+            return Err(Error::invalid_argument(format!(
+                "the KV-cache tensors belong to {} groups but the engine layout has {}",
+                kvs.len(),
+                self.shared.keys.len()
+            )));
+        }
+        let kv = &kvs[0];
+        let value_len = kvs.iter().map(|k| k.value_len()).max().unwrap_or(0);
         let info = self.shared.backend.info();
         if let Some(max) = info.capabilities.max_value_size {
-            if kv.value_len() > max {
+            if value_len > max {
                 return Err(Error::invalid_argument(format!(
-                    "one block's KV on this rank is {} bytes, more than the {} backend's \
-                     largest value ({max} bytes)",
-                    kv.value_len(),
+                    "one block's KV on this rank is {value_len} bytes, more than the {} \
+                     backend's largest value ({max} bytes)",
                     info.scheme
                 )));
             }
         }
         let staged = if kv.device().is_host() && !self.stage_host_kv {
+            // Every group's layout shares the same regions: register them once.
             for region in kv.regions() {
                 self.runtime
                     .block_on(self.shared.backend.register(region))?;
@@ -259,7 +302,7 @@ impl WorkerConnector {
                     engine.device()
                 )));
             }
-            let staging = Staging::new(engine.clone(), kv.value_len(), self.staging_bytes)?;
+            let staging = Staging::new(engine.clone(), value_len, self.staging_bytes)?;
             self.runtime
                 .block_on(self.shared.backend.register(staging.region()))?;
             Some(Arc::new(Staged::new(
@@ -270,15 +313,16 @@ impl WorkerConnector {
         };
         tracing::info!(
             device = %kv.device(),
+            groups = kvs.len(),
             blocks = kv.num_blocks(),
-            value_bytes = kv.value_len(),
+            value_bytes = value_len,
             regions = kv.regions().len(),
             staging_slots = staged.as_ref().map_or(0, |s| s.staging.slots()),
             reordered = kv.needs_reorder(),
             "kvpool registered the KV cache"
         );
         *lock(&self.staged) = staged;
-        *lock(&self.kv) = Some(Arc::new(kv));
+        *lock(&self.kv) = kvs.into_iter().map(Arc::new).collect();
         Ok(())
     }
 
@@ -292,12 +336,23 @@ impl WorkerConnector {
         self.kv_layout().ok().map(|kv| kv.value_len())
     }
 
+    /// The layout of KV-cache group 0 (the only one of a model that is not hybrid).
     fn kv_layout(&self) -> Result<Arc<KvLayout>> {
-        self.kv
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.kv_layouts()?
+            .into_iter()
+            .next()
             .ok_or_else(|| Error::invalid_argument("register_kv_caches has not been called"))
+    }
+
+    /// The layout of every KV-cache group.
+    fn kv_layouts(&self) -> Result<Vec<Arc<KvLayout>>> {
+        let kvs = lock(&self.kv).clone();
+        if kvs.is_empty() {
+            return Err(Error::invalid_argument(
+                "register_kv_caches has not been called",
+            ));
+        }
+        Ok(kvs)
     }
 
     /// vLLM's `bind_connector_metadata`, with the bytes the scheduler's
@@ -348,7 +403,7 @@ impl WorkerConnector {
         if !self.loads {
             tracing::warn!("load planned for a worker that does not load; ignored");
         }
-        let kv = self.kv_layout()?;
+        let kvs = self.kv_layouts()?;
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
             staged.engine.order_after(compute)?;
@@ -356,15 +411,25 @@ impl WorkerConnector {
         let mut sync_jobs = Vec::new();
         for plan in loads {
             let shared = self.shared.clone();
-            let kv = kv.clone();
+            let kvs = kvs.clone();
             let staged = staged.clone();
             if plan.is_async {
                 self.runtime.spawn(async move {
-                    let failed = match load_keys(&shared, &plan) {
-                        Ok(keys) => {
-                            load_fully(&shared, &kv, staged.as_deref(), &plan.req_id, keys).await
+                    let mut failed = Vec::new();
+                    match load_keys(&shared, &plan) {
+                        Ok(groups) => {
+                            for (g, keys) in groups {
+                                let Some(kv) = kvs.get(g) else {
+                                    failed.extend(keys.iter().map(|(b, _)| *b));
+                                    continue;
+                                };
+                                let req = &plan.req_id;
+                                failed.extend(
+                                    load_fully(&shared, kv, staged.as_deref(), req, keys).await,
+                                );
+                            }
                         }
-                        Err(_) => plan.block_ids,
+                        Err(_) => failed = plan.block_ids,
                     };
                     let mut p = shared.progress();
                     p.load_errors.extend(failed);
@@ -372,24 +437,35 @@ impl WorkerConnector {
                 });
             } else {
                 sync_jobs.push(async move {
-                    let keys = match load_keys(&shared, &plan) {
-                        Ok(keys) => keys,
+                    let groups = match load_keys(&shared, &plan) {
+                        Ok(groups) => groups,
                         Err(_) => {
                             shared.progress().load_errors.extend(plan.block_ids);
                             return Vec::new();
                         }
                     };
-                    let (failed, waiters) = match &staged {
-                        None => (
-                            direct::load(&shared, &kv, &plan.req_id, keys).await,
-                            Vec::new(),
-                        ),
-                        Some(staged) => {
-                            staged::load(&shared, &kv, staged, &plan.req_id, keys).await
-                        }
-                    };
-                    shared.progress().load_errors.extend(failed);
-                    waiters
+                    let mut all_waiters = Vec::new();
+                    for (g, keys) in groups {
+                        let Some(kv) = kvs.get(g) else {
+                            shared
+                                .progress()
+                                .load_errors
+                                .extend(keys.iter().map(|(b, _)| *b));
+                            continue;
+                        };
+                        let (failed, waiters) = match &staged {
+                            None => (
+                                direct::load(&shared, kv, &plan.req_id, keys).await,
+                                Vec::new(),
+                            ),
+                            Some(staged) => {
+                                staged::load(&shared, kv, staged, &plan.req_id, keys).await
+                            }
+                        };
+                        shared.progress().load_errors.extend(failed);
+                        all_waiters.extend(waiters);
+                    }
+                    all_waiters
                 });
             }
         }
@@ -425,12 +501,32 @@ impl WorkerConnector {
         if saves.is_empty() || !self.saves {
             return Ok(());
         }
-        let kv = self.kv_layout()?;
+        let kvs = self.kv_layouts()?;
+        let groups = self.layout.kv_cache_groups();
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
             staged.engine.order_after(compute)?;
         }
+        // Saves of blocks vLLM may free or rewrite while the request runs (sliding window,
+        // Mamba state): this step waits until they no longer read the cache.
+        let mut volatile_reads = Vec::new();
         for plan in saves {
+            let group = plan.group as usize;
+            let Some(kv) = kvs.get(group).cloned() else {
+                tracing::warn!(
+                    req = plan.req_id.as_str(),
+                    group,
+                    "save planned for a KV-cache group this worker does not have; skipped"
+                );
+                continue;
+            };
+            let reads_done = if groups.get(group).is_some_and(|g| g.blocks_are_volatile()) {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                volatile_reads.push(rx);
+                Some(tx)
+            } else {
+                None
+            };
             self.shared
                 .progress()
                 .inflight
@@ -438,7 +534,6 @@ impl WorkerConnector {
                 .and_modify(|n| *n += 1)
                 .or_insert(1);
             let shared = self.shared.clone();
-            let kv = kv.clone();
             let staged = staged.clone();
             self.runtime.spawn(async move {
                 let req_id = plan.req_id.clone();
@@ -446,6 +541,9 @@ impl WorkerConnector {
                     Ok(keys) => save_reads(&shared, &kv, staged.as_deref(), &req_id, keys).await,
                     Err(e) => Err(e),
                 };
+                if let Some(tx) = reads_done {
+                    let _ = tx.send(());
+                }
                 let puts = puts.unwrap_or_else(|e| {
                     tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
                     Vec::new()
@@ -466,6 +564,14 @@ impl WorkerConnector {
                     shared.progress().staged_puts -= 1;
                 }
                 shared.saves_done.notify_waiters();
+            });
+        }
+        if !volatile_reads.is_empty() {
+            self.runtime.block_on(async {
+                for rx in volatile_reads {
+                    // A dropped sender means the task ended (or died) without reading more.
+                    let _ = rx.await;
+                }
             });
         }
         Ok(())
@@ -659,41 +765,52 @@ where
 /// Answers the scheduler's lookups on worker rank 0.
 struct PoolLookup {
     shared: Arc<Shared>,
-    block_size: usize,
+    groups: Vec<KvCacheGroup>,
+    hash_block_size: usize,
 }
 
 #[async_trait]
 impl LookupHandler for PoolLookup {
+    /// One batch `exists` over every group's keys on every rank; a block counts as present
+    /// only if every rank holds it, and the hit is the longest prefix every group can serve
+    /// ([`groups::longest_common_hit`]).
     async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
-        let blocks = token_len.div_ceil(self.block_size).min(hashes.len());
-        if blocks == 0 {
-            return Ok(0);
+        let mut keys: Vec<BlockKey> = Vec::new();
+        // Per group: (first key index, blocks, ranks).
+        let mut spans = Vec::with_capacity(self.groups.len());
+        for (g, group) in self.groups.iter().enumerate() {
+            let per_key = (group.block_size / self.hash_block_size.max(1)).max(1);
+            let blocks = (token_len / group.block_size.max(1)).min(hashes.len() / per_key);
+            let key_hashes = group.key_hashes(&hashes[..blocks * per_key], self.hash_block_size);
+            let ranks: &[Arc<Namespace>] = self.shared.keys[g].all();
+            spans.push((keys.len(), blocks, ranks.len()));
+            for ns in ranks {
+                keys.extend(key_hashes.iter().map(|h| BlockKey::new(ns.clone(), *h)));
+            }
         }
-        let ranks: &[Arc<Namespace>] = self.shared.keys.all();
-        let keys: Vec<BlockKey> = ranks
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.shared.max_batch) {
+            found.extend(self.shared.backend.exists(chunk).await?);
+        }
+        let present: Vec<Vec<bool>> = spans
             .iter()
-            .flat_map(|ns| {
-                hashes[..blocks]
-                    .iter()
-                    .map(move |h| BlockKey::new(ns.clone(), *h))
+            .map(|&(start, blocks, ranks)| {
+                (0..blocks)
+                    .map(|i| (0..ranks).all(|r| found[start + r * blocks + i]))
+                    .collect()
             })
             .collect();
-        let mut present = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.shared.max_batch) {
-            present.extend(self.shared.backend.exists(chunk).await?);
-        }
-        // The first block missing on any rank ends the prefix.
-        let prefix = (0..blocks)
-            .find(|&i| (0..ranks.len()).any(|r| !present[r * blocks + i]))
-            .unwrap_or(blocks);
-        let hit = if prefix == blocks {
-            token_len
-        } else {
-            prefix * self.block_size
-        };
+        let hit = groups::longest_common_hit(&self.groups, &present, token_len);
+        let (checked, served) = self
+            .groups
+            .iter()
+            .zip(&spans)
+            .fold((0, 0), |(c, s), (g, &(_, blocks, _))| {
+                (c + blocks, s + (hit / g.block_size.max(1)).min(blocks))
+            });
         let m = metrics::global();
-        m.add_keys(METRICS_LABEL, "lookup", "hit", prefix as u64);
-        m.add_keys(METRICS_LABEL, "lookup", "miss", (blocks - prefix) as u64);
+        m.add_keys(METRICS_LABEL, "lookup", "hit", served as u64);
+        m.add_keys(METRICS_LABEL, "lookup", "miss", (checked - served) as u64);
         Ok(hit)
     }
 }

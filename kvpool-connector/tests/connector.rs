@@ -44,6 +44,7 @@ fn layout(tp_size: u32, tp_rank: u32, heads: u32) -> EngineLayout {
         num_kv_heads: heads,
         use_mla: false,
         role: KvRole::Both,
+        groups: vec![],
     }
 }
 
@@ -107,7 +108,7 @@ fn new_request(id: &str, tokens: &[u32], blocks: Vec<u32>, computed: usize) -> N
     NewRequest {
         req_id: id.into(),
         prompt_token_ids: tokens.to_vec(),
-        block_ids: blocks,
+        block_ids: vec![blocks],
         num_computed_tokens: computed,
         num_scheduled_tokens: tokens.len() - computed,
         ..NewRequest::default()
@@ -143,7 +144,7 @@ fn saved_blocks_are_found_and_loaded_into_other_blocks() {
         worker.fill(b, 10 + b as u8);
     }
     let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2, 3, 4], 0)],
+        new_requests: vec![new_request("a", &tokens, vec![5, 1, 2, 3, 4], 0)],
         ..StepInput::default()
     });
     worker.run_step(&meta);
@@ -165,7 +166,7 @@ fn saved_blocks_are_found_and_loaded_into_other_blocks() {
         sched.get_num_new_matched_tokens(&info("b", &tokens), 8),
         (8, false)
     );
-    sched.update_state_after_alloc("b", vec![20, 21, 22, 23, 24], 8);
+    sched.update_state_after_alloc("b", vec![vec![20, 21, 22, 23, 24]], 8);
     let meta = sched.build_connector_meta(StepInput {
         new_requests: vec![new_request("b", &tokens, vec![20, 21, 22, 23, 24], 16)],
         finished_req_ids: vec!["a".into()],
@@ -194,7 +195,7 @@ fn saved_blocks_are_found_and_loaded_into_other_blocks() {
 }
 
 /// Two tensor-parallel workers over one shared pool and their scheduler, and the plan of a
-/// first step that saves request "a" (`tokens`, blocks 0..5).
+/// first step that saves request "a" (`tokens`, blocks 5, 1, 2, 3, 4).
 fn two_ranks(
     port: u32,
     heads: u32,
@@ -207,7 +208,7 @@ fn two_ranks(
     let sched = SchedulerConnector::new(&config, layout(2, 0, heads)).unwrap();
     sched.get_num_new_matched_tokens(&info("a", tokens), 0);
     let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", tokens, vec![0, 1, 2, 3, 4], 0)],
+        new_requests: vec![new_request("a", tokens, vec![5, 1, 2, 3, 4], 0)],
         ..StepInput::default()
     });
     (rank0, rank1, sched, meta)
@@ -242,19 +243,20 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
     let sched = SchedulerConnector::new(&config, layout(1, 0, 2)).unwrap();
     let tokens: Vec<u32> = (500..520).collect(); // 5 blocks
     sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
-    let mut first = new_request("a", &tokens, vec![0, 1], 0);
+    // Block id 0 is vLLM's null block, never a request's.
+    let mut first = new_request("a", &tokens, vec![5, 1], 0);
     first.num_scheduled_tokens = 6; // chunk 1: one full block
     let meta = sched.build_connector_meta(StepInput {
         new_requests: vec![first],
         ..StepInput::default()
     });
     let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
-    assert_eq!(plan["saves"][0]["block_ids"], serde_json::json!([0]));
+    assert_eq!(plan["saves"][0]["block_ids"], serde_json::json!([5]));
     worker.run_step(&meta);
     let meta = sched.build_connector_meta(StepInput {
         cached_requests: vec![CachedRequest {
             req_id: "a".into(),
-            new_block_ids: vec![2, 3, 4],
+            new_block_ids: vec![vec![2, 3, 4]],
             num_computed_tokens: 6,
             num_scheduled_tokens: 14,
             ..CachedRequest::default()
@@ -272,7 +274,7 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
         sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
         (19, false)
     );
-    sched.update_state_after_alloc("b", vec![10, 11, 12, 13, 14], 19);
+    sched.update_state_after_alloc("b", vec![vec![10, 11, 12, 13, 14]], 19);
 
     // Two of the blocks vanish between the lookup and the load.
     // The connector's default key format is Ascend Store's current one.
@@ -321,7 +323,7 @@ fn a_finished_request_whose_free_was_not_delayed_is_never_reported_as_sent() {
     let tokens: Vec<u32> = (900..912).collect();
     sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
     let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", &tokens, vec![0, 1, 2], 0)],
+        new_requests: vec![new_request("a", &tokens, vec![5, 1, 2], 0)],
         ..StepInput::default()
     });
     worker.run_step(&meta);

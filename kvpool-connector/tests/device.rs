@@ -59,6 +59,7 @@ fn layout() -> EngineLayout {
         num_kv_heads: HEADS as u32,
         use_mla: false,
         role: KvRole::Both,
+        groups: vec![],
     }
 }
 
@@ -296,6 +297,7 @@ fn save_meta(req: &str, blocks: &[u32], hashes: &[u8]) -> Vec<u8> {
             block_ids: blocks.to_vec(),
             first_block: 0,
             hashes: hex(hashes),
+            group: 0,
         }],
         ..StepMeta::default()
     }
@@ -309,6 +311,7 @@ fn load_meta(req: &str, blocks: &[u32], hashes: &[u8], is_async: bool) -> Vec<u8
             block_ids: blocks.to_vec(),
             hashes: hex(hashes),
             is_async,
+            groups: vec![],
         }],
         ..StepMeta::default()
     }

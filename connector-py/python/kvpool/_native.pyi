@@ -31,18 +31,23 @@ class Scheduler:
         cache_salt: Optional[str] = None,
     ) -> tuple[int, bool]: ...
     def update_state_after_alloc(
-        self, req_id: str, block_ids: list[int], num_external_tokens: int
+        self, req_id: str, block_ids: list[list[int]], num_external_tokens: int
     ) -> None: ...
     def build_connector_meta(
         self,
         new_requests: list[
-            tuple[str, list[int], list[bytes], list[int], int, int, Optional[str], Optional[str]]
+            tuple[
+                str, list[int], list[bytes], list[list[int]], int, int, Optional[str], Optional[str]
+            ]
         ],
-        cached_requests: list[tuple[str, bool, list[int], int, int, list[int], list[bytes]]],
+        cached_requests: list[
+            tuple[str, bool, list[list[int]], int, int, list[int], list[bytes]]
+        ],
         finished_req_ids: list[str],
         preempted_req_ids: list[str],
     ) -> bytes: ...
     def request_finished(self, req_id: str, num_blocks: int) -> bool: ...
+    def request_finished_all_groups(self, req_id: str, block_ids: list[list[int]]) -> bool: ...
     def update_connector_output(
         self, finished_sending: list[str], finished_recving: list[str], invalid_block_ids: list[int]
     ) -> None: ...
@@ -56,6 +61,7 @@ class Worker:
         self,
         tensors: list[tuple[str, int, list[int], list[int], int, str]],
         owner: object,
+        groups: list[int] = ...,
     ) -> int: ...
     def bind_connector_metadata(self, meta: bytes) -> None: ...
     def clear_connector_metadata(self) -> None: ...

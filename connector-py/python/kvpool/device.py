@@ -54,11 +54,17 @@ def _group_kernel_blocks(t: Any, num_blocks: Optional[int], paired: bool) -> Any
     return grouped if paired else grouped.transpose(1, 2)
 
 
-def describe_kv_caches(kv_caches: Mapping[str, Any], num_blocks: Optional[int] = None) -> list:
+def describe_kv_caches(
+    kv_caches: Mapping[str, Any],
+    num_blocks: Optional[int] = None,
+    layer_groups: Optional[Mapping[str, int]] = None,
+) -> list:
     """``(layer, data_ptr, shape, strides, element_size, device)`` for each distinct cache
     tensor, in registration order. Accepts vLLM's one tensor per layer, the older stacked
     ``[2, blocks, ...]`` form, and Ascend's ``(k, v)`` pairs. Layers that share another
-    layer's KV (vLLM aliases them to the same tensor) are described once."""
+    layer's KV (vLLM aliases them to the same tensor) are described once per KV-cache group
+    (``layer_groups``: layer name -> group; the layers of a hybrid model's groups share
+    memory, each group using its own blocks of it)."""
     tensors = []
     seen = set()
     for name, value in kv_caches.items():
@@ -75,7 +81,8 @@ def describe_kv_caches(kv_caches: Mapping[str, Any], num_blocks: Optional[int] =
             parts, paired = [parts[0][0], parts[0][1]], True
         for t in parts:
             t = _group_kernel_blocks(t, num_blocks, paired)
-            alias = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.device))
+            group = (layer_groups or {}).get(name, 0)
+            alias = (group, t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.device))
             if alias in seen:
                 continue
             seen.add(alias)

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from kvpool import _native
@@ -50,7 +51,53 @@ class KvPoolConnectorMetadata(KVConnectorMetadata):
         self.payload = payload
 
 
-def _engine_layout(vllm_config: "VllmConfig", role: KVConnectorRole) -> str:
+def _group_kind(index: int, spec: Any) -> dict:
+    """One KV-cache group's spec as kvpool's engine layout spells it."""
+    from vllm.v1.kv_cache_interface import (
+        AttentionSpec,
+        FullAttentionSpec,
+        MambaSpec,
+        SlidingWindowSpec,
+        UniformTypeKVCacheSpecs,
+    )
+
+    if isinstance(spec, UniformTypeKVCacheSpecs):
+        # Layers of one attention type with different shapes: the type is what matters.
+        spec = next(iter(spec.kv_cache_specs.values()))
+    block_size = int(spec.block_size)
+    if isinstance(spec, SlidingWindowSpec):
+        return {
+            "kind": "sliding_window",
+            "sliding_window": int(spec.sliding_window),
+            "block_size": block_size,
+        }
+    if isinstance(spec, MambaSpec):
+        return {"kind": "mamba", "block_size": block_size}
+    if isinstance(spec, (FullAttentionSpec, AttentionSpec)):
+        # Full attention and MLA; chunked local attention needs fewer blocks than this asks
+        # for, so it is served (conservatively) as full attention.
+        return {"kind": "full_attention", "block_size": block_size}
+    raise _native.KvPoolError(
+        f"KV-cache group {index} has a {type(spec).__name__}, which kvpool does not know how "
+        "to save and load"
+    )
+
+
+def _kv_cache_groups(kv_cache_config: "Optional[KVCacheConfig]") -> list:
+    """The engine's KV-cache groups; empty for one full-attention group (the common case,
+    which then keys exactly as before hybrid support)."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
+    kinds = [_group_kind(i, g.kv_cache_spec) for i, g in enumerate(groups)]
+    if len(kinds) == 1 and kinds[0]["kind"] == "full_attention":
+        return []
+    return kinds
+
+
+def _engine_layout(
+    vllm_config: "VllmConfig",
+    role: KVConnectorRole,
+    kv_cache_config: "Optional[KVCacheConfig]" = None,
+) -> str:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     tp_size = parallel.tensor_parallel_size
@@ -69,6 +116,7 @@ def _engine_layout(vllm_config: "VllmConfig", role: KVConnectorRole) -> str:
             "num_kv_heads": model.get_total_num_kv_heads(),
             "use_mla": bool(getattr(model, "use_mla", False)),
             "role": _role_name(vllm_config),
+            "groups": _kv_cache_groups(kv_cache_config),
         }
     )
 
@@ -87,8 +135,17 @@ def _lora_name(request: Any) -> Optional[str]:
     return None if lora is None else lora.lora_name
 
 
-class KvPoolConnector(KVConnectorBase_V1):
-    """vLLM KV connector over a kvpool backend (Ascend Store's behaviour)."""
+def _per_group(block_ids: Any) -> list:
+    """vLLM's per-group block ids (a tuple of lists) as plain lists."""
+    return [list(ids) for ids in block_ids] if block_ids else []
+
+
+class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM KV connector over a kvpool backend (Ascend Store's behaviour).
+
+    It supports vLLM's hybrid KV-cache manager (``SupportsHMA``): every KV-cache group is
+    saved and loaded (full attention, sliding window, Mamba state), each under its own keys,
+    and a prefix hit is the longest one every group can serve."""
 
     def __init__(
         self,
@@ -99,10 +156,16 @@ class KvPoolConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         config_json = json.dumps(dict(extra))
-        layout_json = _engine_layout(vllm_config, role)
+        layout_json = _engine_layout(vllm_config, role, kv_cache_config)
         effective = json.loads(_native.load_config(config_json, True))
         self._vllm_hashes = effective.get("hash_mode") == "vllm"
         self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
+        # Layer name -> KV-cache group, for register_kv_caches.
+        self._layer_groups = {
+            name: g
+            for g, group in enumerate(getattr(kv_cache_config, "kv_cache_groups", None) or ())
+            for name in group.layer_names
+        }
         self._scheduler: Optional[_native.Scheduler] = None
         self._worker: Optional[_native.Worker] = None
         self._device = "cpu"
@@ -156,9 +219,9 @@ class KvPoolConnector(KVConnectorBase_V1):
     ) -> None:
         assert self._scheduler is not None
         self._requests[request.request_id] = request
-        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        block_ids = _per_group(blocks.get_block_ids()) if num_external_tokens > 0 else []
         self._scheduler.update_state_after_alloc(
-            request.request_id, list(block_ids), num_external_tokens
+            request.request_id, block_ids, num_external_tokens
         )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -172,7 +235,7 @@ class KvPoolConnector(KVConnectorBase_V1):
                     r.req_id,
                     r.prompt_token_ids or [],
                     _hashes(request) if self._vllm_hashes and request is not None else [],
-                    list(r.block_ids[0]) if r.block_ids else [],
+                    _per_group(r.block_ids),
                     r.num_computed_tokens,
                     scheduled.get(r.req_id, 0),
                     _lora_name(r),
@@ -193,7 +256,7 @@ class KvPoolConnector(KVConnectorBase_V1):
                 (
                     req_id,
                     req_id in cached.resumed_req_ids,
-                    list(new_ids[0]) if new_ids else [],
+                    _per_group(new_ids),
                     cached.num_computed_tokens[i],
                     scheduled.get(req_id, 0),
                     tokens,
@@ -223,13 +286,26 @@ class KvPoolConnector(KVConnectorBase_V1):
         self._requests.pop(request.request_id, None)
         return self._scheduler.request_finished(request.request_id, len(block_ids)), None
 
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple
+    ) -> tuple[bool, Optional[dict]]:
+        """vLLM's finish hook for a connector that supports HMA (called instead of
+        ``request_finished``, with the request's blocks per group)."""
+        assert self._scheduler is not None
+        self._requests.pop(request.request_id, None)
+        delay = self._scheduler.request_finished_all_groups(
+            request.request_id, _per_group(block_ids)
+        )
+        return delay, None
+
     # ------------------------------------------------------------------- worker side
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         assert self._worker is not None
-        tensors = describe_kv_caches(kv_caches, self._num_blocks)
+        tensors = describe_kv_caches(kv_caches, self._num_blocks, self._layer_groups)
         self._device = tensors[0][5] if tensors else "cpu"
-        value_len = self._worker.register_kv_caches(tensors, kv_caches)
+        groups = [self._layer_groups.get(t[0], 0) for t in tensors]
+        value_len = self._worker.register_kv_caches(tensors, kv_caches, groups)
         logger.info(
             "kvpool: %d cache tensors on %s, %d bytes per block",
             len(tensors),

@@ -60,7 +60,7 @@ fn reorder(kv: &KvLayout, slots: &mut Slots, held: impl Iterator<Item = usize>, 
     }
     let mut scratch = vec![0u8; kv.value_len()];
     for i in held {
-        let slot = slots.bytes(i);
+        let slot = &mut slots.bytes(i)[..kv.value_len()];
         scratch.copy_from_slice(slot);
         if to_value {
             kv.image_to_value(&scratch, slot);
@@ -109,7 +109,7 @@ pub(super) async fn save(
         reorder(kv, &mut slots, 0..missing.len(), true);
         let mut items = Vec::with_capacity(missing.len());
         for (i, (_, key)) in missing.into_iter().enumerate() {
-            items.push((key, slots.iovec(i)?));
+            items.push((key, slots.iovec(i, kv.value_len())?));
         }
         let shared = shared.clone();
         let req_id = req_id.to_owned();
@@ -147,7 +147,7 @@ pub(super) async fn load(
         };
         let mut batch = Vec::with_capacity(chunk.len());
         for (i, (_, key)) in chunk.iter().enumerate() {
-            match slots.iovec_mut(i) {
+            match slots.iovec_mut(i, kv.value_len()) {
                 Ok(iov) => batch.push((key.clone(), iov)),
                 Err(e) => {
                     tally.failed(req_id, chunk.iter().map(|(b, _)| *b), &e);

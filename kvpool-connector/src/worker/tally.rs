@@ -9,27 +9,31 @@ use kvpool_core::metrics;
 use super::{Blocks, Shared, METRICS_LABEL};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan};
 
-/// The keys of a load plan's blocks, each rank starting at a different block so ranks read
-/// from different places first.
-pub(super) fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Blocks> {
+/// The keys of a load plan's blocks, by KV-cache group, each rank starting at a different
+/// block so ranks read from different places first.
+pub(super) fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Vec<(usize, Blocks)>> {
     let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
-    let mut keys: Vec<(u32, BlockKey)> = plan
-        .block_ids
-        .iter()
-        .zip(&hashes)
-        .map(|(&block, hash)| (block, shared.keys.own_key(*hash)))
-        .collect();
-    if !keys.is_empty() {
+    let mut by_group: Vec<(usize, Blocks)> = Vec::new();
+    for (i, (&block, hash)) in plan.block_ids.iter().zip(&hashes).enumerate() {
+        let group = plan.groups.get(i).copied().unwrap_or(0) as usize;
+        let key = shared.group_keys(group, &plan.req_id)?.own_key(*hash);
+        match by_group.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, blocks)) => blocks.push((block, key)),
+            None => by_group.push((group, vec![(block, key)])),
+        }
+    }
+    for (_, keys) in &mut by_group {
         let shift = shared.tp_rank as usize % keys.len();
         keys.rotate_left(shift);
     }
-    Ok(keys)
+    Ok(by_group)
 }
 
 /// This rank's share of a save plan: ranks holding identical KV split the blocks between them.
 pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
     let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
-    let step = shared.put_step as usize;
+    let keys = shared.group_keys(plan.group as usize, &plan.req_id)?;
+    let step = keys.put_step().max(1) as usize;
     let mine = shared.tp_rank as usize % step;
     Ok(plan
         .block_ids
@@ -37,7 +41,7 @@ pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
         .zip(&hashes)
         .enumerate()
         .filter(|(i, _)| (plan.first_block as usize + i) % step == mine)
-        .map(|(_, (&block, hash))| (block, shared.keys.own_key(*hash)))
+        .map(|(_, (&block, hash))| (block, keys.own_key(*hash)))
         .collect())
 }
 
