@@ -61,9 +61,11 @@ impl KvCacheGroup {
     pub fn blocks_needed_at_end(&self) -> Option<usize> {
         match self.kind {
             GroupKind::FullAttention => None,
-            GroupKind::SlidingWindow { sliding_window } => {
-                Some(sliding_window.saturating_sub(1).div_ceil(self.block_size.max(1)))
-            }
+            GroupKind::SlidingWindow { sliding_window } => Some(
+                sliding_window
+                    .saturating_sub(1)
+                    .div_ceil(self.block_size.max(1)),
+            ),
             GroupKind::Mamba => Some(1),
         }
     }
@@ -145,7 +147,11 @@ impl KvCacheGroup {
 /// `present[g][i]` says whether block `i` of group `g` is in the pool. As vLLM's hybrid
 /// coordinator: full-attention groups first, then the others, repeated until the length
 /// stops shrinking, every group's answer a multiple of the common alignment.
-pub fn longest_common_hit(groups: &[KvCacheGroup], present: &[Vec<bool>], max_tokens: usize) -> usize {
+pub fn longest_common_hit(
+    groups: &[KvCacheGroup],
+    present: &[Vec<bool>],
+    max_tokens: usize,
+) -> usize {
     let align_tokens = alignment_tokens(groups);
     let mut hit = max_tokens / align_tokens * align_tokens;
     let mut order: Vec<usize> = (0..groups.len()).collect();
@@ -176,11 +182,7 @@ pub fn alignment_tokens(groups: &[KvCacheGroup]) -> usize {
 /// The greatest common divisor of the groups' block sizes: vLLM 0.33 hashes blocks of this
 /// many tokens when the groups' sizes differ.
 pub fn hash_block_size(groups: &[KvCacheGroup]) -> usize {
-    groups
-        .iter()
-        .map(|g| g.block_size)
-        .fold(0, gcd)
-        .max(1)
+    groups.iter().map(|g| g.block_size).fold(0, gcd).max(1)
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -222,7 +224,11 @@ mod tests {
         assert_eq!(full.longest_hit(&bits("1111111"), 5, 1), 5);
         assert_eq!(full.longest_hit(&bits("1111111"), 7, 2), 6);
         assert_eq!(full.longest_hit(&bits("0111111"), 7, 1), 0);
-        assert_eq!(full.longest_hit(&bits("11"), 9, 1), 2, "absent blocks are missing");
+        assert_eq!(
+            full.longest_hit(&bits("11"), 9, 1),
+            2,
+            "absent blocks are missing"
+        );
     }
 
     #[test]
@@ -230,11 +236,27 @@ mod tests {
         // A 33-token window over 16-token blocks reaches back cdiv(32, 16) = 2 blocks.
         let g = swa(33, 16);
         assert_eq!(g.blocks_needed_at_end(), Some(2));
-        assert_eq!(g.longest_hit(&bits("0001100"), 7, 1), 5, "holes before the window are fine");
+        assert_eq!(
+            g.longest_hit(&bits("0001100"), 7, 1),
+            5,
+            "holes before the window are fine"
+        );
         assert_eq!(g.longest_hit(&bits("1101011"), 7, 1), 7);
-        assert_eq!(g.longest_hit(&bits("1101010"), 7, 1), 2, "the prefix itself qualifies");
-        assert_eq!(g.longest_hit(&bits("1000000"), 7, 1), 1, "a prefix shorter than the window");
-        assert_eq!(g.longest_hit(&bits("0100000"), 7, 1), 0, "one block is not a window");
+        assert_eq!(
+            g.longest_hit(&bits("1101010"), 7, 1),
+            2,
+            "the prefix itself qualifies"
+        );
+        assert_eq!(
+            g.longest_hit(&bits("1000000"), 7, 1),
+            1,
+            "a prefix shorter than the window"
+        );
+        assert_eq!(
+            g.longest_hit(&bits("0100000"), 7, 1),
+            0,
+            "one block is not a window"
+        );
         assert_eq!(g.longest_hit(&bits("0111111"), 6, 4), 4, "ends are aligned");
         // A window of one token needs no block at all: any aligned length is servable.
         assert_eq!(swa(1, 16).longest_hit(&bits("000"), 3, 1), 3);
@@ -299,7 +321,11 @@ mod tests {
         assert_eq!(coarse.len(), 2);
         assert_eq!(coarse[0], grouped_block_hash(&fine[..2]));
         assert_eq!(coarse[1], grouped_block_hash(&fine[2..]));
-        assert_eq!(mamba(32).key_hashes(&fine[..3], 16).len(), 1, "only whole blocks");
+        assert_eq!(
+            mamba(32).key_hashes(&fine[..3], 16).len(),
+            1,
+            "only whole blocks"
+        );
     }
 
     #[test]

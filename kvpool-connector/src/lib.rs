@@ -256,9 +256,7 @@ impl RankKeys {
             "default"
         };
         let namespace = |head: u32, pp: u32| match format {
-            KeyFormat::Current => {
-                Namespace::current(&layout.model, 0, 0, head, pp, group, family)
-            }
+            KeyFormat::Current => Namespace::current(&layout.model, 0, 0, head, pp, group, family),
             KeyFormat::V018 => Namespace::new(&layout.model, 0, 0, head, pp),
         };
         let (own_head, heads, put_step) = if kind == GroupKind::Mamba {

@@ -163,7 +163,10 @@ mod tests {
         let mut bad = meta.clone();
         bad.loads[0].groups = vec![1];
         let err = StepMeta::decode(&bad.encode()).unwrap_err();
-        assert!(err.to_string().contains("1 group indices for 2 blocks"), "{err}");
+        assert!(
+            err.to_string().contains("1 group indices for 2 blocks"),
+            "{err}"
+        );
         let mut hybrid = meta.clone();
         hybrid.loads[0].groups = vec![0, 1];
         assert_eq!(StepMeta::decode(&hybrid.encode()).unwrap(), hybrid);

@@ -4,9 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::groups::{self, GroupKind, KvCacheGroup};
 use crate::lookup::{socket_path_from_env, LookupClient};
 use crate::meta::{LoadPlan, SavePlan, StepMeta};
-use crate::groups::{self, GroupKind, KvCacheGroup};
 use crate::EngineLayout;
 use kvpool_core::config::{Config, HashingMode};
 use kvpool_core::error::{Error, Result};
@@ -234,7 +234,12 @@ impl SchedulerConnector {
             prompt_len
         };
         let align = groups::alignment_tokens(&self.groups);
-        if self.layout.is_hybrid() || self.groups.iter().any(|g| g.kind != GroupKind::FullAttention) {
+        if self.layout.is_hybrid()
+            || self
+                .groups
+                .iter()
+                .any(|g| g.kind != GroupKind::FullAttention)
+        {
             // vLLM computes at least the last token, and every group's blocks must end where
             // the hit ends: Mamba state is exact only at its block's end, so "one token less
             // than a full hit" (below) would replay a token. Look up whole aligned blocks short
@@ -473,7 +478,11 @@ impl SchedulerConnector {
                 hashes,
                 block_ids,
                 prompt_len: req.prompt_token_ids.len(),
-                saved_blocks: self.groups.iter().map(|g| present_tokens / g.block_size).collect(),
+                saved_blocks: self
+                    .groups
+                    .iter()
+                    .map(|g| present_tokens / g.block_size)
+                    .collect(),
                 lora_name: req.lora_name,
                 cache_salt: req.cache_salt,
             };

@@ -125,12 +125,20 @@ impl Slots {
 
     /// Slot `i` as a source for a backend's `put`.
     pub(crate) fn iovec(&self, i: usize, len: usize) -> Result<IoVec> {
-        IoVec::single(&self.staging.region, self.offset(i), len.min(self.staging.slot_len))
+        IoVec::single(
+            &self.staging.region,
+            self.offset(i),
+            len.min(self.staging.slot_len),
+        )
     }
 
     /// Slot `i` as a destination for a backend's `get_into`.
     pub(crate) fn iovec_mut(&self, i: usize, len: usize) -> Result<IoVecMut> {
-        IoVecMut::single(&self.staging.region, self.offset(i), len.min(self.staging.slot_len))
+        IoVecMut::single(
+            &self.staging.region,
+            self.offset(i),
+            len.min(self.staging.slot_len),
+        )
     }
 }
 

@@ -22,12 +22,12 @@ use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
 use crate::device::{self, CopyEngine, StreamHandle};
+use crate::groups::{self, KvCacheGroup};
 use crate::layout::{KvLayout, TensorDesc};
 use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::meta::StepMeta;
 use crate::metrics_server::MetricsServer;
 use crate::staging::Staging;
-use crate::groups::{self, KvCacheGroup};
 use crate::{EngineLayout, RankKeys};
 use kvpool_core::backend::KvBackend;
 use kvpool_core::config::Config;
@@ -801,13 +801,13 @@ impl LookupHandler for PoolLookup {
             })
             .collect();
         let hit = groups::longest_common_hit(&self.groups, &present, token_len);
-        let (checked, served) = self
-            .groups
-            .iter()
-            .zip(&spans)
-            .fold((0, 0), |(c, s), (g, &(_, blocks, _))| {
-                (c + blocks, s + (hit / g.block_size.max(1)).min(blocks))
-            });
+        let (checked, served) =
+            self.groups
+                .iter()
+                .zip(&spans)
+                .fold((0, 0), |(c, s), (g, &(_, blocks, _))| {
+                    (c + blocks, s + (hit / g.block_size.max(1)).min(blocks))
+                });
         let m = metrics::global();
         m.add_keys(METRICS_LABEL, "lookup", "hit", served as u64);
         m.add_keys(METRICS_LABEL, "lookup", "miss", (checked - served) as u64);

@@ -5,10 +5,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kvpool::{Config, KvBackend, MemRegion};
+use kvpool::{Config, KvBackend, KvBackendExt, MemRegion};
 use kvpool_connector::{
-    CachedRequest, Device, EngineLayout, KvRole, NewRequest, RequestInfo, SchedulerConnector,
-    StepInput, StreamHandle, TensorDesc, WorkerConnector,
+    CachedRequest, Device, EngineLayout, GroupKind, KvCacheGroup, KvRole, NewRequest, RequestInfo,
+    SchedulerConnector, StepInput, StreamHandle, TensorDesc, WorkerConnector,
 };
 
 const BLOCK: usize = 4;
@@ -338,4 +338,198 @@ fn a_finished_request_whose_free_was_not_delayed_is_never_reported_as_sent() {
     assert!(done.sending.is_empty(), "{done:?}");
     assert_eq!(sched.tracked_requests(), 0);
     assert_eq!(worker.connector.tracked_requests(), 0);
+}
+
+/// A worker of a hybrid model: a full-attention layer (group 0) and a sliding-window layer
+/// (group 1) that share one cache tensor, as vLLM lays out hybrid groups; a block id belongs
+/// to one group at a time.
+fn hybrid_layout(window: usize) -> EngineLayout {
+    EngineLayout {
+        groups: vec![
+            KvCacheGroup::full_attention(BLOCK),
+            KvCacheGroup {
+                kind: GroupKind::SlidingWindow {
+                    sliding_window: window,
+                },
+                block_size: BLOCK,
+            },
+        ],
+        ..layout(1, 0, 2)
+    }
+}
+
+fn hybrid_worker(config: &Config, window: usize, backend: Arc<dyn KvBackend>) -> Worker {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector =
+        WorkerConnector::with_backend(config, hybrid_layout(window), backend, rt).unwrap();
+    let cache = MemRegion::alloc(BLOCKS * PAGE);
+    let tensor = |layer: &str| TensorDesc {
+        layer: layer.into(),
+        ptr: cache.as_ptr() as usize,
+        shape: vec![BLOCKS, PAGE],
+        strides: vec![PAGE as isize, 1],
+        elem_size: 1,
+        device: Device::Host,
+    };
+    let tensors = [tensor("full.0"), tensor("swa.1")];
+    // SAFETY: `cache` lives as long as the worker.
+    unsafe { connector.register_kv_cache_groups(&tensors, &[0, 1], None) }.unwrap();
+    Worker { connector, cache }
+}
+
+fn hybrid_request(id: &str, tokens: &[u32], blocks: [Vec<u32>; 2], computed: usize) -> NewRequest {
+    NewRequest {
+        req_id: id.into(),
+        prompt_token_ids: tokens.to_vec(),
+        block_ids: blocks.to_vec(),
+        num_computed_tokens: computed,
+        num_scheduled_tokens: tokens.len() - computed,
+        ..NewRequest::default()
+    }
+}
+
+#[test]
+fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() {
+    let config = config(106);
+    let backend = memory_backend(&config);
+    // A 5-token window over 4-token blocks needs cdiv(4, 4) = 1 block at the hit's end.
+    let worker = hybrid_worker(&config, 5, backend.clone());
+    let sched = SchedulerConnector::new(&config, hybrid_layout(5)).unwrap();
+    let tokens: Vec<u32> = (700..721).collect(); // 5 full blocks and 1 token
+
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("a", &tokens), 0),
+        (0, false)
+    );
+    let a_blocks = [vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 12]];
+    for b in 1..=12 {
+        worker.fill(b, 100 + b as u8);
+    }
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![hybrid_request("a", &tokens, a_blocks.clone(), 0)],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(
+        plan["saves"][0]["block_ids"],
+        serde_json::json!([1, 2, 3, 4, 5])
+    );
+    assert_eq!(
+        plan["saves"][1]["block_ids"],
+        serde_json::json!([7, 8, 9, 10, 11])
+    );
+    assert_eq!(plan["saves"][1]["group"], 1);
+    worker.run_step(&meta);
+    assert!(sched.request_finished_all_groups("a", &a_blocks));
+    let done = worker.connector.get_finished(&["a".into()]);
+    assert_eq!(done.sending, vec!["a".to_string()]);
+    sched.update_connector_output(&done.sending, &[], &[]);
+
+    // Each group's blocks are under its own `@group:{g}` keys.
+    let hashes = kvpool::hash::token_block_hashes(
+        &tokens,
+        std::num::NonZeroUsize::new(BLOCK).unwrap(),
+        None,
+        None,
+    );
+    let key = |group: u32, i: usize| {
+        let ns = kvpool::Namespace::current("/models/test-model", 0, 0, 0, 0, group, "default");
+        kvpool::BlockKey::new(Arc::new(ns.unwrap()), hashes[i])
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let bytes = |k| {
+        rt.block_on(backend.get_bytes(&k))
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(bytes(key(0, 2)), vec![103; PAGE]);
+    assert_eq!(bytes(key(1, 2)), vec![109; PAGE]);
+
+    // The hit stops short of the last token on a block boundary (20 tokens, not 21 - 1).
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (20, false)
+    );
+    // The window group keeps only the block at the hit's end; the others are null.
+    let b_blocks = [vec![13, 14, 15, 16, 17, 18], vec![0, 0, 0, 0, 19, 20]];
+    sched.update_state_after_alloc("b", b_blocks.to_vec(), 20);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![hybrid_request("b", &tokens, b_blocks.clone(), 20)],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(
+        plan["loads"][0]["block_ids"],
+        serde_json::json!([13, 14, 15, 16, 17, 19])
+    );
+    assert_eq!(
+        plan["loads"][0]["groups"],
+        serde_json::json!([0, 0, 0, 0, 0, 1])
+    );
+    worker.run_step(&meta);
+    assert!(worker.connector.get_block_ids_with_load_errors().is_empty());
+    for (i, b) in (13..=17).enumerate() {
+        assert_eq!(worker.block(b), vec![101 + i as u8; PAGE], "full block {i}");
+    }
+    assert_eq!(worker.block(19), vec![111; PAGE], "the window's block");
+    assert_eq!(worker.block(20), vec![0; PAGE], "not part of the hit");
+    sched.request_finished_all_groups("b", &b_blocks);
+
+    // Without the window group's block at 20 tokens, the hit ends where the window group
+    // still has one: 16 tokens.
+    rt.block_on(backend.remove(&[key(1, 4)])).unwrap();
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
+        (16, false)
+    );
+    // It vanishes between lookup and load: exactly that group's block fails.
+    let c_blocks = [vec![21, 22, 23, 24, 25, 26], vec![0, 0, 0, 27, 28, 29]];
+    sched.update_state_after_alloc("c", c_blocks.to_vec(), 16);
+    rt.block_on(backend.remove(&[key(1, 3)])).unwrap();
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![hybrid_request("c", &tokens, c_blocks.clone(), 16)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    assert_eq!(worker.connector.get_block_ids_with_load_errors(), vec![27]);
+    for (i, b) in (21..=24).enumerate() {
+        assert_eq!(worker.block(b), vec![101 + i as u8; PAGE], "full block {i}");
+    }
+    sched.update_connector_output(&[], &[], &[27]);
+    assert!(
+        sched.request_finished_all_groups("c", &c_blocks),
+        "c computed and saved its fifth block of each group: free waits"
+    );
+    let meta = sched.build_connector_meta(StepInput {
+        finished_req_ids: vec!["a".into(), "b".into(), "c".into()],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    let done = worker.connector.get_finished(&["c".into()]);
+    assert_eq!(done.sending, vec!["c".to_string()]);
+    sched.update_connector_output(&done.sending, &[], &[]);
+    assert_eq!(sched.tracked_requests(), 0);
+    assert_eq!(worker.connector.tracked_requests(), 0);
+}
+
+#[test]
+fn hybrid_models_need_current_keys() {
+    let config = Config::from_extra_config(serde_json::json!({
+        "backend": "memory",
+        "key_format": "v0.18",
+    }))
+    .unwrap();
+    let err = SchedulerConnector::new(&config, hybrid_layout(8)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("hybrid models need the current format"),
+        "{err}"
+    );
 }
