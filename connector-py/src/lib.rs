@@ -303,11 +303,13 @@ impl Scheduler {
         finished_sending: Vec<String>,
         finished_recving: Vec<String>,
         invalid_block_ids: Vec<u32>,
+        failed_recving: Vec<String>,
     ) {
         self.inner.update_connector_output(
             &finished_sending,
             &finished_recving,
             &invalid_block_ids,
+            &failed_recving,
         );
     }
 
@@ -454,9 +456,14 @@ impl Worker {
             .map_err(to_py)
     }
 
-    fn get_finished(&self, finished_req_ids: Vec<String>) -> (Vec<String>, Vec<String>) {
+    /// (finished sending, finished receiving, failed receiving) request ids.
+    fn get_finished(
+        &self,
+        finished_req_ids: Vec<String>,
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
         let done = self.inner.get_finished(&finished_req_ids);
-        (done.sending, done.recving)
+        let failed = done.failed_recving.into_iter().map(|(id, _)| id).collect();
+        (done.sending, done.recving, failed)
     }
 
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {

@@ -42,10 +42,34 @@ get_kv_cache_config_from_groups + allocate_kv_cache:
   layer's page side by side, so layer_stride = page, block_stride = L * page);
   "LHBNC"/"BHLNC" split a block into per-head runs.
 
+Hybrid models (vLLM's hybrid KV-cache manager, "HMA"; several KV-cache groups):
+make_hybrid_kv_cache_config builds group 0 = full attention, group 1 = sliding
+window with vLLM's planner; make_scheduler then runs vLLM's HybridKVCacheCoordinator
+(needs a SupportsHMA connector, see make_vllm_config(hybrid=...)), and WorkerRig keeps
+one block table per group. What vLLM 0.33 does there, observed with this harness:
+- Block ids are per-group lists everywhere (KVCacheBlocks.get_block_ids(),
+  NewRequestData.block_ids, CachedRequestData.new_block_ids[i], the block_ids of
+  request_finished_all_groups). All groups draw from one BlockPool, so at any moment
+  a non-null id belongs to one group, and the groups' layers alias the same bytes:
+  block b of a full-attention layer and block b of a sliding-window layer are the
+  same memory.
+- A sliding-window group holds vLLM's null block (id 0) for every block wholly
+  before the window: with num_computed tokens, blocks [0, (num_computed - window + 1)
+  // block_size) are 0. At admission (local or external hit) they are 0 already;
+  while a request runs, the scheduler nulls and FREES them at its next schedule()
+  (remove_skipped_blocks), and may hand them to another group in that same step.
+  CachedRequestData only carries new blocks, so a table built by appending (the
+  worker's, WorkerRig's) keeps those stale ids: never read a sliding-window block
+  below the window through it.
+- invalid_block_ids is rejected for more than one group (RuntimeError in
+  Scheduler._handle_invalid_blocks); failed_recving only acts on async loads.
+
 kv_format "kv_pair": {layer_name: (k_cache, v_cache)}, each a contiguous
 [num_blocks, block_size, num_kv_heads, head_size] tensor: the Ascend-NPU shape that
 Ascend Store receives. vLLM itself never produces it; it exists so a connector can be
-tested on both shapes. vLLM's ExampleConnector only understands "fused".
+tested on both shapes. vLLM's ExampleConnector only understands "fused". With
+several groups, the k-th layer of every group shares one (K, V) pair, mirroring the
+aliasing of the fused layout.
 """
 
 from __future__ import annotations
@@ -269,7 +293,8 @@ def _plan_multi_group(
 ) -> KVCacheConfig:
     """Group `specs` and place them with vLLM's own planner, then resolve what the
     engine core resolves (EngineCore._initialize_kv_caches in 0.33)."""
-    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager and not allow_unified:
+    hma_off = vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+    if hma_off and not allow_unified:
         raise ValueError(
             "the hybrid KV-cache manager is OFF in this VllmConfig (connector not "
             "SupportsHMA, or hybrid=False), so vLLM would merge every layer into ONE "
@@ -296,7 +321,8 @@ def _plan_multi_group(
         if g.kv_cache_spec.prefix_cacheable
     ]
     vllm_config.cache_config.block_size = min(
-        cacheable or [g.kv_cache_spec.block_size for g in kv_cache_config.kv_cache_groups]
+        cacheable
+        or [g.kv_cache_spec.block_size for g in kv_cache_config.kv_cache_groups]
     )
     sched_bs, hash_bs = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
     kv_cache_config.hash_block_size = hash_bs
@@ -319,8 +345,9 @@ def make_hybrid_kv_cache_config(
     Layers in `swa_layers` (indices or names; default: the odd layers) get a
     SlidingWindowSpec(sliding_window), the others a FullAttentionSpec; block size,
     heads, head size and dtype are the same for both, so the page sizes match and
-    vLLM's _get_kv_cache_groups_uniform_page_size makes group 0 = full attention,
-    group 1 = sliding window (the first layer's type comes first). With the tiny
+    vLLM's _get_kv_cache_groups_uniform_page_size makes one group per type, in the
+    order the types first appear in the model: with layer 0 not in swa_layers (the
+    default), group 0 = full attention, group 1 = sliding window. With the tiny
     OPT (2 layers): group 0 = [layer 0], group 1 = [layer 1]; make_vllm_config(
     num_layers=4) gives two layers per group (equal counts avoid padding layers).
 
@@ -330,9 +357,11 @@ def make_hybrid_kv_cache_config(
     belongs to one group at a time, so nothing collides; a connector that writes
     a block through the wrong group's layer overwrites the other group's data.
 
-    Needs HMA on (a SupportsHMA connector, or make_vllm_config(hybrid=True)); with
-    HMA off vLLM merges everything into one full-attention group, which this
-    returns only with allow_unified=True. Sets what make_kv_cache_config sets,
+    Needs HMA on: a SupportsHMA connector (make_vllm_config's default hybrid=None
+    keeps it on for one; hybrid=True with any other connector fails when the
+    connector is created). With HMA off vLLM merges every layer into one
+    full-attention group (FullAttentionSpec, sliding_window=<window> on it), which
+    this returns only with allow_unified=True. Sets what make_kv_cache_config sets,
     plus hash_block_size/cache_hit_alignment_tokens as the engine resolves them.
     The scheduler then runs vLLM's HybridKVCacheCoordinator (make_scheduler).
     """
@@ -395,7 +424,8 @@ def make_mamba_hybrid_kv_cache_config(
         "state larger than an attention page; shrink state_shapes"
     )
     specs = {
-        name: mamba if name in mamba_names else attn for name in layer_names(vllm_config)
+        name: mamba if name in mamba_names else attn
+        for name in layer_names(vllm_config)
     }
     return _plan_multi_group(vllm_config, specs, num_blocks, allow_unified)
 
@@ -491,7 +521,10 @@ def model_runner_output(
     `scheduler` (call after schedule(), which already advanced num_computed_tokens);
     without it, new requests are judged by prompt length and running ones sample.
     The KV part is `kv_connector_output` (from WorkerRig.step) or, for
-    scheduler-only tests, one built from the keyword sets.
+    scheduler-only tests, one built from the keyword sets. With several KV-cache
+    groups vLLM 0.33 raises RuntimeError on any non-empty invalid_block_ids ("not
+    supported for models with multiple KV cache groups"); only failed_recving of an
+    async load is handled there.
     """
     token = EOS_TOKEN_ID if use_eos else SAMPLED_TOKEN_ID
     new = {r.req_id: r for r in scheduler_output.scheduled_new_reqs}
@@ -794,7 +827,9 @@ class WorkerRig:
                 return mro.kv_connector_output or KVConnectorOutput()
 
             slots, writes = self._plan_writes(work)
-            layer_slots = {name: slots[self.layer_group[name]] for name in self.layer_names}
+            layer_slots = {
+                name: slots[self.layer_group[name]] for name in self.layer_names
+            }
             attn_metadata = {
                 name: SimpleNamespace(slot_mapping=s, num_actual_tokens=len(s))
                 for name, s in layer_slots.items()
@@ -809,7 +844,9 @@ class WorkerRig:
             ):
                 for li, name in enumerate(self.layer_names):
                     gw = writes[self.layer_group[name]]
-                    _fake_attention(lambda li=li, name=name, gw=gw: self._write(li, name, gw), name)
+                    _fake_attention(
+                        lambda li=li, name=name, gw=gw: self._write(li, name, gw), name
+                    )
             return out
 
     def _plan_writes(self, work):

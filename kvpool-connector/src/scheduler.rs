@@ -277,7 +277,10 @@ impl SchedulerConnector {
             return (0, false);
         }
         let need = hit - num_computed_tokens;
-        let is_async = self.load_async;
+        // vLLM 0.33 takes load failures of a model with several KV-cache groups only as
+        // failed asynchronous receives (block ids do not name a request there), so hybrid
+        // models always load asynchronously: a failed load is then recomputed, never used.
+        let is_async = self.load_async || self.layout.is_hybrid();
         self.lock().load_specs.insert(
             req.req_id.to_string(),
             LoadSpec {
@@ -592,17 +595,26 @@ impl SchedulerConnector {
         delay
     }
 
-    /// vLLM's `update_connector_output`: transfers the workers finished, and blocks whose
-    /// load failed.
+    /// vLLM's `update_connector_output`: transfers the workers finished, blocks whose load
+    /// failed, and requests whose load failed (hybrid models).
     pub fn update_connector_output(
         &self,
         finished_sending: &[String],
         finished_recving: &[String],
         invalid_block_ids: &[u32],
+        failed_recving: &[String],
     ) {
         let mut state = self.lock();
         for id in finished_sending {
             state.saving.remove(id);
+        }
+        for id in failed_recving {
+            tracing::warn!(
+                req = id.as_str(),
+                "kvpool load failed; the request is recomputed"
+            );
+            state.load_blocks.remove(id);
+            state.load_failed.insert(id.clone());
         }
         if !invalid_block_ids.is_empty() {
             let invalid: HashSet<u32> = invalid_block_ids.iter().copied().collect();

