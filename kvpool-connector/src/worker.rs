@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
 use crate::device::{self, CopyEngine, StreamHandle};
-use crate::groups::{self, KvCacheGroup};
+use crate::groups::{self, GroupKind, KvCacheGroup};
 use crate::layout::{KvLayout, TensorDesc};
 use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
 use crate::meta::StepMeta;
@@ -787,45 +787,87 @@ struct PoolLookup {
     hash_block_size: usize,
 }
 
-#[async_trait]
-impl LookupHandler for PoolLookup {
-    /// One batch `exists` over every group's keys on every rank; a block counts as present
-    /// only if every rank holds it, and the hit is the longest prefix every group can serve
-    /// ([`groups::longest_common_hit`]).
-    async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
-        let mut keys: Vec<BlockKey> = Vec::new();
-        // Per group: (first key index, blocks, ranks).
-        let mut spans = Vec::with_capacity(self.groups.len());
-        for (g, group) in self.groups.iter().enumerate() {
-            let per_key = (group.block_size / self.hash_block_size.max(1)).max(1);
-            let blocks = (token_len / group.block_size.max(1)).min(hashes.len() / per_key);
-            let key_hashes = group.key_hashes(&hashes[..blocks * per_key], self.hash_block_size);
-            let ranks: &[Arc<Namespace>] = self.shared.keys[g].all();
-            spans.push((keys.len(), blocks, ranks.len()));
-            for ns in ranks {
-                keys.extend(key_hashes.iter().map(|h| BlockKey::new(ns.clone(), *h)));
-            }
-        }
+/// Blocks before a full-attention hit's end, beyond the ones a group needs there, that a
+/// lookup checks for the other groups: a Mamba state saved up to this many blocks back (a long
+/// chunked-prefill step) is found; a sliding window may end up to its own length further back.
+/// Anything further is not found, which costs hits, never correctness.
+const MAMBA_LOOKBACK_BLOCKS: usize = 256;
+
+impl PoolLookup {
+    /// Which of blocks `range` of group `g` every rank holds, as a vector over blocks
+    /// `0..range.end` (blocks outside `range` count as missing).
+    async fn present(
+        &self,
+        g: usize,
+        range: std::ops::Range<usize>,
+        hashes: &[BlockHash],
+    ) -> Result<Vec<bool>> {
+        let group = &self.groups[g];
+        let per_key = (group.block_size / self.hash_block_size.max(1)).max(1);
+        let fine = &hashes[range.start * per_key..range.end * per_key];
+        let key_hashes = group.key_hashes(fine, self.hash_block_size);
+        let ranks: &[Arc<Namespace>] = self.shared.keys[g].all();
+        let keys: Vec<BlockKey> = ranks
+            .iter()
+            .flat_map(|ns| key_hashes.iter().map(|h| BlockKey::new(ns.clone(), *h)))
+            .collect();
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.shared.max_batch) {
             found.extend(self.shared.backend.exists(chunk).await?);
         }
-        let present: Vec<Vec<bool>> = spans
-            .iter()
-            .map(|&(start, blocks, ranks)| {
-                (0..blocks)
-                    .map(|i| (0..ranks).all(|r| found[start + r * blocks + i]))
-                    .collect()
-            })
-            .collect();
+        let n = key_hashes.len();
+        let mut present = vec![false; range.end];
+        for (i, p) in present[range.start..].iter_mut().enumerate() {
+            *p = (0..ranks.len()).all(|r| found[r * n + i]);
+        }
+        Ok(present)
+    }
+}
+
+#[async_trait]
+impl LookupHandler for PoolLookup {
+    /// A block counts as present only if every rank holds it, and the hit is the longest
+    /// prefix every group can serve ([`groups::longest_common_hit`]). Full-attention groups
+    /// are checked first, whole; the others only near the end that leaves, since they need
+    /// only blocks at a hit's end (half the keys of a full + sliding-window model).
+    async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
+        let blocks_of = |g: &KvCacheGroup| {
+            let per_key = (g.block_size / self.hash_block_size.max(1)).max(1);
+            (token_len / g.block_size.max(1)).min(hashes.len() / per_key)
+        };
+        let mut present: Vec<Vec<bool>> = vec![Vec::new(); self.groups.len()];
+        let mut bound = token_len;
+        for (g, group) in self.groups.iter().enumerate() {
+            if group.blocks_needed_at_end().is_none() {
+                present[g] = self.present(g, 0..blocks_of(group), hashes).await?;
+                let prefix = present[g]
+                    .iter()
+                    .position(|p| !p)
+                    .unwrap_or(present[g].len());
+                bound = bound.min(prefix * group.block_size);
+            }
+        }
+        for (g, group) in self.groups.iter().enumerate() {
+            if let Some(need) = group.blocks_needed_at_end() {
+                let end = (bound / group.block_size.max(1)).min(blocks_of(group));
+                let lookback = match group.kind {
+                    GroupKind::Mamba => MAMBA_LOOKBACK_BLOCKS,
+                    _ => need.max(16),
+                };
+                let start = end.saturating_sub(need + lookback);
+                if end > 0 {
+                    present[g] = self.present(g, start..end, hashes).await?;
+                }
+            }
+        }
         let hit = groups::longest_common_hit(&self.groups, &present, token_len);
-        let (checked, served) =
-            self.groups
-                .iter()
-                .zip(&spans)
-                .fold((0, 0), |(c, s), (g, &(_, blocks, _))| {
-                    (c + blocks, s + (hit / g.block_size.max(1)).min(blocks))
-                });
+        let (checked, served) = self
+            .groups
+            .iter()
+            .zip(&present)
+            .fold((0, 0), |(c, s), (g, p)| {
+                (c + p.len(), s + (hit / g.block_size.max(1)).min(p.len()))
+            });
         let m = metrics::global();
         m.add_keys(METRICS_LABEL, "lookup", "hit", served as u64);
         m.add_keys(METRICS_LABEL, "lookup", "miss", (checked - served) as u64);
