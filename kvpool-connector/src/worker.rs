@@ -193,7 +193,7 @@ impl WorkerConnector {
                 ))
             })?;
             let _guard = runtime.enter();
-            Some(MetricsServer::bind(port)?)
+            Some(MetricsServer::bind(c.metrics_host, port)?)
         } else {
             None
         };

@@ -21,6 +21,7 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
     "prefill_pp_layer_partition",
     "lookup_timeout_ms",
     "metrics_port",
+    "metrics_host",
     "device_staging_bytes",
     "stage_host_kv",
     "key_format",
@@ -84,6 +85,9 @@ pub struct ConnectorConfig {
     /// Serve Prometheus metrics over HTTP on this port (plus the worker's rank); 0 = off.
     #[serde(deserialize_with = "flex::u32")]
     pub metrics_port: u32,
+    /// The address `metrics_port` listens on: loopback by default, so metrics are not exposed
+    /// to the network unless asked (`"0.0.0.0"`, or one interface's address).
+    pub metrics_host: std::net::IpAddr,
     /// Pinned host memory each worker sets aside to move KV between accelerator memory and
     /// the backend (`"256MB"`, or bytes). Bounds the copies in flight: a step that needs more
     /// waits for earlier copies to land.
@@ -112,6 +116,7 @@ impl Default for ConnectorConfig {
             prefill_pp_layer_partition: None,
             lookup_timeout_ms: 2000,
             metrics_port: 0,
+            metrics_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             device_staging_bytes: ByteSize(256 << 20),
             stage_host_kv: false,
             key_format: KeyFormat::Current,
@@ -217,5 +222,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("key_format"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_unless_widened() {
+        let load = |extra: serde_json::Value| crate::config::Config::from_extra_config(extra);
+        let c = load(json!({"metrics_port": 9100})).unwrap();
+        assert!(c.connector.metrics_host.is_loopback());
+        let c = load(json!({"metrics_port": 9100, "metrics_host": "0.0.0.0"})).unwrap();
+        assert_eq!(c.connector.metrics_host.to_string(), "0.0.0.0");
+        let c = load(json!({"metrics_host": "::1"})).unwrap();
+        assert!(c.connector.metrics_host.is_loopback());
+        let err = load(json!({"metrics_host": "metrics.local"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics_host"), "{err}");
     }
 }
