@@ -56,6 +56,22 @@ pub struct MooncakeConfig {
     /// `MOONCAKE_STORE_CHECKSUM=1` (which also turns this on). Reads verify a
     /// stored checksum whatever this says.
     pub checksum: bool,
+    /// vLLM 0.33's topology switch: `"embedded"` (this process contributes
+    /// `global_segment_size`, or is a pure client with 0) or `"standalone-store"` (an
+    /// external `mooncake_client` owns the pool; `global_segment_size` must then be 0).
+    pub mode: String,
+    /// vLLM 0.33's name for the official client's local SSD tier. kvpool's client has none
+    /// (the `tiered` backend over `rocksdb-ssd` is kvpool's SSD tier): accepted, warned when on.
+    pub enable_offload: bool,
+    /// The official client's name for the same SSD tier; as `enable_offload`.
+    pub enable_ssd_offload: bool,
+    /// Where the official client's SSD tier writes; accepted, unused.
+    pub ssd_offload_path: String,
+    /// The official client's HTTP server; kvpool serves its metrics with the connector's
+    /// `metrics_port` instead: accepted, warned when on.
+    pub enable_client_http_server: bool,
+    /// That server's port; accepted, unused.
+    pub client_http_port: u16,
 }
 
 impl Default for MooncakeConfig {
@@ -78,6 +94,12 @@ impl Default for MooncakeConfig {
             rpc_connections: 8,
             tcp_congestion: "cubic".into(),
             checksum: false,
+            mode: "embedded".into(),
+            enable_offload: false,
+            enable_ssd_offload: false,
+            ssd_offload_path: String::new(),
+            enable_client_http_server: false,
+            client_http_port: 9300,
         }
     }
 }
@@ -157,6 +179,37 @@ impl MooncakeConfig {
         }
         if self.tenant_id.is_empty() {
             return bad("mooncake.tenant_id must not be empty (Mooncake's is \"default\")".into());
+        }
+        match self.mode.as_str() {
+            "embedded" => {}
+            "standalone-store" if self.global_segment_size.0 == 0 => {}
+            "standalone-store" => {
+                return bad(format!(
+                    "mooncake.mode \"standalone-store\" means an external mooncake_client owns \
+                     the pool, but mooncake.global_segment_size is {} bytes; set it to 0 (or \
+                     use \"mode\": \"embedded\")",
+                    self.global_segment_size.0
+                ))
+            }
+            other => {
+                return bad(format!(
+                    "mooncake.mode {other:?} is not one vLLM's Mooncake connector knows: \
+                     \"embedded\" or \"standalone-store\""
+                ))
+            }
+        }
+        if self.enable_offload || self.enable_ssd_offload {
+            tracing::warn!(
+                "mooncake.enable_offload / enable_ssd_offload: kvpool's Mooncake client has no \
+                 local SSD tier and ignores it; the `tiered` backend over `rocksdb-ssd` is \
+                 kvpool's SSD tier"
+            );
+        }
+        if self.enable_client_http_server {
+            tracing::warn!(
+                "mooncake.enable_client_http_server is ignored: kvpool serves its metrics on \
+                 the connector's `metrics_port`"
+            );
         }
         Ok(())
     }
@@ -300,6 +353,42 @@ mod tests {
         check_ascend_buffer_pool(None).unwrap();
         check_ascend_buffer_pool(Some("4:8".into())).unwrap();
         assert!(check_ascend_buffer_pool(Some("lots".into())).is_err());
+    }
+
+    #[test]
+    fn mooncake_json_of_vllm_and_of_the_official_client_load_unchanged() {
+        // vLLM 0.33's MooncakeStoreConnector (MooncakeStoreConfig.from_file reads these).
+        let vllm = r#"{"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051",
+            "protocol": "tcp", "device_name": "", "mode": "standalone-store",
+            "global_segment_size": 0, "local_buffer_size": "1GB", "enable_offload": false,
+            "tenant_id": "default"}"#;
+        let cfg: MooncakeConfig = serde_json::from_str(vllm).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.mode, "standalone-store");
+        // The official client (mooncake.mooncake_config.MooncakeConfig.from_file).
+        let official = r#"{"local_hostname": "10.0.0.2", "metadata_server": "P2PHANDSHAKE",
+            "global_segment_size": "4GB", "local_buffer_size": "512MB", "protocol": "tcp",
+            "device_name": "", "master_server_address": "10.0.0.1:50051",
+            "enable_ssd_offload": true, "ssd_offload_path": "/mnt/ssd", "tenant_id": "t1",
+            "enable_client_http_server": true, "client_http_port": 9300}"#;
+        let cfg: MooncakeConfig = serde_json::from_str(official).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.global_segment_size, ByteSize(4 << 30));
+        assert_eq!(cfg.tenant_id, "t1");
+
+        let standalone_with_segment = MooncakeConfig {
+            mode: "standalone-store".into(),
+            global_segment_size: ByteSize(1 << 30),
+            ..MooncakeConfig::default()
+        };
+        let e = standalone_with_segment.validate().unwrap_err().to_string();
+        assert!(e.contains("global_segment_size"), "{e}");
+        let unknown = MooncakeConfig {
+            mode: "standalone".into(),
+            ..MooncakeConfig::default()
+        };
+        let e = unknown.validate().unwrap_err().to_string();
+        assert!(e.contains("mooncake.mode \"standalone\""), "{e}");
     }
 
     #[test]

@@ -173,6 +173,22 @@ mod tests {
     }
 
     #[test]
+    fn vllm_native_mooncake_json_loads_through_mooncake_config_path() {
+        let dir = TempDir::new();
+        let json = r#"{"metadata_server": "P2PHANDSHAKE", "master_server_address": "127.0.0.1:50051",
+            "protocol": "tcp", "device_name": "", "mode": "standalone-store",
+            "global_segment_size": 0, "local_buffer_size": "1GB", "enable_offload": false,
+            "tenant_id": "default"}"#;
+        let path = file_with(&dir, "mooncake.json", json);
+        let vars = [("MOONCAKE_CONFIG_PATH", path.to_str().unwrap())];
+        let c = with_env(None, Some(json!({"backend": "mooncake"})), &vars).unwrap();
+        let section: crate::MooncakeConfig = c.section("mooncake").unwrap();
+        section.validate().unwrap();
+        assert_eq!(section.mode, "standalone-store");
+        assert_eq!(section.local_buffer_size, ByteSize(GIB));
+    }
+
+    #[test]
     fn missing_mooncake_json_names_the_path() {
         let vars = [("MOONCAKE_CONFIG_PATH", "/nonexistent/mooncake.json")];
         let msg = config_err(with_env(None, None, &vars));
