@@ -12,7 +12,9 @@
 //!
 //! Request: `b"KVPL"`, version `1`, `u32` token count, `u32` block count `n`, `n` × 32-byte
 //! hashes (integers little-endian). Reply: `b"KVPL"`, status `0` and a `u32` hit token count,
-//! or status `1`, a `u32` length and a UTF-8 error message.
+//! or status `1`, a `u32` length and a UTF-8 error message. A reset of the pool (vLLM's
+//! `reset_cache`) is the same head with version `2` and both counts 0; its reply's value is 1
+//! when something was cleared, 0 when nothing was in scope.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -30,6 +32,7 @@ use kvpool_core::key::BlockHash;
 
 const MAGIC: &[u8; 4] = b"KVPL";
 const VERSION: u8 = 1;
+const VERSION_RESET: u8 = 2;
 /// At most this many blocks per lookup (8 MiB of hashes): millions of tokens at any block size.
 pub const MAX_BLOCKS: usize = 1 << 18;
 const MAX_ERROR_LEN: usize = 4096;
@@ -55,6 +58,14 @@ pub trait LookupHandler: Send + Sync + 'static {
     /// How many of the first `token_len` tokens the pool holds on every rank, given the
     /// hashes of the blocks that cover them.
     async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize>;
+
+    /// Clears the pool as vLLM's `reset_cache` asks; whether anything was in scope.
+    async fn reset(&self) -> Result<bool> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this lookup service cannot reset the pool",
+        ))
+    }
 }
 
 /// The serving side, owned by worker rank 0. Dropping it stops the service and removes the
@@ -143,7 +154,11 @@ async fn serve_connection(mut stream: UnixStream, handler: Arc<dyn LookupHandler
                 let _ = stream.write_all(&error_reply(&e.to_string())).await;
                 return Err(e);
             }
-            Ok((token_len, n)) => {
+            Ok(Request::Reset) => match handler.reset().await {
+                Ok(cleared) => ok_reply(usize::from(cleared)),
+                Err(e) => error_reply(&e.to_string()),
+            },
+            Ok(Request::Lookup(token_len, n)) => {
                 let mut raw = vec![0u8; n * 32];
                 stream.read_exact(&mut raw).await.map_err(io)?;
                 let hashes: Vec<BlockHash> = raw
@@ -160,20 +175,35 @@ async fn serve_connection(mut stream: UnixStream, handler: Arc<dyn LookupHandler
     }
 }
 
-fn parse_head(head: &[u8; 13]) -> Result<(usize, usize)> {
-    if &head[..4] != MAGIC || head[4] != VERSION {
+enum Request {
+    /// Token count and block count.
+    Lookup(usize, usize),
+    Reset,
+}
+
+fn parse_head(head: &[u8; 13]) -> Result<Request> {
+    if &head[..4] != MAGIC || !(head[4] == VERSION || head[4] == VERSION_RESET) {
         return Err(Error::invalid_argument(
             "lookup request: not a kvpool lookup frame (bad magic or version)",
         ));
     }
     let token_len = u32::from_le_bytes(head[5..9].try_into().expect("4 bytes")) as usize;
     let n = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes")) as usize;
+    if head[4] == VERSION_RESET {
+        return if token_len == 0 && n == 0 {
+            Ok(Request::Reset)
+        } else {
+            Err(Error::invalid_argument(
+                "lookup request: a reset frame carries no tokens or blocks",
+            ))
+        };
+    }
     if n > MAX_BLOCKS {
         return Err(Error::invalid_argument(format!(
             "lookup request: {n} blocks, more than the limit of {MAX_BLOCKS}"
         )));
     }
-    Ok((token_len, n))
+    Ok(Request::Lookup(token_len, n))
 }
 
 fn ok_reply(hit: usize) -> Vec<u8> {
@@ -230,14 +260,39 @@ impl LookupClient {
                 hashes.len()
             )));
         }
-        let result = self.try_lookup(token_len, hashes);
+        let mut frame = Vec::with_capacity(13 + hashes.len() * 32);
+        frame.extend_from_slice(MAGIC);
+        frame.push(VERSION);
+        frame.extend_from_slice(&u32::try_from(token_len).unwrap_or(u32::MAX).to_le_bytes());
+        frame.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+        for h in hashes {
+            frame.extend_from_slice(h.as_bytes());
+        }
+        self.call(&frame)
+    }
+
+    /// Asks worker rank 0 to clear the pool (vLLM's `reset_cache`); whether anything was in
+    /// scope.
+    ///
+    /// # Errors
+    /// As [`lookup`](Self::lookup); the worker's error when its backend could not be cleared.
+    pub fn reset(&mut self) -> Result<bool> {
+        let mut frame = Vec::with_capacity(13);
+        frame.extend_from_slice(MAGIC);
+        frame.push(VERSION_RESET);
+        frame.extend_from_slice(&[0u8; 8]);
+        self.call(&frame).map(|cleared| cleared != 0)
+    }
+
+    fn call(&mut self, frame: &[u8]) -> Result<usize> {
+        let result = self.try_call(frame);
         if result.is_err() {
             self.stream = None;
         }
         result
     }
 
-    fn try_lookup(&mut self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
+    fn try_call(&mut self, frame: &[u8]) -> Result<usize> {
         let io = |what: &str, e: std::io::Error| {
             let kind = match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
@@ -257,15 +312,7 @@ impl LookupClient {
             self.stream = Some(stream);
         }
         let stream = self.stream.as_mut().expect("connected above");
-        let mut frame = Vec::with_capacity(13 + hashes.len() * 32);
-        frame.extend_from_slice(MAGIC);
-        frame.push(VERSION);
-        frame.extend_from_slice(&u32::try_from(token_len).unwrap_or(u32::MAX).to_le_bytes());
-        frame.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
-        for h in hashes {
-            frame.extend_from_slice(h.as_bytes());
-        }
-        stream.write_all(&frame).map_err(|e| io("send", e))?;
+        stream.write_all(frame).map_err(|e| io("send", e))?;
         let mut head = [0u8; 9];
         stream.read_exact(&mut head).map_err(|e| io("receive", e))?;
         if &head[..4] != MAGIC {

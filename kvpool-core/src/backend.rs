@@ -134,11 +134,39 @@ pub trait KvBackend: Send + Sync + Debug + 'static {
     /// Deletes the keys; absent keys are not an error.
     async fn remove(&self, keys: &[BlockKey]) -> Result<()>;
 
+    /// Deletes the objects in `scope`, for a reset of the engine's prefix cache (vLLM's
+    /// `reset_cache`); returns whether anything was in scope. [`ClearScope::Local`] leaves a
+    /// shared store alone (`Ok(false)`) and clears what only this process sees;
+    /// [`ClearScope::All`] clears a shared store for every instance. Keys put while it runs
+    /// may or may not survive it.
+    ///
+    /// The default clears nothing locally for a shared backend and is `Unsupported`
+    /// otherwise.
+    async fn clear(&self, scope: ClearScope) -> Result<bool> {
+        if scope == ClearScope::Local && self.info().capabilities.shared {
+            return Ok(false);
+        }
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the {} backend cannot be cleared", self.info().scheme),
+        ))
+    }
+
     /// Releases resources. Every later call fails with [`ErrorKind::Closed`];
     /// closing twice is `Ok`.
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// What [`KvBackend::clear`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearScope {
+    /// Objects no other process sees: a memory backend, a local disk, a tiered backend's
+    /// local tiers.
+    Local,
+    /// Every object, whichever instance stored it.
+    All,
 }
 
 /// Convenience operations over owned bytes, for tests and tools. The data

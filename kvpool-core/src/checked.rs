@@ -222,6 +222,10 @@ impl KvBackend for CheckedBackend {
         result
     }
 
+    async fn clear(&self, scope: crate::backend::ClearScope) -> Result<bool> {
+        self.inner.clear(scope).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }

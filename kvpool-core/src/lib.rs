@@ -33,7 +33,9 @@ pub mod metrics;
 pub mod registry;
 pub mod size;
 
-pub use backend::{BackendInfo, Capabilities, GetOutcome, KvBackend, KvBackendExt, PutOutcome};
+pub use backend::{
+    BackendInfo, Capabilities, ClearScope, GetOutcome, KvBackend, KvBackendExt, PutOutcome,
+};
 pub use buffer::{IoVec, IoVecMut, MemRegion};
 pub use config::Config;
 pub use error::{Error, ErrorKind, ErrorStatus, Result};

@@ -6,8 +6,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use kvpool_core::{
-    BlockHash, BlockKey, Capabilities, ErrorKind, GetOutcome, IoVec, IoVecMut, KvBackend,
-    MemRegion, Namespace, PutOutcome,
+    BlockHash, BlockKey, Capabilities, ClearScope, ErrorKind, GetOutcome, IoVec, IoVecMut,
+    KvBackend, MemRegion, Namespace, PutOutcome,
 };
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -134,6 +134,7 @@ pub(crate) const CASES: &[Case] = &[
     case!(reput_of_existing_key_keeps_value),
     case!(duplicate_key_in_one_batch_is_stored_once),
     case!(remove_deletes_and_ignores_absent, |c, _| c.remove),
+    case!(clear_local_empties_only_a_store_of_this_process),
     case!(empty_batches_are_noops),
     case!(value_sizes_from_1_byte_to_16_mib, fits_16_mib),
     case!(many_small_keys),
@@ -254,6 +255,31 @@ async fn remove_deletes_and_ignores_absent(ctx: Ctx) {
     // The key can be stored again after removal.
     assert_stored(&put_values(&ctx, &[(1, 100)]).await);
     assert_hit_with(&get_values(&ctx, &[(1, 100)]).await[0], 1, 100);
+}
+
+/// `clear(Local)` empties a store only this process sees (and says so), and leaves a shared
+/// store's objects in place; a cleared store takes new values.
+async fn clear_local_empties_only_a_store_of_this_process(ctx: Ctx) {
+    assert_stored(&put_values(&ctx, &[(1, 100), (2, 100)]).await);
+    let shared = ctx.backend.info().capabilities.shared;
+    let cleared = ctx.backend.clear(ClearScope::Local).await.unwrap();
+    let present = ctx.backend.exists(&ctx.keys(1..3)).await.unwrap();
+    if shared {
+        assert_eq!(
+            present,
+            [true, true],
+            "a shared store keeps every instance's objects"
+        );
+    } else {
+        assert!(cleared, "a store of this process is in the local scope");
+        assert_eq!(present, [false, false]);
+        assert!(matches!(
+            get_values(&ctx, &[(1, 100)]).await[0].0,
+            GetOutcome::Miss
+        ));
+        assert_stored(&put_values(&ctx, &[(1, 100)]).await);
+        assert_hit_with(&get_values(&ctx, &[(1, 100)]).await[0], 1, 100);
+    }
 }
 
 /// Empty batches succeed with empty results.

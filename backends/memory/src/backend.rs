@@ -480,6 +480,13 @@ impl KvBackend for MemoryBackend {
         Ok(())
     }
 
+    /// The store is this process's own: both scopes empty it.
+    async fn clear(&self, _scope: kvpool_core::ClearScope) -> Result<bool> {
+        self.check_open("clear")?;
+        self.index.clear();
+        Ok(true)
+    }
+
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());

@@ -524,6 +524,24 @@ impl KvBackend for MooncakeBackend {
         self.inner.get_into(items).await
     }
 
+    /// `Local` leaves the shared pool alone; `All` is the master's `RemoveAll` of this tenant
+    /// (forced, so objects being read go too), as vLLM's own Mooncake connector resets it.
+    async fn clear(&self, scope: kvpool_core::ClearScope) -> Result<bool> {
+        self.inner.check_open("clear")?;
+        if scope == kvpool_core::ClearScope::Local {
+            return Ok(false);
+        }
+        let removed = self.inner.master.remove_all(true).await?;
+        if removed < 0 {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("mooncake_master refused RemoveAll (code {removed})"),
+            ));
+        }
+        tracing::info!(removed, "mooncake pool cleared");
+        Ok(true)
+    }
+
     async fn remove(&self, keys: &[BlockKey]) -> Result<()> {
         self.inner.check_open("remove")?;
         if keys.is_empty() {

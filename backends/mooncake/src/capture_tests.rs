@@ -36,7 +36,6 @@ mod extra {
             -> Vec<Expected<Vec<ReplicaDescriptor>>>;
         BatchUpsertEnd: (Uuid, Vec<ObjectMeta>, i32, String) -> Vec<Expected<()>>;
         BatchUpsertRevoke: (Uuid, Vec<String>, i32, String) -> Vec<Expected<()>>;
-        RemoveAll: (bool, String) -> i64;
         RemoveByRegex: (String, bool, String) -> Expected<i64>;
     }
 }
@@ -137,7 +136,7 @@ fn checker() -> Checker {
         extra::BatchUpsertStart,
         extra::BatchUpsertEnd,
         extra::BatchUpsertRevoke,
-        extra::RemoveAll,
+        RemoveAll,
         extra::RemoveByRegex,
     )
 }

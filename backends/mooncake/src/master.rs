@@ -260,6 +260,12 @@ impl Master {
             .await
     }
 
+    /// `RemoveAll` of our tenant; how many objects went (a plain count, not an `Expected`).
+    pub(crate) async fn remove_all(&self, force: bool) -> Result<i64> {
+        self.call::<RemoveAll>("clear", &(force, self.tenant.clone()))
+            .await
+    }
+
     pub(crate) async fn batch_remove(
         &self,
         keys: Vec<String>,

@@ -435,6 +435,7 @@ rpcs! {
     BatchPutRevoke: (Uuid, Vec<String>, i32, String) -> Vec<Expected<()>>;
     Remove: (String, bool, String) -> Expected<()>;
     BatchRemove: (Vec<String>, bool, String) -> Vec<Expected<()>>;
+    RemoveAll: (bool, String) -> i64;
 }
 
 #[cfg(test)]

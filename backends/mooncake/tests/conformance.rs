@@ -49,6 +49,9 @@ impl KvBackend for Isolated {
     async fn remove(&self, keys: &[BlockKey]) -> Result<()> {
         self.backend.remove(keys).await
     }
+    async fn clear(&self, scope: kvpool_core::ClearScope) -> Result<bool> {
+        self.backend.clear(scope).await
+    }
     async fn close(&self) -> Result<()> {
         self.backend.close().await
     }

@@ -579,6 +579,49 @@ impl KvBackend for ObjectBackend {
         Ok(())
     }
 
+    /// `Local` clears only a store of this process (`memory://`); `All` deletes every object
+    /// of this backend's folder and key prefix, whoever wrote it.
+    async fn clear(&self, scope: kvpool_core::ClearScope) -> Result<bool> {
+        let inner = self.inner()?;
+        if scope == kvpool_core::ClearScope::Local && self.info.capabilities.shared {
+            return Ok(false);
+        }
+        let _permit = inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::closed(SCHEME))?;
+        let leaf = inner.leaf_prefix.clone();
+        let ours = inner
+            .store
+            .list(Some(&inner.dir))
+            .map_ok(|meta| meta.location)
+            .try_filter(move |path| {
+                let mine = path.filename().is_some_and(|f| f.starts_with(&leaf));
+                std::future::ready(mine)
+            })
+            .boxed();
+        // Listing and deleting run in pages; bound the whole pass generously.
+        let limit = inner.timeout.saturating_mul(100);
+        let results: Vec<object_store::Result<Path>> =
+            tokio::time::timeout(limit, inner.store.delete_stream(ours).collect())
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("clearing did not finish within {} ms", limit.as_millis()),
+                    )
+                    .with_operation("clear")
+                })?;
+        for r in results {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(classify("clear", e)),
+            }
+        }
+        Ok(true)
+    }
+
     async fn close(&self) -> Result<()> {
         // In-flight calls hold their own reference and finish; waiters for a permit fail
         // with Closed.

@@ -593,6 +593,17 @@ impl KvBackend for RocksDbSsdBackend {
         .await
     }
 
+    /// The directory is this process's own (RocksDB locks it): both scopes delete every
+    /// record the index holds.
+    async fn clear(&self, _scope: kvpool_core::ClearScope) -> Result<bool> {
+        self.check_open("clear")?;
+        let keys = self.inner.index.keys();
+        if !keys.is_empty() {
+            self.remove(&keys).await?;
+        }
+        Ok(true)
+    }
+
     /// Flushes memtables when the WAL is off (so what was written survives),
     /// then waits for running operations and releases the database.
     async fn close(&self) -> Result<()> {

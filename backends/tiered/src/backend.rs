@@ -497,6 +497,24 @@ impl KvBackend for TieredBackend {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Clears each tier in `scope` after pending write-backs: `Local` empties the tiers only
+    /// this process sees and leaves shared ones alone; `All` empties every tier.
+    async fn clear(&self, scope: kvpool_core::ClearScope) -> Result<bool> {
+        self.check_open()?;
+        self.flush().await;
+        let mut cleared = false;
+        for (t, tier) in self.shared.tiers.iter().enumerate() {
+            match tier.backend.clear(scope).await {
+                Ok(c) => cleared |= c,
+                Err(e) => {
+                    self.shared.failed(t, "clear", &e);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(cleared)
+    }
+
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Ok(());

@@ -111,6 +111,15 @@ impl<V> ShardedIndex<V> {
         }
     }
 
+    /// Every key present now, shard by shard (keys added meanwhile may be missing).
+    pub fn keys(&self) -> Vec<BlockKey> {
+        let mut keys = Vec::new();
+        for shard in self.shards.iter() {
+            keys.extend(lock(shard).map.keys().cloned());
+        }
+        keys
+    }
+
     /// Whether `key` is present. Not an access.
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.shard(key).map.contains_key(key)
