@@ -316,6 +316,11 @@ impl Scheduler {
     fn tracked_requests(&self) -> usize {
         self.inner.tracked_requests()
     }
+
+    /// vLLM's `reset_cache`: whether the pool was reset (see `reset_clears_shared_pool`).
+    fn reset_cache(&self, py: Python<'_>) -> bool {
+        py.allow_threads(|| self.inner.reset_cache())
+    }
 }
 
 /// The worker half of the vLLM connector.

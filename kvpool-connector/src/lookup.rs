@@ -412,6 +412,50 @@ mod tests {
         assert!(String::from_utf8_lossy(&reply[9..]).contains("limit"));
     }
 
+    struct Resettable;
+
+    #[async_trait]
+    impl LookupHandler for Resettable {
+        async fn lookup(&self, _: usize, _: &[BlockHash]) -> Result<usize> {
+            Ok(0)
+        }
+        async fn reset(&self) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn resets_travel_the_same_socket() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(Some(dir.path()), 8, 0);
+        let server = rt
+            .block_on(async { LookupServer::bind(&path, Arc::new(Resettable)) })
+            .unwrap();
+        let mut client = LookupClient::new(path.clone(), Duration::from_secs(5));
+        assert!(client.reset().unwrap());
+        assert_eq!(client.lookup(16, &[BlockHash([1; 32])]).unwrap(), 0);
+        drop(server);
+
+        // A handler that cannot reset says so; a reset frame with a payload is refused.
+        let _server = rt
+            .block_on(async { LookupServer::bind(&path, Arc::new(CountPresent(16))) })
+            .unwrap();
+        let mut client = LookupClient::new(path.clone(), Duration::from_secs(5));
+        let err = client.reset().unwrap_err();
+        assert!(err.to_string().contains("cannot reset"), "{err}");
+        let mut raw = StdUnixStream::connect(&path).unwrap();
+        let mut frame = MAGIC.to_vec();
+        frame.push(VERSION_RESET);
+        frame.extend_from_slice(&1u32.to_le_bytes());
+        frame.extend_from_slice(&0u32.to_le_bytes());
+        raw.write_all(&frame).unwrap();
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply[4], 1);
+        assert!(String::from_utf8_lossy(&reply[9..]).contains("reset frame"));
+    }
+
     #[test]
     fn a_stuck_or_missing_worker_costs_at_most_the_timeout() {
         let rt = runtime();

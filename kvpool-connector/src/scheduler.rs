@@ -638,6 +638,29 @@ impl SchedulerConnector {
         }
     }
 
+    /// vLLM's `reset_cache`: asks worker rank 0 to clear the pool (what
+    /// `reset_clears_shared_pool` puts in scope). vLLM calls it with generation paused; a load
+    /// already planned of a block the reset removed fails and is recomputed, as any miss.
+    /// `false` (vLLM then reports the reset failed) when the worker could not be reached or
+    /// its backend could not be cleared.
+    pub fn reset_cache(&self) -> bool {
+        let result = self
+            .lookup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
+        match result {
+            Ok(cleared) => {
+                tracing::info!(cleared, "kvpool reset the pool");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kvpool could not reset the pool");
+                false
+            }
+        }
+    }
+
     /// Requests with any state held: the number must return to 0 once the engine is idle.
     pub fn tracked_requests(&self) -> usize {
         let state = self.lock();

@@ -29,7 +29,7 @@ use crate::meta::StepMeta;
 use crate::metrics_server::MetricsServer;
 use crate::staging::Staging;
 use crate::{EngineLayout, RankKeys};
-use kvpool_core::backend::KvBackend;
+use kvpool_core::backend::{ClearScope, KvBackend};
 use kvpool_core::config::Config;
 use kvpool_core::error::{Error, ErrorKind, Result};
 use kvpool_core::key::{BlockHash, BlockKey, Namespace};
@@ -73,6 +73,8 @@ struct Progress {
 #[derive(Debug)]
 struct Shared {
     backend: Arc<dyn KvBackend>,
+    /// What a reset of the engine's prefix cache clears.
+    reset_scope: ClearScope,
     /// Keys of each KV-cache group.
     keys: Vec<RankKeys>,
     tp_rank: u32,
@@ -165,6 +167,11 @@ impl WorkerConnector {
             .max(1);
         let shared = Arc::new(Shared {
             backend,
+            reset_scope: if config.connector.reset_clears_shared_pool {
+                ClearScope::All
+            } else {
+                ClearScope::Local
+            },
             tp_rank: layout.tp_rank,
             max_batch,
             keys,
@@ -713,6 +720,17 @@ impl WorkerConnector {
         self.runtime.block_on(self.shared.backend.close())
     }
 
+    /// vLLM's `reset_cache` (of this worker's pool; the scheduler's reaches rank 0 through the
+    /// lookup socket): waits for the saves in flight, then clears what `reset_clears_shared_pool`
+    /// puts in scope. Whether anything was in scope.
+    ///
+    /// # Errors
+    /// The backend's, when it cannot be cleared.
+    pub fn reset_cache(&self) -> Result<bool> {
+        let shared = self.shared.clone();
+        self.runtime.block_on(reset(&shared))
+    }
+
     /// Where metrics are served (`metrics_port` set), for logs and tests.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(MetricsServer::addr)
@@ -778,6 +796,30 @@ where
         out.push(h.await.unwrap_or_default());
     }
     out
+}
+
+/// Clears the pool after the saves in flight (a save finishing after the reset would bring
+/// back a block the reset meant to drop).
+async fn reset(shared: &Shared) -> Result<bool> {
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let notified = shared.saves_done.notified();
+            {
+                let p = shared.progress();
+                if p.inflight.is_empty() && p.staged_puts == 0 {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("kvpool reset: saves still running after 60 s; clearing anyway");
+    }
+    let cleared = shared.backend.clear(shared.reset_scope).await?;
+    tracing::info!(scope = ?shared.reset_scope, cleared, "kvpool pool reset");
+    Ok(cleared)
 }
 
 /// Answers the scheduler's lookups on worker rank 0.
@@ -872,6 +914,10 @@ impl LookupHandler for PoolLookup {
         m.add_keys(METRICS_LABEL, "lookup", "hit", served as u64);
         m.add_keys(METRICS_LABEL, "lookup", "miss", (checked - served) as u64);
         Ok(hit)
+    }
+
+    async fn reset(&self) -> Result<bool> {
+        reset(&self.shared).await
     }
 }
 

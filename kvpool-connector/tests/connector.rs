@@ -559,3 +559,34 @@ fn hybrid_models_need_current_keys() {
         "{err}"
     );
 }
+
+#[test]
+fn reset_clears_a_pool_of_this_instance() {
+    let config = config(107);
+    let backend = memory_backend(&config);
+    let worker = Worker::new(&config, layout(1, 0, 2), backend);
+    let sched = SchedulerConnector::new(&config, layout(1, 0, 2)).unwrap();
+    let tokens: Vec<u32> = (300..317).collect(); // 4 full blocks
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![5, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    sched.request_finished("a", 5);
+    let done = worker.connector.get_finished(&["a".into()]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false)
+    );
+    sched.request_finished("b", 0);
+    // The memory backend is this instance's alone: the default scope clears it.
+    assert!(sched.reset_cache());
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
+        (0, false)
+    );
+    sched.request_finished("c", 0);
+    assert_eq!(sched.tracked_requests(), 0);
+}

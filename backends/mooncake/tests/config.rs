@@ -95,3 +95,39 @@ fn a_master_that_is_not_there_fails_open_promptly() {
     });
     let _ = std::fs::remove_file(json);
 }
+
+#[test]
+fn clear_all_empties_the_shared_pool_and_clear_local_leaves_it() {
+    use kvpool_core::{BlockHash, BlockKey, ClearScope, KvBackendExt, Namespace};
+    let master = MooncakeMaster::start();
+    let json = write_json(
+        r#"{"metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "device_name": "",
+            "master_server_address": "127.0.0.1:1", "global_segment_size": "32MB"}"#,
+    );
+    rt().block_on(async {
+        let pool = kvpool_core::open(&load(&json, &master.address()))
+            .await
+            .unwrap();
+        let ns = std::sync::Arc::new(Namespace::single_rank("m").unwrap());
+        let keys: Vec<BlockKey> = (0..4u8)
+            .map(|i| BlockKey::new(ns.clone(), BlockHash([i; 32])))
+            .collect();
+        for k in &keys {
+            pool.put_bytes(k.clone(), vec![7u8; 4096].into())
+                .await
+                .unwrap();
+        }
+        assert!(!pool.clear(ClearScope::Local).await.unwrap());
+        assert_eq!(pool.exists(&keys).await.unwrap(), [true; 4]);
+        assert!(pool.clear(ClearScope::All).await.unwrap());
+        assert_eq!(pool.exists(&keys).await.unwrap(), [false; 4]);
+        // The pool takes new objects after it.
+        pool.put_bytes(keys[0].clone(), vec![9u8; 4096].into())
+            .await
+            .unwrap();
+        let back = pool.get_bytes(&keys[0]).await.unwrap().unwrap();
+        assert_eq!(&back[..], &[9u8; 4096][..]);
+        pool.close().await.unwrap();
+    });
+    let _ = std::fs::remove_file(json);
+}

@@ -300,6 +300,15 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         )
         return delay, None
 
+    def reset_cache(self) -> Optional[bool]:
+        """vLLM's prefix-cache reset (``reset_prefix_cache(reset_connector=True)``): clears
+        what belongs to this instance alone (a memory or rocksdb-ssd store, a tiered
+        backend's local tiers); a shared pool only with ``reset_clears_shared_pool``. False
+        when the pool could not be reset. The worker role has nothing of its own to reset."""
+        if self._scheduler is None:
+            return None
+        return self._scheduler.reset_cache()
+
     # ------------------------------------------------------------------- worker side
 
     def register_kv_caches(self, kv_caches: dict) -> None:

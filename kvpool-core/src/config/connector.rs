@@ -22,6 +22,7 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
     "lookup_timeout_ms",
     "metrics_port",
     "metrics_host",
+    "reset_clears_shared_pool",
     "device_staging_bytes",
     "stage_host_kv",
     "key_format",
@@ -88,6 +89,12 @@ pub struct ConnectorConfig {
     /// The address `metrics_port` listens on: loopback by default, so metrics are not exposed
     /// to the network unless asked (`"0.0.0.0"`, or one interface's address).
     pub metrics_host: std::net::IpAddr,
+    /// What vLLM's prefix-cache reset (`reset_cache`) clears: by default only what belongs to
+    /// this instance alone (a memory or rocksdb-ssd store, a tiered backend's local tiers);
+    /// with this set, a shared pool too (Mooncake, redis, object storage: every instance's
+    /// blocks), as vLLM's own Mooncake connector does.
+    #[serde(deserialize_with = "flex::bool")]
+    pub reset_clears_shared_pool: bool,
     /// Pinned host memory each worker sets aside to move KV between accelerator memory and
     /// the backend (`"256MB"`, or bytes). Bounds the copies in flight: a step that needs more
     /// waits for earlier copies to land.
@@ -117,6 +124,7 @@ impl Default for ConnectorConfig {
             lookup_timeout_ms: 2000,
             metrics_port: 0,
             metrics_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            reset_clears_shared_pool: false,
             device_staging_bytes: ByteSize(256 << 20),
             stage_host_kv: false,
             key_format: KeyFormat::Current,
