@@ -18,6 +18,9 @@ const MOONCAKE_WHEEL: &str = "mooncake-transfer-engine-non-cuda==0.3.13.post1";
 /// The connector's tests run this vLLM's scheduler.
 const VLLM_VERSION: &str = "0.33.0";
 const DEFAULT_VENV: &str = "/var/tmp/kvpool-vllm-venv";
+/// Another release's master, for the mooncake backend's version-guard test.
+const OTHER_MOONCAKE_WHEEL: &str = "mooncake-transfer-engine-cuda13==0.3.14";
+const OTHER_MOONCAKE_DIR: &str = "/var/tmp/kvpool-mooncake-0.3.14";
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -56,7 +59,44 @@ fn venv() -> PathBuf {
 fn setup() -> Result {
     apt_packages()?;
     python_tools()?;
+    other_mooncake_release()?;
     vllm_venv()
+}
+
+/// The mooncake backend's version-guard test starts `mooncake_master` 0.3.14, a release whose
+/// put path differs from the one kvpool speaks. Its wheel (for CUDA 13, though the master runs
+/// without a GPU) cannot share a Python environment with 0.3.13's, so it is unpacked on its own.
+fn other_mooncake_release() -> Result {
+    step("mooncake_master 0.3.14 (another release, for the version guard's test)");
+    let dir = PathBuf::from(OTHER_MOONCAKE_DIR);
+    if dir.join("mooncake/mooncake_master").exists() {
+        println!("{}: present", dir.display());
+        return Ok(());
+    }
+    let download = dir.with_extension("download");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
+        .arg(&download)
+        .arg(OTHER_MOONCAKE_WHEEL))?;
+    let wheel = std::fs::read_dir(&download)
+        .map_err(|e| format!("{}: {e}", download.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension() == Some(OsStr::new("whl")))
+        .ok_or_else(|| {
+            format!(
+                "no wheel of {OTHER_MOONCAKE_WHEEL} in {}",
+                download.display()
+            )
+        })?;
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&dir))?;
+    let _ = std::fs::remove_dir_all(&download);
+    // zipfile drops the executable bits.
+    run(Command::new("chmod")
+        .arg("+x")
+        .arg(dir.join("mooncake/mooncake_master")))
 }
 
 fn test(pytest_args: &[String]) -> Result {

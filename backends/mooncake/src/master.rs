@@ -55,6 +55,47 @@ impl Master {
         }
     }
 
+    /// Proves the master encodes the put path as kvpool decodes it: `ServiceReady`'s version
+    /// string is the same ("2.0.0") across releases whose struct layouts differ, and a
+    /// client that misreads them puts nothing (users of mismatched official clients see 0%
+    /// hit rates and no error). A start of a 1-byte sentinel object, revoked at once,
+    /// decodes the reply types every put uses. Inconclusive (and `Ok`) when the cluster has
+    /// no free segment yet.
+    pub(crate) async fn check_put_layout(
+        &self,
+        client: Uuid,
+        config: &ReplicateConfig,
+    ) -> Result<()> {
+        let key = format!("kvpool-layout-probe-{client:?}");
+        let args = (
+            client,
+            vec![key.clone()],
+            vec![1u64],
+            config.clone(),
+            self.tenant.clone(),
+        );
+        match self.call::<BatchPutStart>("open", &args).await {
+            Ok(started) => {
+                if started.first().is_some_and(|r| r.is_ok()) {
+                    let _ = self.batch_put_revoke(client, vec![key]).await;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::Unexpected => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "mooncake_master at {} says store version {STORE_VERSION:?}, as \
+                     mooncake_master 0.3.13 does, but encodes puts differently: it is another \
+                     release (0.3.14 is known to differ), and kvpool speaks 0.3.13's layouts. \
+                     Run mooncake_master from mooncake-transfer-engine-non-cuda==0.3.13.post1 \
+                     (the probe's error: {e})",
+                    self.addr()
+                ),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GetStorageConfig` (used only to check the connection and log the SSD tier).
     pub(crate) async fn storage_config(&self) -> Result<StorageConfig> {
         self.call::<GetStorageConfig>("open", &())

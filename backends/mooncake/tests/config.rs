@@ -131,3 +131,31 @@ fn clear_all_empties_the_shared_pool_and_clear_local_leaves_it() {
     });
     let _ = std::fs::remove_file(json);
 }
+
+/// Releases of `mooncake_master` answer `ServiceReady` with the same "2.0.0" but encode puts
+/// differently; a client that misreads them puts nothing. kvpool refuses such a master at open.
+#[test]
+fn a_master_of_another_release_is_refused_at_open() {
+    let other = MooncakeMaster::start_release_0_3_14();
+    let json = write_json(
+        r#"{"metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "device_name": "",
+            "master_server_address": "127.0.0.1:1", "global_segment_size": "32MB"}"#,
+    );
+    rt().block_on(async {
+        let e = kvpool_core::open(&load(&json, &other.address()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("\"2.0.0\"") && msg.contains("0.3.13"), "{msg}");
+        assert!(msg.contains("mooncake-transfer-engine-non-cuda"), "{msg}");
+
+        // The release kvpool speaks opens and puts.
+        let same = MooncakeMaster::start();
+        let pool = kvpool_core::open(&load(&json, &same.address()))
+            .await
+            .unwrap();
+        pool.close().await.unwrap();
+    });
+    let _ = std::fs::remove_file(json);
+}

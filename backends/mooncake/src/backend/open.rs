@@ -157,6 +157,12 @@ impl MooncakeBackend {
             prefer_alloc_in_same_node: cfg.alloc_in_same_node,
             ..ReplicateConfig::default()
         };
+        if let Err(e) = master.check_put_layout(client_id, &replicate).await {
+            if let Some(owner) = &owner {
+                let _ = master.unmount(owner.segment.id, client_id).await;
+            }
+            return Err(e);
+        }
         let checksum = cfg.checksum
             || env("MOONCAKE_STORE_CHECKSUM").is_some_and(|v| {
                 matches!(
