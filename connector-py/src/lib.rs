@@ -471,6 +471,15 @@ impl Worker {
         (done.sending, done.recving, failed)
     }
 
+    /// Loads and saves since the last call: (op, seconds, blocks, bytes, failed blocks).
+    fn take_transfer_records(&self) -> Vec<(&'static str, f64, u64, u64, u64)> {
+        self.inner
+            .take_transfer_records()
+            .into_iter()
+            .map(|r| (r.op, r.seconds, r.blocks, r.bytes, r.failed))
+            .collect()
+    }
+
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
         self.inner.get_block_ids_with_load_errors()
     }

@@ -38,7 +38,7 @@ pub use groups::{GroupKind, KvCacheGroup};
 pub use layout::{KvLayout, TensorDesc};
 pub use meta::{LoadPlan, SavePlan, StepMeta};
 pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
-pub use worker::{FinishedTransfers, Transfer, WorkerConnector};
+pub use worker::{FinishedTransfers, Transfer, TransferRecord, WorkerConnector};
 
 use std::fmt;
 use std::num::NonZeroUsize;

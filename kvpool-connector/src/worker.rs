@@ -38,6 +38,25 @@ use staged::{Staged, Waiter};
 
 const METRICS_LABEL: &str = "connector";
 
+/// One load or save as vLLM's connector stats report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferRecord {
+    /// `"load"` or `"save"`.
+    pub op: &'static str,
+    /// From its start to its last backend reply.
+    pub seconds: f64,
+    /// Blocks it covered (a save's blocks the pool held already included).
+    pub blocks: u64,
+    /// Bytes moved to or from the backend.
+    pub bytes: u64,
+    /// Blocks that failed.
+    pub failed: u64,
+}
+
+/// Records kept for vLLM's stats between two collections; beyond it, records of one kind
+/// are merged into one, so an engine that never collects does not grow the worker.
+const MAX_TRANSFER_RECORDS: usize = 4096;
+
 /// What `get_finished` reports.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FinishedTransfers {
@@ -81,11 +100,25 @@ struct Shared {
     max_batch: usize,
     progress: Mutex<Progress>,
     saves_done: Notify,
+    /// Loads and saves since the last [`WorkerConnector::take_transfer_records`].
+    records: Mutex<Vec<TransferRecord>>,
 }
 
 impl Shared {
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, r: TransferRecord) {
+        let mut records = lock(&self.records);
+        if records.len() < MAX_TRANSFER_RECORDS {
+            records.push(r);
+        } else if let Some(last) = records.iter_mut().rev().find(|x| x.op == r.op) {
+            last.seconds += r.seconds;
+            last.blocks += r.blocks;
+            last.bytes += r.bytes;
+            last.failed += r.failed;
+        }
     }
 
     fn group_keys(&self, group: usize, req_id: &str) -> Result<&RankKeys> {
@@ -177,6 +210,7 @@ impl WorkerConnector {
             keys,
             progress: Mutex::new(Progress::default()),
             saves_done: Notify::new(),
+            records: Mutex::new(Vec::new()),
         });
         let c = &config.connector;
         let lookup = if layout.tp_rank == 0 && layout.pp_rank == 0 {
@@ -672,6 +706,12 @@ impl WorkerConnector {
         let mut ids: Vec<u32> = self.shared.progress().load_errors.drain().collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// The loads and saves finished since the last call, for vLLM's connector stats
+    /// (`get_kv_connector_stats`).
+    pub fn take_transfer_records(&self) -> Vec<TransferRecord> {
+        std::mem::take(&mut *lock(&self.shared.records))
     }
 
     /// Saves in flight, for tests and shutdown.

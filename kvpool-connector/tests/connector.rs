@@ -319,6 +319,21 @@ fn chunked_prefill_saves_each_new_block_once_and_missing_blocks_are_load_errors(
         worker.connector.get_block_ids_with_load_errors(),
         vec![11, 13]
     );
+    // vLLM's connector stats: every save and load, with what it moved.
+    let records = worker.connector.take_transfer_records();
+    let loads: Vec<_> = records.iter().filter(|r| r.op == "load").collect();
+    assert_eq!(loads.len(), 1, "{records:?}");
+    assert_eq!(
+        (loads[0].blocks, loads[0].failed, loads[0].bytes),
+        (5, 2, 3 * PAGE as u64)
+    );
+    let saved: u64 = records
+        .iter()
+        .filter(|r| r.op == "save")
+        .map(|r| r.bytes)
+        .sum();
+    assert_eq!(saved, 5 * PAGE as u64, "{records:?}");
+    assert!(worker.connector.take_transfer_records().is_empty());
     sched.update_connector_output(&[], &[], &[11, 13], &[]);
     // The failed request is computed from now on, not offered the pool again.
     assert_eq!(

@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvpool import _native
 from kvpool.device import current_stream, describe_kv_caches
+from kvpool.stats import KvPoolConnectorStats, KvPoolPromMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -378,6 +379,25 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             finished_recving=set(recving),
             failed_recving=set(failed),
         )
+
+    def get_kv_connector_stats(self) -> Optional[KvPoolConnectorStats]:
+        """This worker's loads and saves since the last call, for vLLM's stats."""
+        if self._worker is None:
+            return None
+        records = self._worker.take_transfer_records()
+        return KvPoolConnectorStats.from_records(records) if records else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: Optional[dict] = None
+    ) -> Optional[KvPoolConnectorStats]:
+        return KvPoolConnectorStats(data=data) if data is not None else KvPoolConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> KvPoolPromMetrics:
+        return KvPoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set:
         assert self._worker is not None

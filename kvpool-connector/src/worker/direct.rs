@@ -30,7 +30,7 @@ pub(super) async fn load(shared: &Shared, kv: &KvLayout, req_id: &str, keys: Blo
             Err(e) => tally.failed(req_id, chunk.iter().map(|(b, _, _)| *b), &e),
         }
     }
-    tally.finish()
+    tally.finish(shared)
 }
 
 /// Saves blocks under `keys`: `exists` first, then `put` of the missing keys.
@@ -52,6 +52,6 @@ pub(super) async fn save(
         }
         tally.put(shared, req_id, items).await?;
     }
-    tally.finish();
+    tally.finish(shared);
     Ok(())
 }

@@ -85,7 +85,7 @@ pub(super) async fn save(
         let mut tally = SaveTally::default();
         let missing = tally.missing(shared, chunk).await?;
         if missing.is_empty() {
-            tally.finish();
+            tally.finish(shared);
             continue;
         }
         let mut slots = staged.staging.acquire(missing.len()).await?;
@@ -103,7 +103,7 @@ pub(super) async fn save(
         if let Err(e) = copied {
             tracing::warn!(req = req_id, error = %e, "copy of KV to staging failed; blocks not saved");
             tally.not_saved(missing.len());
-            tally.finish();
+            tally.finish(shared);
             continue;
         }
         reorder(kv, &mut slots, 0..missing.len(), true);
@@ -117,7 +117,7 @@ pub(super) async fn save(
             if let Err(e) = tally.put(&shared, &req_id, items).await {
                 tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
             }
-            tally.finish();
+            tally.finish(&shared);
             drop(slots);
         }));
     }
@@ -201,7 +201,9 @@ pub(super) async fn load(
                         Err(e) => {
                             let mut t = LoadTally::default();
                             t.copy_failed(&req_id, &blocks, &e);
-                            t.finish()
+                            // The chunk was counted as loaded in its load's record; the
+                            // failure reaches vLLM through the failed blocks.
+                            t.finish_metrics_only()
                         }
                     }
                 });
@@ -212,7 +214,7 @@ pub(super) async fn load(
             }
         }
     }
-    (tally.finish(), waiters)
+    (tally.finish(shared), waiters)
 }
 
 /// One chunk's copies to the device, in flight.

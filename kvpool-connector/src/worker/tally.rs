@@ -6,7 +6,9 @@ use kvpool_core::error::{Error, Result};
 use kvpool_core::key::BlockKey;
 use kvpool_core::metrics;
 
-use super::{Blocks, Shared, METRICS_LABEL};
+use std::time::Instant;
+
+use super::{Blocks, Shared, TransferRecord, METRICS_LABEL};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan};
 
 /// The keys of a load plan's blocks, by KV-cache group, each rank starting at a different
@@ -46,11 +48,23 @@ pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
 }
 
 /// Counts a load's outcomes into the metrics; collects the blocks that failed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct LoadTally {
     hits: u64,
     bytes: u64,
     failed: Vec<u32>,
+    started: Instant,
+}
+
+impl Default for LoadTally {
+    fn default() -> Self {
+        LoadTally {
+            hits: 0,
+            bytes: 0,
+            failed: Vec::new(),
+            started: Instant::now(),
+        }
+    }
 }
 
 impl LoadTally {
@@ -89,22 +103,49 @@ impl LoadTally {
         self.failed.extend_from_slice(blocks);
     }
 
-    pub(super) fn finish(self) -> Vec<u32> {
+    /// Counts into the metrics only, for a failure found after the load's record was taken.
+    pub(super) fn finish_metrics_only(self) -> Vec<u32> {
+        let m = metrics::global();
+        m.add_keys(METRICS_LABEL, "load", "failed", self.failed.len() as u64);
+        self.failed
+    }
+
+    pub(super) fn finish(self, shared: &Shared) -> Vec<u32> {
         let m = metrics::global();
         m.add_keys(METRICS_LABEL, "load", "hit", self.hits);
         m.add_keys(METRICS_LABEL, "load", "failed", self.failed.len() as u64);
         m.add_bytes(METRICS_LABEL, "load", self.bytes);
+        shared.record(TransferRecord {
+            op: "load",
+            seconds: self.started.elapsed().as_secs_f64(),
+            blocks: self.hits + self.failed.len() as u64,
+            bytes: self.bytes,
+            failed: self.failed.len() as u64,
+        });
         self.failed
     }
 }
 
 /// Counts a save's outcomes into the metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct SaveTally {
     stored: u64,
     existed: u64,
     failed: u64,
     bytes: u64,
+    started: Instant,
+}
+
+impl Default for SaveTally {
+    fn default() -> Self {
+        SaveTally {
+            stored: 0,
+            existed: 0,
+            failed: 0,
+            bytes: 0,
+            started: Instant::now(),
+        }
+    }
 }
 
 impl SaveTally {
@@ -154,11 +195,18 @@ impl SaveTally {
         Ok(())
     }
 
-    pub(super) fn finish(self) {
+    pub(super) fn finish(self, shared: &Shared) {
         let m = metrics::global();
         m.add_keys(METRICS_LABEL, "save", "stored", self.stored);
         m.add_keys(METRICS_LABEL, "save", "exists", self.existed);
         m.add_keys(METRICS_LABEL, "save", "failed", self.failed);
         m.add_bytes(METRICS_LABEL, "save", self.bytes);
+        shared.record(TransferRecord {
+            op: "save",
+            seconds: self.started.elapsed().as_secs_f64(),
+            blocks: self.stored + self.existed + self.failed,
+            bytes: self.bytes,
+            failed: self.failed,
+        });
     }
 }
