@@ -32,6 +32,8 @@ pub struct RedisBackend {
     /// `None` once closed; dropping the pool closes the connections.
     pool: RwLock<Option<Arc<Pool>>>,
     prefix: String,
+    /// Cluster mode: a server-side scan reaches one node only.
+    cluster: bool,
     ttl_ms: u64,
     pipeline_bytes: usize,
     pipeline_keys: usize,
@@ -90,6 +92,7 @@ impl RedisBackend {
             },
             pool: RwLock::new(Some(Arc::new(pool))),
             prefix: cfg.key_prefix,
+            cluster: !cfg.cluster_nodes.is_empty(),
             ttl_ms: cfg.ttl_ms,
             pipeline_bytes: usize::try_from(cfg.pipeline_bytes.0).unwrap_or(usize::MAX),
             pipeline_keys: cfg.pipeline_keys,
@@ -248,6 +251,27 @@ impl RedisBackend {
 
 /// The result an item gets once its run is done; every command was answered by then
 /// (`Pool::run` fails the run otherwise), so a missing one is a bug, reported as an error.
+/// Scans the keys matching `ARGV[1]` and unlinks them; returns how many.
+const CLEAR_SCRIPT: &str = "local cursor, n = '0', 0 \
+    repeat \
+      local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000) \
+      cursor = r[1] \
+      for _, k in ipairs(r[2]) do redis.call('UNLINK', k); n = n + 1 end \
+    until cursor == '0' \
+    return n";
+
+/// `s` as a literal in a redis glob pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn answered<T>(op: &'static str, acc: Option<T>) -> Result<T> {
     acc.ok_or_else(|| {
         Error::new(
@@ -542,6 +566,49 @@ impl KvBackend for RedisBackend {
         )
         .await?;
         Ok(())
+    }
+
+    /// `Local`: nothing (the server is shared). `All`: every key under `key_prefix`, by a
+    /// script on the server that scans and unlinks them (it holds the server while it runs,
+    /// as any script does; vLLM resets with generation paused). Refused in cluster mode,
+    /// where a script reaches one node, and with an empty `key_prefix`, which would name
+    /// every key of the database.
+    async fn clear(&self, scope: kvpool_core::ClearScope) -> Result<bool> {
+        let pool = self.pool()?;
+        if scope == kvpool_core::ClearScope::Local {
+            return Ok(false);
+        }
+        let refuse = |why: &str| {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("redis: cannot clear the pool: {why}"),
+            )
+            .with_operation("clear"))
+        };
+        if self.cluster {
+            return refuse("in cluster mode a server-side scan reaches one node only");
+        }
+        if self.prefix.is_empty() {
+            return refuse("`redis.key_prefix` is empty, so kvpool's keys cannot be told apart");
+        }
+        let pattern = format!("{}*", glob_escape(&self.prefix));
+        let mut removed: Option<Result<i64>> = None;
+        pool.run(
+            "clear",
+            1,
+            &|_, out| {
+                out.command(4);
+                out.arg(b"EVAL");
+                out.arg(CLEAR_SCRIPT.as_bytes());
+                out.arg(b"0");
+                out.arg(pattern.as_bytes());
+            },
+            &mut |_, reply| removed = Some(integer(&pool, "clear", reply)),
+        )
+        .await?;
+        let removed = answered("clear", removed)??;
+        tracing::info!(removed, prefix = self.prefix.as_str(), "redis pool cleared");
+        Ok(true)
     }
 
     async fn close(&self) -> Result<()> {

@@ -644,3 +644,45 @@ async fn more_callers_than_connections_share_them() {
         t.await.unwrap();
     }
 }
+
+/// `clear(All)` unlinks every key under `key_prefix` (glob characters in it taken literally)
+/// and nothing else; `clear(Local)` leaves a shared server alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_all_unlinks_exactly_the_keys_under_the_prefix() {
+    let server = RedisServer::plain();
+    let b = RedisBackend::connect(RedisConfig {
+        key_prefix: "pool[1]*:".into(),
+        ..config(server.url())
+    })
+    .await
+    .unwrap();
+    let k = keys(3);
+    for (i, key) in k.iter().enumerate() {
+        assert!(matches!(
+            put(&b, &[(key, value(i as u64, 64))]).await[0],
+            PutOutcome::Stored
+        ));
+    }
+    // A key the glob would match were the prefix not escaped, and an unrelated one.
+    assert_eq!(server.raw("SET pool1x:other 1").trim(), "+OK");
+    assert_eq!(server.raw("SET unrelated 1").trim(), "+OK");
+
+    assert!(!b.clear(kvpool_core::ClearScope::Local).await.unwrap());
+    assert_eq!(b.exists(&k).await.unwrap(), [true; 3]);
+    assert!(b.clear(kvpool_core::ClearScope::All).await.unwrap());
+    assert_eq!(b.exists(&k).await.unwrap(), [false; 3]);
+    assert_eq!(server.raw("EXISTS pool1x:other unrelated").trim(), ":2");
+
+    let unprefixed = RedisBackend::connect(RedisConfig {
+        key_prefix: String::new(),
+        ..config(server.url())
+    })
+    .await
+    .unwrap();
+    let e = unprefixed
+        .clear(kvpool_core::ClearScope::All)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("key_prefix"), "{e}");
+}
