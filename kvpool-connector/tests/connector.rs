@@ -605,3 +605,128 @@ fn reset_clears_a_pool_of_this_instance() {
     sched.request_finished("c", 0);
     assert_eq!(sched.tracked_requests(), 0);
 }
+
+fn mamba_layout() -> EngineLayout {
+    EngineLayout {
+        groups: vec![
+            KvCacheGroup::full_attention(BLOCK),
+            KvCacheGroup {
+                kind: GroupKind::Mamba,
+                block_size: BLOCK,
+            },
+        ],
+        ..layout(1, 0, 2)
+    }
+}
+
+#[test]
+fn mamba_state_blocks_are_saved_at_step_ends_and_a_hit_ends_on_one() {
+    let config = config(108);
+    let backend = memory_backend(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector =
+        WorkerConnector::with_backend(&config, mamba_layout(), backend.clone(), rt).unwrap();
+    let cache = MemRegion::alloc(BLOCKS * PAGE);
+    let tensor = |layer: &str| TensorDesc {
+        layer: layer.into(),
+        ptr: cache.as_ptr() as usize,
+        shape: vec![BLOCKS, PAGE],
+        strides: vec![PAGE as isize, 1],
+        elem_size: 1,
+        device: Device::Host,
+    };
+    // SAFETY: `cache` lives as long as the worker.
+    unsafe {
+        connector.register_kv_cache_groups(&[tensor("attn.0"), tensor("ssm.1")], &[0, 1], None)
+    }
+    .unwrap();
+    let worker = Worker { connector, cache };
+    let sched = SchedulerConnector::new(&config, mamba_layout()).unwrap();
+    let tokens: Vec<u32> = (900..921).collect(); // 5 full blocks and 1 token
+    for b in 1..=15 {
+        worker.fill(b, 50 + b as u8);
+    }
+
+    // Chunked prefill: 8 tokens, then 12. Each step's end leaves the Mamba state in the block
+    // ending there; only those blocks are saved for the state group.
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let a_blocks = [vec![1, 2, 3, 4, 5, 6], vec![10, 11, 12, 13, 14, 15]];
+    let mut first = hybrid_request("a", &tokens, a_blocks.clone(), 0);
+    first.num_scheduled_tokens = 8;
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![first],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(plan["saves"][0]["block_ids"], serde_json::json!([1, 2]));
+    assert_eq!(plan["saves"][1]["block_ids"], serde_json::json!([11]));
+    assert_eq!(plan["saves"][1]["first_block"], 1);
+    worker.run_step(&meta);
+    let meta = sched.build_connector_meta(StepInput {
+        cached_requests: vec![CachedRequest {
+            req_id: "a".into(),
+            num_computed_tokens: 8,
+            num_scheduled_tokens: 12,
+            ..CachedRequest::default()
+        }],
+        ..StepInput::default()
+    });
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(plan["saves"][0]["block_ids"], serde_json::json!([3, 4, 5]));
+    assert_eq!(plan["saves"][1]["block_ids"], serde_json::json!([14]));
+    worker.run_step(&meta);
+    assert!(sched.request_finished_all_groups("a", &a_blocks));
+    let done = worker.connector.get_finished(&["a".into()]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
+
+    // A hit of 20 tokens: every full-attention block, and only the state after token 20.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (20, true)
+    );
+    let b_blocks = [vec![21, 22, 23, 24, 25], vec![0, 0, 0, 0, 27]];
+    sched.update_state_after_alloc("b", b_blocks.to_vec(), 20);
+    let meta = sched.build_connector_meta(StepInput::default());
+    let plan: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(
+        plan["loads"][0]["block_ids"],
+        serde_json::json!([21, 22, 23, 24, 25, 27])
+    );
+    let done = worker.finish_async_load(&meta, "b");
+    assert!(done.failed_recving.is_empty());
+    for (i, b) in (21..=25).enumerate() {
+        assert_eq!(worker.block(b), vec![51 + i as u8; PAGE], "full block {i}");
+    }
+    assert_eq!(
+        worker.block(27),
+        vec![64; PAGE],
+        "the state after 20 tokens"
+    );
+    sched.update_connector_output(&[], &done.recving, &[], &[]);
+    sched.request_finished_all_groups("b", &b_blocks);
+
+    // Without the state at 20 tokens, the hit ends at the one saved at 8.
+    let hashes = kvpool::hash::token_block_hashes(
+        &tokens,
+        std::num::NonZeroUsize::new(BLOCK).unwrap(),
+        None,
+        None,
+    );
+    let ns = kvpool::Namespace::current("/models/test-model", 0, 0, 0, 0, 1, "default").unwrap();
+    let state_20 = kvpool::BlockKey::new(Arc::new(ns), hashes[4]);
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(backend.remove(&[state_20]))
+        .unwrap();
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
+        (8, true)
+    );
+    sched.request_finished_all_groups("c", &[vec![], vec![]]);
+    assert_eq!(sched.tracked_requests(), 0);
+}
