@@ -359,3 +359,32 @@ fn device_tensors_get_no_regions_and_no_host_descriptors() {
         }]
     );
 }
+
+#[test]
+fn groups_share_one_region_and_each_plans_its_own_tensors() {
+    // Two layers of different groups over one buffer, as vLLM lays out hybrid groups, and a
+    // third layer of group 0 in a buffer of its own.
+    let mut shared = vec![0u8; 8 * 64];
+    let mut own = vec![0u8; 8 * 32];
+    let s = shared.as_mut_ptr() as usize;
+    let tensors = [
+        desc("full.0", s, vec![8, 64], vec![64, 1], 1),
+        desc("swa.1", s, vec![8, 64], vec![64, 1], 1),
+        desc("full.2", own.as_mut_ptr() as usize, vec![8, 32], vec![32, 1], 1),
+    ];
+    // SAFETY: the buffers outlive the layouts.
+    let layouts = unsafe { KvLayout::grouped(&tensors, &[0, 1, 0], None) }.unwrap();
+    assert_eq!(layouts.len(), 2);
+    assert_eq!(layouts[0].value_len(), 64 + 32);
+    assert_eq!(layouts[1].value_len(), 64);
+    // One list of regions, the same for every group: registered once.
+    assert_eq!(layouts[0].regions().len(), 2);
+    let ids = |l: &KvLayout| l.regions().iter().map(|r| r.id()).collect::<Vec<_>>();
+    assert_eq!(ids(&layouts[0]), ids(&layouts[1]));
+
+    // SAFETY: as above (the calls fail before any use).
+    let err = unsafe { KvLayout::grouped(&tensors, &[0, 1], None) }.unwrap_err();
+    assert!(err.to_string().contains("3 KV-cache tensors but 2 group indices"), "{err}");
+    let err = unsafe { KvLayout::grouped(&tensors, &[0, 2, 0], None) }.unwrap_err();
+    assert!(err.to_string().contains("KV-cache group 1 has no tensor"), "{err}");
+}
