@@ -370,7 +370,13 @@ fn groups_share_one_region_and_each_plans_its_own_tensors() {
     let tensors = [
         desc("full.0", s, vec![8, 64], vec![64, 1], 1),
         desc("swa.1", s, vec![8, 64], vec![64, 1], 1),
-        desc("full.2", own.as_mut_ptr() as usize, vec![8, 32], vec![32, 1], 1),
+        desc(
+            "full.2",
+            own.as_mut_ptr() as usize,
+            vec![8, 32],
+            vec![32, 1],
+            1,
+        ),
     ];
     // SAFETY: the buffers outlive the layouts.
     let layouts = unsafe { KvLayout::grouped(&tensors, &[0, 1, 0], None) }.unwrap();
@@ -384,7 +390,14 @@ fn groups_share_one_region_and_each_plans_its_own_tensors() {
 
     // SAFETY: as above (the calls fail before any use).
     let err = unsafe { KvLayout::grouped(&tensors, &[0, 1], None) }.unwrap_err();
-    assert!(err.to_string().contains("3 KV-cache tensors but 2 group indices"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("3 KV-cache tensors but 2 group indices"),
+        "{err}"
+    );
     let err = unsafe { KvLayout::grouped(&tensors, &[0, 2, 0], None) }.unwrap_err();
-    assert!(err.to_string().contains("KV-cache group 1 has no tensor"), "{err}");
+    assert!(
+        err.to_string().contains("KV-cache group 1 has no tensor"),
+        "{err}"
+    );
 }
