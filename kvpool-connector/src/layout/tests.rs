@@ -395,6 +395,7 @@ fn groups_share_one_region_and_each_plans_its_own_tensors() {
             .contains("3 KV-cache tensors but 2 group indices"),
         "{err}"
     );
+    // SAFETY: as above.
     let err = unsafe { KvLayout::grouped(&tensors, &[0, 2, 0], None) }.unwrap_err();
     assert!(
         err.to_string().contains("KV-cache group 1 has no tensor"),
