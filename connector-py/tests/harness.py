@@ -64,6 +64,24 @@ one block table per group. What vLLM 0.33 does there, observed with this harness
 - invalid_block_ids is rejected for more than one group (RuntimeError in
   Scheduler._handle_invalid_blocks); failed_recving only acts on async loads.
 
+Mamba (make_mamba_hybrid_kv_cache_config: group 0 = full attention, group 1 =
+MambaSpec, mamba_cache_mode "align"), observed with this harness:
+- allocate_kv_cache gives a Mamba layer the raw state view [num_blocks, 1, 1,
+  state_bytes] int8 (state_bytes = MambaSpec.state_content_size_bytes, strides
+  (page, ..., 1): block b's state is the first state_bytes of the layer's page b,
+  the padding after it belongs to nobody). This is what register_kv_caches gets.
+- The scheduler clips prefill chunks so that they end on block boundaries and
+  never run past the last cacheable boundary, floor((prompt - 1) / bs) * bs
+  (Scheduler._mamba_block_aligned_split).
+- A Mamba block table is position-indexed, mostly null: the state after T
+  tokens lives in the block at index ceil(T / bs) - 1; older state blocks are
+  nulled and freed at the next schedule() once two steps old.
+- WorkerRig fakes the state update: after each step, for each scheduled request
+  with T = num_computed + num_scheduled tokens, every Mamba layer's block at index
+  ceil(T / bs) - 1 gets expected_state(layer, tokens, T), which depends on the
+  layer, on T and on ALL of tokens[:T]. Mamba layers do not call the connector's
+  per-layer hooks (vLLM only wraps attention with @maybe_transfer_kv_layer).
+
 kv_format "kv_pair": {layer_name: (k_cache, v_cache)}, each a contiguous
 [num_blocks, block_size, num_kv_heads, head_size] tensor: the Ascend-NPU shape that
 Ascend Store receives. vLLM itself never produces it; it exists so a connector can be
@@ -75,7 +93,9 @@ aliasing of the fused layout.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -398,8 +418,8 @@ def make_mamba_hybrid_kv_cache_config(
     mamba_cache_mode=cache_config.mamba_cache_mode, which must be "align":
     make_vllm_config(mamba_cache_mode="align")), padded (page_size_padded) to the
     attention page so the planner can use one page size, as vLLM pads real hybrid
-    models. Scheduler-side only: WorkerRig cannot run Mamba layers (there is no
-    per-token slot mapping for state; see the harness notes).
+    models. WorkerRig runs it (kv_format "fused" only): Mamba layers get a fake
+    state update, see WorkerRig.expected_state and the harness notes.
     """
     cc = vllm_config.cache_config
     assert cc.mamba_cache_mode == "align", (
@@ -628,6 +648,14 @@ class WorkerRig:
     put it (blocks before the window); newly computed tokens never land there
     (asserted). `layer_names` lists every layer in model order, `layer_groups[g]`
     the layers of group g, `layer_group[name]` the group of a layer.
+
+    Mamba groups (make_mamba_hybrid_kv_cache_config, kv_format "fused" only): a Mamba
+    layer's cache is vLLM's raw state view, dim 0 = block id (`state_views`); no slot
+    mapping. After each step the rig writes, for each scheduled request, the state
+    after T = num_computed + num_scheduled tokens into the block at index
+    ceil(T / bs) - 1 of its Mamba table (where align mode keeps it):
+    expected_state(layer, tokens, T); read it back with read_state. `mamba_groups`
+    lists the Mamba group ids, `attention_groups` the others.
     """
 
     def __init__(
@@ -646,24 +674,36 @@ class WorkerRig:
             name: gid for gid, names in enumerate(self.layer_groups) for name in names
         }
         self.group_specs: list[Any] = [g.kv_cache_spec for g in groups]
+        self.attention_groups: list[int] = []
+        self.mamba_groups: list[int] = []
         for gid, spec in enumerate(self.group_specs):
-            if not isinstance(spec, AttentionSpec):
+            if isinstance(spec, AttentionSpec):
+                self.attention_groups.append(gid)
+            elif isinstance(spec, MambaSpec):
+                self.mamba_groups.append(gid)
+            else:
                 raise NotImplementedError(
                     f"group {gid} is {type(spec).__name__}: WorkerRig only runs "
-                    "attention groups (full / sliding window)"
+                    "attention groups (full / sliding window) and Mamba groups"
                 )
+        if not self.attention_groups:
+            raise NotImplementedError("WorkerRig needs at least one attention group")
+        if self.mamba_groups and kv_format != "fused":
+            raise NotImplementedError(
+                "Mamba groups only with kv_format 'fused' (vLLM's own allocation)"
+            )
         # Every layer, in model order (model layer index = position here; the fake
         # K/V depends on it). One group: exactly that group's layer list.
         model_order = {n: i for i, n in enumerate(layer_names(vllm_config))}
         self.layer_names: list[str] = sorted(
             self.layer_group, key=lambda n: (model_order.get(n, len(model_order)), n)
         ) if len(groups) > 1 else list(self.layer_groups[0])
-        spec = self.group_specs[0]
+        spec = self.group_specs[self.attention_groups[0]]
         self.block_size: int = spec.block_size
         self.num_kv_heads: int = spec.num_kv_heads
         self.head_size: int = spec.head_size
         self.dtype: torch.dtype = spec.dtype
-        for s in self.group_specs[1:]:
+        for s in (self.group_specs[g] for g in self.attention_groups[1:]):
             assert (s.num_kv_heads, s.head_size, s.dtype) == (
                 self.num_kv_heads,
                 self.head_size,
@@ -724,9 +764,13 @@ class WorkerRig:
                 out[name] = pairs[k]
         return out
 
+    def is_mamba_layer(self, layer_name: str) -> bool:
+        return self.layer_group[layer_name] in self.mamba_groups
+
     def _kv_views(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_size]
         views (writable, sharing memory with the registered cache)."""
+        assert not self.is_mamba_layer(layer_name), f"{layer_name} is a Mamba layer"
         kv = self.kv_caches[layer_name]
         if self.kv_format == "kv_pair":
             return kv[0], kv[1]
@@ -743,8 +787,57 @@ class WorkerRig:
     def zero_cache(self) -> None:
         """Wipe every layer, so that anything a later load puts there is observable."""
         for name in self.layer_names:
+            if self.is_mamba_layer(name):
+                self.state_views(name).zero_()
+                continue
             for t in self._kv_views(name):
                 t.zero_()
+
+    # ---- Mamba state
+
+    def state_views(self, layer_name: str) -> torch.Tensor:
+        """A Mamba layer's state as a writable [num_blocks, state_bytes] uint8 view of
+        the registered cache (row b = block b's state; the page padding after it is
+        not part of the view)."""
+        assert self.is_mamba_layer(layer_name), f"{layer_name} is not a Mamba layer"
+        t = self.kv_caches[layer_name]
+        assert t.shape[0] == self.num_blocks, (t.shape, self.num_blocks)
+        rows = t.view(torch.uint8) if t.element_size() == 1 else t
+        try:
+            rows = rows.view(t.shape[0], -1)
+        except RuntimeError:
+            # Not expressible as a view: the state must still be dense in each block,
+            # as vLLM's runner assumes when it splits a page into conv / ssm states.
+            n = rows[0].numel()
+            assert rows[0].is_contiguous(), "a block's state is not one dense run"
+            rows = rows.as_strided((t.shape[0], n), (rows.stride(0), 1))
+        return rows.view(torch.uint8)
+
+    def state_bytes(self, layer_name: str) -> int:
+        return self.state_views(layer_name).shape[1]
+
+    def read_state(self, layer_name: str, block_id: int) -> torch.Tensor:
+        """A copy of the state held in one block of a Mamba layer ([state_bytes]
+        uint8)."""
+        return self.state_views(layer_name)[block_id].clone()
+
+    def expected_state(self, layer_name: str, token_ids: list[int], T: int) -> torch.Tensor:
+        """The state the fake Mamba layer holds after the first T tokens of a sequence
+        ([state_bytes] uint8): sha256 of (layer index, T, token_ids[:T]) repeated.
+        Depends on every one of those tokens, so a state saved or loaded for another
+        prefix, layer or length shows up."""
+        assert 0 < T <= len(token_ids), (T, len(token_ids))
+        return self._state_for(
+            self.layer_names.index(layer_name), token_ids[:T], self.state_bytes(layer_name)
+        )
+
+    @staticmethod
+    def _state_for(layer_idx: int, tokens: list[int], n: int) -> torch.Tensor:
+        h = hashlib.sha256(struct.pack("<QQ", layer_idx, len(tokens)))
+        h.update(struct.pack(f"<{len(tokens)}Q", *tokens))
+        digest = h.digest()
+        data = (digest * (n // len(digest) + 1))[:n]
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def expected_block(
         self, layer_name: str, token_ids: list[int], block_index: int
@@ -828,12 +921,21 @@ class WorkerRig:
 
             slots, writes = self._plan_writes(work)
             layer_slots = {
-                name: slots[self.layer_group[name]] for name in self.layer_names
+                name: slots[self.layer_group[name]]
+                for name in self.layer_names
+                if not self.is_mamba_layer(name)
             }
-            attn_metadata = {
+            attn_metadata: dict[str, Any] = {
                 name: SimpleNamespace(slot_mapping=s, num_actual_tokens=len(s))
                 for name, s in layer_slots.items()
             }
+            for name in self.layer_names:
+                if self.is_mamba_layer(name):
+                    gw = writes[self.layer_group[name]]
+                    attn_metadata[name] = SimpleNamespace(
+                        state_block_ids=torch.tensor([b for b, _, _ in gw]),
+                        num_actual_tokens=sum(c for _, _, c in work),
+                    )
             with (
                 set_forward_context(
                     attn_metadata,
@@ -844,6 +946,10 @@ class WorkerRig:
             ):
                 for li, name in enumerate(self.layer_names):
                     gw = writes[self.layer_group[name]]
+                    if self.is_mamba_layer(name):
+                        # vLLM's Mamba mixers call no per-layer connector hook.
+                        self._write_state(li, name, gw)
+                        continue
                     _fake_attention(
                         lambda li=li, name=name, gw=gw: self._write(li, name, gw), name
                     )
@@ -851,13 +957,28 @@ class WorkerRig:
 
     def _plan_writes(self, work):
         """Per group: the slot mapping tensor and the writes
-        (block_ids, offsets, token_ids_of_seq, positions) of each request."""
+        (block_ids, offsets, token_ids_of_seq, positions) of each request; for a
+        Mamba group no slots, and per request (state block id, token ids, T)."""
         all_slots = []
         all_writes = []
         for gid in range(self.num_groups):
             bs = self.group_block_size(gid)
             slots: list[int] = []
             writes = []
+            if gid in self.mamba_groups:
+                for req_id, start, count in work:
+                    table = self._block_table[req_id][gid]
+                    end = start + count
+                    idx = math.ceil(end / bs) - 1
+                    assert idx < len(table) and table[idx] != 0, (
+                        f"{req_id}: Mamba group {gid} has no state block at index "
+                        f"{idx} for the state after {end} tokens (table {table})"
+                    )
+                    toks = [self._token_at(req_id, p) for p in range(end)]
+                    writes.append((table[idx], toks, end))
+                all_slots.append(torch.tensor([], dtype=torch.int64))
+                all_writes.append(writes)
+                continue
             for req_id, start, count in work:
                 table = self._block_table[req_id][gid]
                 positions = list(range(start, start + count))
@@ -873,6 +994,11 @@ class WorkerRig:
             all_slots.append(torch.tensor(slots, dtype=torch.int64))
             all_writes.append(writes)
         return all_slots, all_writes
+
+    def _write_state(self, layer_idx: int, layer_name: str, writes) -> None:
+        rows = self.state_views(layer_name)
+        for block_id, toks, end in writes:
+            rows[block_id] = self._state_for(layer_idx, toks, rows.shape[1])
 
     def _write(self, layer_idx: int, layer_name: str, writes) -> None:
         k_cache, v_cache = self._kv_views(layer_name)
