@@ -369,17 +369,14 @@ fn a_finished_request_whose_free_was_not_delayed_is_never_reported_as_sent() {
     assert_eq!(worker.connector.tracked_requests(), 0);
 }
 
-/// A worker of a hybrid model: a full-attention layer (group 0) and a sliding-window layer
-/// (group 1) that share one cache tensor, as vLLM lays out hybrid groups; a block id belongs
-/// to one group at a time.
-fn hybrid_layout(window: usize) -> EngineLayout {
+/// A hybrid model: a full-attention group and a group of `second` kind, both of `BLOCK`-token
+/// blocks.
+fn two_group_layout(second: GroupKind) -> EngineLayout {
     EngineLayout {
         groups: vec![
             KvCacheGroup::full_attention(BLOCK),
             KvCacheGroup {
-                kind: GroupKind::SlidingWindow {
-                    sliding_window: window,
-                },
+                kind: second,
                 block_size: BLOCK,
             },
         ],
@@ -387,14 +384,25 @@ fn hybrid_layout(window: usize) -> EngineLayout {
     }
 }
 
-fn hybrid_worker(config: &Config, window: usize, backend: Arc<dyn KvBackend>) -> Worker {
+fn hybrid_layout(window: usize) -> EngineLayout {
+    two_group_layout(GroupKind::SlidingWindow {
+        sliding_window: window,
+    })
+}
+
+fn mamba_layout() -> EngineLayout {
+    two_group_layout(GroupKind::Mamba)
+}
+
+/// A worker of `layout`'s two groups: one layer each, sharing one cache tensor, as vLLM lays
+/// out hybrid groups; a block id belongs to one group at a time.
+fn two_group_worker(config: &Config, layout: EngineLayout, backend: Arc<dyn KvBackend>) -> Worker {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let connector =
-        WorkerConnector::with_backend(config, hybrid_layout(window), backend, rt).unwrap();
+    let connector = WorkerConnector::with_backend(config, layout, backend, rt).unwrap();
     let cache = MemRegion::alloc(BLOCKS * PAGE);
     let tensor = |layer: &str| TensorDesc {
         layer: layer.into(),
@@ -404,7 +412,7 @@ fn hybrid_worker(config: &Config, window: usize, backend: Arc<dyn KvBackend>) ->
         elem_size: 1,
         device: Device::Host,
     };
-    let tensors = [tensor("full.0"), tensor("swa.1")];
+    let tensors = [tensor("group0.layer0"), tensor("group1.layer1")];
     // SAFETY: `cache` lives as long as the worker.
     unsafe { connector.register_kv_cache_groups(&tensors, &[0, 1], None) }.unwrap();
     Worker { connector, cache }
@@ -426,7 +434,7 @@ fn hybrid_groups_are_saved_under_their_own_keys_and_loaded_by_their_own_rules() 
     let config = config(106);
     let backend = memory_backend(&config);
     // A 5-token window over 4-token blocks needs cdiv(4, 4) = 1 block at the hit's end.
-    let worker = hybrid_worker(&config, 5, backend.clone());
+    let worker = two_group_worker(&config, hybrid_layout(5), backend.clone());
     let sched = SchedulerConnector::new(&config, hybrid_layout(5)).unwrap();
     let tokens: Vec<u32> = (700..721).collect(); // 5 full blocks and 1 token
 
@@ -606,45 +614,11 @@ fn reset_clears_a_pool_of_this_instance() {
     assert_eq!(sched.tracked_requests(), 0);
 }
 
-fn mamba_layout() -> EngineLayout {
-    EngineLayout {
-        groups: vec![
-            KvCacheGroup::full_attention(BLOCK),
-            KvCacheGroup {
-                kind: GroupKind::Mamba,
-                block_size: BLOCK,
-            },
-        ],
-        ..layout(1, 0, 2)
-    }
-}
-
 #[test]
 fn mamba_state_blocks_are_saved_at_step_ends_and_a_hit_ends_on_one() {
     let config = config(108);
     let backend = memory_backend(&config);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let connector =
-        WorkerConnector::with_backend(&config, mamba_layout(), backend.clone(), rt).unwrap();
-    let cache = MemRegion::alloc(BLOCKS * PAGE);
-    let tensor = |layer: &str| TensorDesc {
-        layer: layer.into(),
-        ptr: cache.as_ptr() as usize,
-        shape: vec![BLOCKS, PAGE],
-        strides: vec![PAGE as isize, 1],
-        elem_size: 1,
-        device: Device::Host,
-    };
-    // SAFETY: `cache` lives as long as the worker.
-    unsafe {
-        connector.register_kv_cache_groups(&[tensor("attn.0"), tensor("ssm.1")], &[0, 1], None)
-    }
-    .unwrap();
-    let worker = Worker { connector, cache };
+    let worker = two_group_worker(&config, mamba_layout(), backend.clone());
     let sched = SchedulerConnector::new(&config, mamba_layout()).unwrap();
     let tokens: Vec<u32> = (900..921).collect(); // 5 full blocks and 1 token
     for b in 1..=15 {
