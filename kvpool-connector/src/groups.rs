@@ -96,11 +96,33 @@ impl KvCacheGroup {
     /// block hashes at `hash_block_size` tokens each: the hash itself when the sizes match,
     /// else Ascend Store v0.23's rehash of the hashes a block covers.
     pub fn key_hashes(&self, fine: &[BlockHash], hash_block_size: usize) -> Vec<BlockHash> {
-        let k = (self.block_size / hash_block_size.max(1)).max(1);
+        let k = self.hashes_per_block(hash_block_size);
         if k == 1 {
             return fine.to_vec();
         }
         fine.chunks_exact(k).map(grouped_block_hash).collect()
+    }
+
+    /// The key hash of block `i` alone (see [`key_hashes`](Self::key_hashes)); `None` when
+    /// `fine` does not cover the block.
+    pub fn key_hash(
+        &self,
+        fine: &[BlockHash],
+        hash_block_size: usize,
+        i: usize,
+    ) -> Option<BlockHash> {
+        let k = self.hashes_per_block(hash_block_size);
+        let covered = fine.get(i * k..(i + 1) * k)?;
+        Some(if k == 1 {
+            covered[0]
+        } else {
+            grouped_block_hash(covered)
+        })
+    }
+
+    /// vLLM hash blocks per block of this group.
+    pub fn hashes_per_block(&self, hash_block_size: usize) -> usize {
+        (self.block_size / hash_block_size.max(1)).max(1)
     }
 
     /// The longest prefix of at most `max_blocks` blocks (whose end is a multiple of
@@ -321,6 +343,10 @@ mod tests {
         assert_eq!(coarse.len(), 2);
         assert_eq!(coarse[0], grouped_block_hash(&fine[..2]));
         assert_eq!(coarse[1], grouped_block_hash(&fine[2..]));
+        // One block's key hash alone is the same.
+        assert_eq!(mamba(32).key_hash(&fine, 16, 1), Some(coarse[1]));
+        assert_eq!(mamba(32).key_hash(&fine, 16, 2), None);
+        assert_eq!(swa(8, 16).key_hash(&fine, 16, 3), Some(fine[3]));
         assert_eq!(
             mamba(32).key_hashes(&fine[..3], 16).len(),
             1,

@@ -234,12 +234,7 @@ impl SchedulerConnector {
             prompt_len
         };
         let align = groups::alignment_tokens(&self.groups);
-        if self.layout.is_hybrid()
-            || self
-                .groups
-                .iter()
-                .any(|g| g.kind != GroupKind::FullAttention)
-        {
+        if self.layout.is_hybrid() || self.groups.iter().any(|g| g.blocks_are_volatile()) {
             // vLLM computes at least the last token, and every group's blocks must end where
             // the hit ends: Mamba state is exact only at its block's end, so "one token less
             // than a full hit" (below) would replay a token. Look up whole aligned blocks short
@@ -349,9 +344,9 @@ impl SchedulerConnector {
             let bs = group.block_size;
             let first = spec.vllm_cached / bs;
             let end = spec.pool_cached.div_ceil(bs);
-            let key_hashes = group.key_hashes(hashes, hash_bs);
+            let covered = hashes.len() / group.hashes_per_block(hash_bs);
             let blocks = spec.block_ids.get(g).map_or(&[][..], Vec::as_slice);
-            if end > key_hashes.len() || end > blocks.len() || first >= end {
+            if end > covered || end > blocks.len() || first >= end {
                 tracing::warn!(
                     req = req_id,
                     group = g,
@@ -363,8 +358,9 @@ impl SchedulerConnector {
                 if blocks[i] == 0 {
                     continue;
                 }
+                let hash = group.key_hash(hashes, hash_bs, i)?;
                 plan.block_ids.push(blocks[i]);
-                plan.hashes.push_str(&key_hashes[i].to_hex());
+                plan.hashes.push_str(&hash.to_hex());
                 if hybrid {
                     plan.groups.push(g as u32);
                 }
@@ -389,7 +385,7 @@ impl SchedulerConnector {
         let hash_bs = self.layout.hash_block_size();
         for (g, group) in self.groups.iter().enumerate() {
             let bs = group.block_size;
-            let per_key = (bs / hash_bs.max(1)).max(1);
+            let per_key = group.hashes_per_block(hash_bs);
             let ids = t.block_ids.get(g).map_or(&[][..], Vec::as_slice);
             let blocks = (limit / bs).min(t.hashes.len() / per_key).min(ids.len());
             let first = t.saved_blocks[g];
@@ -407,7 +403,6 @@ impl SchedulerConnector {
             } else {
                 first..blocks
             };
-            let key_hashes = group.key_hashes(&t.hashes[..blocks * per_key], hash_bs);
             let mut run: Option<SavePlan> = None;
             for i in wanted {
                 if ids[i] == 0 {
@@ -421,8 +416,12 @@ impl SchedulerConnector {
                     hashes: String::new(),
                     group: g as u32,
                 });
+                // `blocks` is bounded by the hashes, so every block here has one.
+                let Some(hash) = group.key_hash(&t.hashes, hash_bs, i) else {
+                    break;
+                };
                 plan.block_ids.push(ids[i]);
-                plan.hashes.push_str(&key_hashes[i].to_hex());
+                plan.hashes.push_str(&hash.to_hex());
             }
             plans.extend(run);
         }

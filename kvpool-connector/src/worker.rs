@@ -885,7 +885,7 @@ impl PoolLookup {
         hashes: &[BlockHash],
     ) -> Result<Vec<bool>> {
         let group = &self.groups[g];
-        let per_key = (group.block_size / self.hash_block_size.max(1)).max(1);
+        let per_key = group.hashes_per_block(self.hash_block_size);
         let fine = &hashes[range.start * per_key..range.end * per_key];
         let key_hashes = group.key_hashes(fine, self.hash_block_size);
         let ranks: &[Arc<Namespace>] = self.shared.keys[g].all();
@@ -914,7 +914,7 @@ impl LookupHandler for PoolLookup {
     /// only blocks at a hit's end (half the keys of a full + sliding-window model).
     async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
         let blocks_of = |g: &KvCacheGroup| {
-            let per_key = (g.block_size / self.hash_block_size.max(1)).max(1);
+            let per_key = g.hashes_per_block(self.hash_block_size);
             (token_len / g.block_size.max(1)).min(hashes.len() / per_key)
         };
         let mut present: Vec<Vec<bool>> = vec![Vec::new(); self.groups.len()];

@@ -96,14 +96,15 @@ fn a_master_that_is_not_there_fails_open_promptly() {
     let _ = std::fs::remove_file(json);
 }
 
+/// A segment owner of 32 MB; `MOONCAKE_MASTER` (see `load`) supplies the address.
+const OWNER_32MB: &str = r#"{"metadata_server": "P2PHANDSHAKE", "protocol": "tcp",
+    "device_name": "", "master_server_address": "127.0.0.1:1", "global_segment_size": "32MB"}"#;
+
 #[test]
 fn clear_all_empties_the_shared_pool_and_clear_local_leaves_it() {
     use kvpool_core::{BlockHash, BlockKey, ClearScope, KvBackendExt, Namespace};
     let master = MooncakeMaster::start();
-    let json = write_json(
-        r#"{"metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "device_name": "",
-            "master_server_address": "127.0.0.1:1", "global_segment_size": "32MB"}"#,
-    );
+    let json = write_json(OWNER_32MB);
     rt().block_on(async {
         let pool = kvpool_core::open(&load(&json, &master.address()))
             .await
@@ -137,10 +138,7 @@ fn clear_all_empties_the_shared_pool_and_clear_local_leaves_it() {
 #[test]
 fn a_master_of_another_release_is_refused_at_open() {
     let other = MooncakeMaster::start_release_0_3_14();
-    let json = write_json(
-        r#"{"metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "device_name": "",
-            "master_server_address": "127.0.0.1:1", "global_segment_size": "32MB"}"#,
-    );
+    let json = write_json(OWNER_32MB);
     rt().block_on(async {
         let e = kvpool_core::open(&load(&json, &other.address()))
             .await
