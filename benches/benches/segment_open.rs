@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use kvpool::size::ByteSize;
 use kvpool::KvBackend;
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
+use kvpool_benches::step::median;
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
 
 const SEGMENT: usize = 1 << 30;
@@ -56,13 +57,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("segment_open/baseline_memset_1GiB", |b| {
         b.iter_custom(|n| (0..n).map(|_| memset()).sum())
     });
-    let median = |f: &dyn Fn() -> Duration| {
-        let mut v: Vec<Duration> = (0..9).map(|_| f()).collect();
-        v.sort();
-        v[4]
-    };
-    let open = median(&open_close);
-    let base = median(&memset);
+    let open = median((0..9).map(|_| open_close()).collect());
+    let base = median((0..9).map(|_| memset()).collect());
     println!(
         "segment_open/1GiB: open median {open:?}, memset median {base:?}, open / memset = {:.3}",
         open.as_secs_f64() / base.as_secs_f64()
