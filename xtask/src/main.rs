@@ -131,6 +131,8 @@ fn apt_packages() -> Result {
         "redis-tools",
     );
     want(on_path("openssl"), "openssl");
+    // The mooncake backend's HA test elects mooncake_master leaders through etcd.
+    want(on_path("etcd"), "etcd-server");
     // The official Mooncake client's wheel links these.
     for package in ["libibverbs1", "librdmacm1", "libnuma1"] {
         want(dpkg_installed(package), package);

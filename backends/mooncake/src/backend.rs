@@ -158,9 +158,13 @@ impl Inner {
             .map(|(k, v)| (k.clone(), v.len() as u64))
             .collect();
         let retry = Duration::from_millis(self.cfg.no_space_retry_ms);
+        // Every step of this put goes to the master that starts it: after an
+        // HA failover the new leader knows nothing of it, and ending it there
+        // could end another put of the same key.
+        let pin = Some(self.master.epoch());
         let started = self
             .master
-            .batch_put_start(self.client_id, &request, &self.replicate, retry)
+            .batch_put_start(pin, self.client_id, &request, &self.replicate, retry)
             .await?;
 
         let mut outcomes = Outcomes::new(n, "put");
@@ -262,7 +266,7 @@ impl Inner {
                         .then(|| crate::checksum::crc64(items[i].1.chunks())),
                 })
                 .collect();
-            match self.master.batch_put_end(self.client_id, metas).await {
+            match self.master.batch_put_end(pin, self.client_id, metas).await {
                 Ok(res) => {
                     for (&i, r) in end.iter().zip(res) {
                         match r {
@@ -284,7 +288,7 @@ impl Inner {
         }
         if !revoke.is_empty() {
             let keys = revoke.iter().map(|&i| items[i].0.clone()).collect();
-            self.master.revoke_quietly(self.client_id, keys).await;
+            self.master.revoke_quietly(pin, self.client_id, keys).await;
             for &i in &revoke {
                 let e = failed[i].take().unwrap_or_else(|| {
                     Error::new(ErrorKind::Unavailable, "the put could not be ended")

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MooncakeConfig {
-    /// `host:port` of `mooncake_master`'s RPC service.
+    /// `host:port` of `mooncake_master`'s RPC service, or, for masters in HA
+    /// mode, `etcd://host:port[;host:port...]`: the etcd endpoints the leader
+    /// is looked up in (at open, and again whenever the master stops answering).
     pub master_server_address: String,
     /// Only `"P2PHANDSHAKE"` is supported: segment descriptors are exchanged
     /// peer to peer, with no etcd or HTTP metadata server.
@@ -158,16 +160,7 @@ impl MooncakeConfig {
                 ))
             }
         }
-        let addr = self.master_server_address.trim();
-        match addr.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => {
-                return bad(format!(
-                    "mooncake.master_server_address {addr:?} must be host:port, like \
-                     \"10.0.0.1:50051\""
-                ))
-            }
-        }
+        crate::ha::parse_master_address(&self.master_server_address)?;
         if self.replica_num == 0 {
             return bad("mooncake.replica_num must be at least 1".into());
         }

@@ -11,6 +11,7 @@ mod backend;
 pub mod checksum;
 mod codec;
 mod config;
+mod ha;
 mod master;
 mod rpc;
 mod sources;

@@ -1,9 +1,11 @@
 //! Typed calls to `mooncake_master`, with its failures turned into kvpool errors.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvpool_core::{Error, ErrorKind, Result};
 
+use crate::ha::Leader;
 use crate::rpc::{RpcError, RpcPool, ERRC_INVALID_ARGUMENTS, ERRC_NOT_REGISTERED};
 use crate::types::*;
 
@@ -16,14 +18,26 @@ pub(crate) const STORE_VERSION: &str = "2.0.0";
 pub(crate) struct Master {
     pool: RpcPool,
     tenant: String,
+    /// An HA cluster's leader: calls that cannot reach the master look it up again.
+    leader: Option<Arc<Leader>>,
 }
 
 impl Master {
     pub(crate) fn new(pool: RpcPool, tenant: String) -> Self {
-        Master { pool, tenant }
+        Master {
+            pool,
+            tenant,
+            leader: None,
+        }
     }
 
-    pub(crate) fn addr(&self) -> &str {
+    /// Follows `leader` when the master stops answering.
+    pub(crate) fn following(mut self, leader: Option<Arc<Leader>>) -> Self {
+        self.leader = leader;
+        self
+    }
+
+    pub(crate) fn addr(&self) -> String {
         self.pool.addr()
     }
 
@@ -31,11 +45,59 @@ impl Master {
         self.pool.reset();
     }
 
+    /// A call that may run twice: reads, mounts, pings, removes. When an HA
+    /// master cannot be reached and etcd names another leader, it is retried
+    /// there once (within its own RPC timeout).
     async fn call<R: Rpc>(&self, op: &'static str, args: &R::Args) -> Result<R::Ret> {
+        self.call_with::<R>(op, args, true, None).await
+    }
+
+    /// A call that must not be repeated on another master, sent only to the
+    /// master of generation `pin` when given (the steps of a put: a put
+    /// started on one leader cannot be ended on the next). A failure still
+    /// moves the pool to the new leader for later calls.
+    async fn call_once<R: Rpc>(
+        &self,
+        op: &'static str,
+        args: &R::Args,
+        pin: Option<u64>,
+    ) -> Result<R::Ret> {
+        self.call_with::<R>(op, args, false, pin).await
+    }
+
+    /// Which master calls go to now: pass it as the `pin` of every step of one put.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.pool.generation()
+    }
+
+    async fn call_with<R: Rpc>(
+        &self,
+        op: &'static str,
+        args: &R::Args,
+        may_repeat: bool,
+        pin: Option<u64>,
+    ) -> Result<R::Ret> {
+        let addr = self.pool.addr();
+        let e = match self.pool.call::<R>(args, pin).await {
+            Ok(ret) => return Ok(ret),
+            Err(e) => e,
+        };
+        let Some(leader) = &self.leader else {
+            return Err(rpc_error(e, &addr, op));
+        };
+        if !e.unreachable() {
+            return Err(rpc_error(e, &addr, op));
+        }
+        let moved = leader.follow(&self.pool, &addr).await;
+        // After a timeout the call's time is spent: the next call goes to the new leader.
+        if !(moved && may_repeat && !matches!(e, RpcError::Timeout { .. })) {
+            return Err(rpc_error(e, &addr, op));
+        }
+        let addr = self.pool.addr();
         self.pool
-            .call::<R>(args)
+            .call::<R>(args, None)
             .await
-            .map_err(|e| rpc_error(e, self.pool.addr(), op))
+            .map_err(|e| rpc_error(e, &addr, op))
     }
 
     /// `ServiceReady`; a version other than ours is a clear error.
@@ -74,10 +136,10 @@ impl Master {
             config.clone(),
             self.tenant.clone(),
         );
-        match self.call::<BatchPutStart>("open", &args).await {
+        match self.call_once::<BatchPutStart>("open", &args, None).await {
             Ok(started) => {
                 if started.first().is_some_and(|r| r.is_ok()) {
-                    let _ = self.batch_put_revoke(client, vec![key]).await;
+                    let _ = self.batch_put_revoke(None, client, vec![key]).await;
                 }
                 Ok(())
             }
@@ -174,14 +236,15 @@ impl Master {
             config.clone(),
             self.tenant.clone(),
         );
-        self.call::<PutStart>("put", &args).await
+        self.call_once::<PutStart>("put", &args, None).await
     }
 
     /// `BatchPutStart`, retrying the keys the master answers
     /// NO_AVAILABLE_HANDLE for (it evicts asynchronously) with exponential
-    /// backoff for up to `retry_for`.
+    /// backoff for up to `retry_for`; only to the master of `pin` when given.
     pub(crate) async fn batch_put_start(
         &self,
+        pin: Option<u64>,
         client: Uuid,
         items: &[(String, u64)],
         config: &ReplicateConfig,
@@ -195,7 +258,7 @@ impl Master {
             let keys = todo.iter().map(|&i| items[i].0.clone()).collect();
             let lens = todo.iter().map(|&i| items[i].1).collect();
             let args = (client, keys, lens, config.clone(), self.tenant.clone());
-            let got = match self.call::<BatchPutStart>("put", &args).await {
+            let got = match self.call_once::<BatchPutStart>("put", &args, pin).await {
                 Ok(got) => check_len(got, todo.len(), "put", "BatchPutStart"),
                 Err(e) => Err(e),
             };
@@ -213,7 +276,7 @@ impl Master {
                         .map(|(i, _)| items[i].0.clone())
                         .collect();
                     started.extend(todo.iter().map(|&i| items[i].0.clone()));
-                    self.revoke_quietly(client, started).await;
+                    self.revoke_quietly(pin, client, started).await;
                     return Err(e);
                 }
             };
@@ -240,11 +303,11 @@ impl Master {
 
     /// Best effort, bounded by the RPC timeout: the master discards what
     /// this misses after its put timeout.
-    pub(crate) async fn revoke_quietly(&self, client: Uuid, keys: Vec<String>) {
+    pub(crate) async fn revoke_quietly(&self, pin: Option<u64>, client: Uuid, keys: Vec<String>) {
         if keys.is_empty() {
             return;
         }
-        if let Err(e) = self.batch_put_revoke(client, keys).await {
+        if let Err(e) = self.batch_put_revoke(pin, client, keys).await {
             tracing::warn!(
                 error = %e,
                 "PutRevoke failed; the master discards the keys after its put timeout"
@@ -254,23 +317,25 @@ impl Master {
 
     pub(crate) async fn batch_put_end(
         &self,
+        pin: Option<u64>,
         client: Uuid,
         metas: Vec<ObjectMeta>,
     ) -> Result<Vec<Expected<()>>> {
         let n = metas.len();
         let args = (client, metas, REPLICA_TYPE_ALL, self.tenant.clone());
-        let out = self.call::<BatchPutEnd>("put", &args).await?;
+        let out = self.call_once::<BatchPutEnd>("put", &args, pin).await?;
         check_len(out, n, "put", "BatchPutEnd")
     }
 
     pub(crate) async fn batch_put_revoke(
         &self,
+        pin: Option<u64>,
         client: Uuid,
         keys: Vec<String>,
     ) -> Result<Vec<Expected<()>>> {
         let n = keys.len();
         let args = (client, keys, REPLICA_TYPE_ALL, self.tenant.clone());
-        let out = self.call::<BatchPutRevoke>("put", &args).await?;
+        let out = self.call_once::<BatchPutRevoke>("put", &args, pin).await?;
         check_len(out, n, "put", "BatchPutRevoke")
     }
 
@@ -281,7 +346,7 @@ impl Master {
             object_checksum: None,
         };
         let args = (client, meta, REPLICA_TYPE_ALL, self.tenant.clone());
-        self.call::<PutEnd>("put", &args).await
+        self.call_once::<PutEnd>("put", &args, None).await
     }
 
     #[allow(dead_code)]
@@ -292,7 +357,7 @@ impl Master {
             REPLICA_TYPE_ALL,
             self.tenant.clone(),
         );
-        self.call::<PutRevoke>("put", &args).await
+        self.call_once::<PutRevoke>("put", &args, None).await
     }
 
     #[allow(dead_code)]
@@ -364,7 +429,9 @@ pub(crate) fn app_error(code: ErrorCode, op: &'static str, method: &str) -> Erro
 
 fn rpc_error(e: RpcError, addr: &str, op: &'static str) -> Error {
     let kind = match &e {
-        RpcError::Connect { .. } | RpcError::Io { .. } => ErrorKind::Unavailable,
+        RpcError::Connect { .. } | RpcError::Io { .. } | RpcError::Moved { .. } => {
+            ErrorKind::Unavailable
+        }
         RpcError::ConnectTimeout { .. } | RpcError::Timeout { .. } => ErrorKind::Timeout,
         RpcError::Remote { code, .. } if *code == ERRC_INVALID_ARGUMENTS => {
             return Error::new(

@@ -96,7 +96,7 @@ fn every_rpc_against_a_real_master() {
             ("b3".to_string(), 300),
         ];
         let started = m
-            .batch_put_start(me, &items, &cfg, Duration::ZERO)
+            .batch_put_start(None, me, &items, &cfg, Duration::ZERO)
             .await
             .unwrap();
         assert!(started.iter().all(Result::is_ok), "{started:?}");
@@ -108,11 +108,13 @@ fn every_rpc_against_a_real_master() {
             })
             .collect();
         assert_eq!(
-            m.batch_put_end(me, metas).await.unwrap(),
+            m.batch_put_end(None, me, metas).await.unwrap(),
             vec![Ok(()), Ok(())]
         );
         assert_eq!(
-            m.batch_put_revoke(me, vec!["b3".into()]).await.unwrap(),
+            m.batch_put_revoke(None, me, vec!["b3".into()])
+                .await
+                .unwrap(),
             vec![Ok(())]
         );
         let keys = vec!["b1".into(), long.clone(), "b3".into(), "k1".into()];
@@ -165,7 +167,7 @@ fn put_start_retries_while_the_master_evicts() {
             let item = [(key.clone(), 100 << 10)];
             // Without retry, a full segment is visible...
             let once = m
-                .batch_put_start(me, &item, &cfg, Duration::ZERO)
+                .batch_put_start(None, me, &item, &cfg, Duration::ZERO)
                 .await
                 .unwrap();
             let r = match once.into_iter().next().unwrap() {
@@ -173,7 +175,7 @@ fn put_start_retries_while_the_master_evicts() {
                     saw_full = true;
                     // ...and with retry it gets through once eviction ran.
                     let again = m
-                        .batch_put_start(me, &item, &cfg, Duration::from_secs(5))
+                        .batch_put_start(None, me, &item, &cfg, Duration::from_secs(5))
                         .await
                         .unwrap();
                     again.into_iter().next().unwrap()
@@ -185,7 +187,7 @@ fn put_start_retries_while_the_master_evicts() {
                 key,
                 object_checksum: None,
             }];
-            assert_eq!(m.batch_put_end(me, meta).await.unwrap(), vec![Ok(())]);
+            assert_eq!(m.batch_put_end(None, me, meta).await.unwrap(), vec![Ok(())]);
         }
         assert!(saw_full, "40 x 100 KiB into 1 MiB never hit a full segment");
         let present = m

@@ -119,6 +119,25 @@ pub(crate) enum RpcError {
         code: u16,
         message: String,
     },
+    #[error(
+        "the HA master's leader changed during a put; {method} was not sent to the new leader, \
+         which does not know the put (the value was not stored; retry it)"
+    )]
+    Moved { method: &'static str },
+}
+
+impl RpcError {
+    /// The master could not be reached or did not answer: with HA, time to
+    /// ask etcd for the leader.
+    pub(crate) fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Connect { .. }
+                | RpcError::ConnectTimeout { .. }
+                | RpcError::Io { .. }
+                | RpcError::Timeout { .. }
+        )
+    }
 }
 
 /// coro_rpc `errc::invalid_rpc_arguments`: the body did not match the types
@@ -130,11 +149,19 @@ pub(crate) const ERRC_NOT_REGISTERED: u16 = 11;
 struct Conn {
     stream: TcpStream,
     seq: u32,
+    /// The pool's address generation when this connection was opened.
+    generation: u64,
+}
+
+/// The master a pool talks to; it changes when an HA leader does.
+struct Target {
+    addr: String,
+    generation: u64,
 }
 
 /// Connections to one master.
 pub(crate) struct RpcPool {
-    addr: String,
+    target: Mutex<Target>,
     connect_timeout: Duration,
     rpc_timeout: Duration,
     idle: Mutex<Vec<Conn>>,
@@ -143,7 +170,9 @@ pub(crate) struct RpcPool {
 
 impl std::fmt::Debug for RpcPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcPool").field("addr", &self.addr).finish()
+        f.debug_struct("RpcPool")
+            .field("addr", &self.addr())
+            .finish()
     }
 }
 
@@ -155,7 +184,10 @@ impl RpcPool {
         rpc_timeout: Duration,
     ) -> Self {
         RpcPool {
-            addr,
+            target: Mutex::new(Target {
+                addr,
+                generation: 0,
+            }),
             connect_timeout,
             rpc_timeout,
             idle: Mutex::new(Vec::new()),
@@ -163,8 +195,24 @@ impl RpcPool {
         }
     }
 
-    pub(crate) fn addr(&self) -> &str {
-        &self.addr
+    /// The master's address now.
+    pub(crate) fn addr(&self) -> String {
+        self.target.lock().addr.clone()
+    }
+
+    /// Points the pool at `to` if it still points at `from`; true when it
+    /// moved. Connections to the old address are dropped, now or when their
+    /// call ends, so no call after this one reaches the old master.
+    pub(crate) fn repoint(&self, from: &str, to: &str) -> bool {
+        let mut target = self.target.lock();
+        if target.addr != from || target.addr == to {
+            return false;
+        }
+        target.addr = to.to_owned();
+        target.generation += 1;
+        drop(target);
+        self.reset();
+        true
     }
 
     /// Drops idle connections, so the next call reconnects.
@@ -173,22 +221,38 @@ impl RpcPool {
     }
 
     async fn connect(&self) -> Result<Conn, RpcError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+        let (addr, generation) = {
+            let t = self.target.lock();
+            (t.addr.clone(), t.generation)
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&addr))
             .await
             .map_err(|_| RpcError::ConnectTimeout {
-                addr: self.addr.clone(),
+                addr: addr.clone(),
                 ms: self.connect_timeout.as_millis(),
             })?
-            .map_err(|source| RpcError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
+            .map_err(|source| RpcError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, seq: 0 })
+        Ok(Conn {
+            stream,
+            seq: 0,
+            generation,
+        })
     }
 
-    /// Calls `R` and decodes its return value.
-    pub(crate) async fn call<R: Rpc>(&self, args: &R::Args) -> Result<R::Ret, RpcError> {
+    /// The address generation: it grows each time the pool is repointed.
+    pub(crate) fn generation(&self) -> u64 {
+        self.target.lock().generation
+    }
+
+    /// Calls `R` and decodes its return value; sent only to the master of
+    /// generation `pin` when one is given ([`RpcError::Moved`] otherwise): the
+    /// steps of one put must all reach the master that started it.
+    pub(crate) async fn call<R: Rpc>(
+        &self,
+        args: &R::Args,
+        pin: Option<u64>,
+    ) -> Result<R::Ret, RpcError> {
         let meta = R::meta();
         let mut frame = vec![0u8; REQUEST_HEADER_LEN];
         if !R::NO_ARGS {
@@ -202,11 +266,23 @@ impl RpcPool {
             .acquire()
             .await
             .map_err(|_| RpcError::Protocol("the connection pool is closed".into()))?;
-        let idle = self.idle.lock().pop();
+        let generation = self.target.lock().generation;
+        let idle = self
+            .idle
+            .lock()
+            .pop()
+            .filter(|c| c.generation == generation);
         let mut conn = match idle {
             Some(c) => c,
             None => self.connect().await?,
         };
+        if pin.is_some_and(|g| g != conn.generation) {
+            // Unused, so still at a frame boundary, and of the current master.
+            if conn.generation == self.generation() {
+                self.idle.lock().push(conn);
+            }
+            return Err(RpcError::Moved { method: R::NAME });
+        }
         let header = RequestHeader {
             seq: conn.seq,
             function_id: meta.function_id,
@@ -232,14 +308,17 @@ impl RpcPool {
             }
             Err(_) => {
                 return Err(RpcError::Timeout {
-                    addr: self.addr.clone(),
+                    addr: self.addr(),
                     method: R::NAME,
                     ms: self.rpc_timeout.as_millis(),
                 })
             }
         };
-        // The exchange completed: the stream is at a frame boundary again.
-        self.idle.lock().push(conn);
+        // The exchange completed: the stream is at a frame boundary again,
+        // and reusable unless the pool moved to another master meanwhile.
+        if conn.generation == self.target.lock().generation {
+            self.idle.lock().push(conn);
+        }
         let (err_code, body) = body;
         if err_code != 0 {
             return Err(remote_error(R::NAME, err_code, &body));

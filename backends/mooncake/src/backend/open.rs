@@ -12,7 +12,8 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use super::{Inner, MooncakeBackend};
-use crate::config::{check_ascend_buffer_pool, MooncakeConfig, Timeouts};
+use crate::config::{check_ascend_buffer_pool, MooncakeConfig};
+use crate::ha::{parse_master_address, Leader, MasterAddress};
 use crate::master::Master;
 use crate::rpc::RpcPool;
 use crate::transfer::{LocalSegment, TransferClient, TransferServer};
@@ -44,8 +45,9 @@ impl Drop for Inner {
         // otherwise the master expires the segment after its client TTL.
         if let Some(owner) = self.owner.get_mut().take() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                // The leader as last seen: a goodbye needs no etcd lookup.
                 let pool = RpcPool::new(
-                    self.cfg.master_server_address.clone(),
+                    self.master.addr(),
                     1,
                     self.timeouts.connect,
                     Duration::from_secs(2),
@@ -63,8 +65,8 @@ impl Drop for Inner {
 impl MooncakeBackend {
     /// Connects to the master (and, for an owner, mounts the segment),
     /// reading `ASCEND_CONNECT_TIMEOUT`, `ASCEND_TRANSFER_TIMEOUT`,
-    /// `ASCEND_BUFFER_POOL`, `MC_RPC_TIMEOUT_MS` and `VLLM_HOST_IP` from the
-    /// environment.
+    /// `ASCEND_BUFFER_POOL`, `MC_RPC_TIMEOUT_MS`, `VLLM_HOST_IP` and, for an
+    /// `etcd://` address, `MC_STORE_CLUSTER_ID` from the environment.
     pub async fn open(cfg: MooncakeConfig) -> Result<Self> {
         let env = |k: &str| std::env::var(k).ok();
         Self::open_with_env(cfg, &env).await
@@ -78,14 +80,27 @@ impl MooncakeBackend {
         cfg.validate()?;
         check_ascend_buffer_pool(env("ASCEND_BUFFER_POOL"))?;
         let timeouts = cfg.timeouts(env)?;
-        let addr = cfg.master_server_address.trim().to_owned();
+        let (addr, leader) = match parse_master_address(&cfg.master_server_address)? {
+            MasterAddress::Direct(addr) => (addr, None),
+            MasterAddress::Etcd(endpoints) => {
+                let cluster = env("MC_STORE_CLUSTER_ID").unwrap_or_default();
+                let leader = Leader::connect(endpoints, &cluster, timeouts.connect).await?;
+                let view = leader.current().await;
+                tracing::info!(
+                    leader = view.leader.as_str(),
+                    version = view.version,
+                    "mooncake master leader resolved through etcd"
+                );
+                (view.leader, Some(Arc::new(leader)))
+            }
+        };
         let pool = RpcPool::new(
             addr.clone(),
             cfg.rpc_connections,
             timeouts.connect,
             timeouts.rpc,
         );
-        let master = Master::new(pool, cfg.tenant_id.clone());
+        let master = Master::new(pool, cfg.tenant_id.clone()).following(leader.clone());
         master.service_ready().await?;
         if let Ok(storage) = master.storage_config().await {
             tracing::debug!(?storage, "mooncake master storage config");
@@ -132,8 +147,20 @@ impl MooncakeBackend {
                 host_id: String::new(),
             };
             master.mount(&segment, client_id).await?;
-            let heartbeat =
-                tokio::spawn(heartbeat(cfg.clone(), timeouts, segment.clone(), client_id));
+            let heartbeat = tokio::spawn(heartbeat(
+                Master::new(
+                    RpcPool::new(
+                        master.addr(),
+                        1,
+                        timeouts.connect.min(Duration::from_secs(3)),
+                        timeouts.rpc.min(Duration::from_secs(3)),
+                    ),
+                    cfg.tenant_id.clone(),
+                )
+                .following(leader.clone()),
+                segment.clone(),
+                client_id,
+            ));
             let owner = Owner {
                 segment,
                 _server: server,
@@ -174,9 +201,16 @@ impl MooncakeBackend {
                     "1" | "true" | "yes" | "on"
                 )
             });
+        let master_text = match &leader {
+            Some(_) => format!(
+                "master {} (leader {addr})",
+                cfg.master_server_address.trim()
+            ),
+            None => format!("master {addr}"),
+        };
         let description = match &endpoint {
-            Some(ep) => format!("master {addr}, segment owner of {} at {ep}", ByteSize(size)),
-            None => format!("master {addr}, pure client"),
+            Some(ep) => format!("{master_text}, segment owner of {} at {ep}", ByteSize(size)),
+            None => format!("{master_text}, pure client"),
         };
         let info = BackendInfo {
             scheme: SCHEME,
@@ -225,15 +259,10 @@ fn route_to(addr: &str) -> Option<String> {
 }
 
 /// Pings every second on a connection of its own; remounts on NEED_REMOUNT
-/// (the first ping after a mount, and after the master restarted or expired us).
-async fn heartbeat(cfg: MooncakeConfig, timeouts: Timeouts, segment: Segment, client: Uuid) {
-    let pool = RpcPool::new(
-        cfg.master_server_address.clone(),
-        1,
-        timeouts.connect.min(Duration::from_secs(3)),
-        timeouts.rpc.min(Duration::from_secs(3)),
-    );
-    let master = Master::new(pool, cfg.tenant_id);
+/// (the first ping after a mount, and after the master restarted or expired
+/// us). `master` follows an HA leader: a new leader knows nothing of our
+/// segment, and its first ping answers NEED_REMOUNT.
+async fn heartbeat(master: Master, segment: Segment, client: Uuid) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
