@@ -89,6 +89,7 @@ impl Rig {
                 first_block: 0,
                 hashes: hex,
                 group: 0,
+                ..SavePlan::default()
             }],
             ..StepMeta::default()
         }

@@ -271,6 +271,7 @@ impl Rig {
                 first_block: 0,
                 hashes: hex_hashes(self.tag, self.next, STEP_BLOCKS),
                 group: 0,
+                ..SavePlan::default()
             }],
             ..StepMeta::default()
         }

@@ -85,6 +85,7 @@ pub mod step {
             use_mla: false,
             role: KvRole::Both,
             groups: vec![],
+            kv_events: false,
         }
     }
 

@@ -15,8 +15,8 @@ use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
 use kvpool::key::KeyFormat;
 use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
 use kvpool_connector::{
-    CachedRequest, Device, EngineLayout, NewRequest, RequestInfo, SchedulerConnector, StepInput,
-    StreamHandle, TensorDesc, Transfer as BlockTransfer, WorkerConnector,
+    CachedRequest, Device, EngineLayout, NewRequest, PoolEvent, RequestInfo, SchedulerConnector,
+    StepInput, StreamHandle, TensorDesc, Transfer as BlockTransfer, WorkerConnector,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -482,6 +482,55 @@ impl Worker {
 
     fn get_block_ids_with_load_errors(&self) -> Vec<u32> {
         self.inner.get_block_ids_with_load_errors()
+    }
+
+    /// What the pool stored and lost since the last call (KV events on), each as
+    /// ("stored", group, hash, parent hash or None, token ids, block size, LoRA name),
+    /// ("removed", group, hash, None, [], 0, None) or ("cleared", 0, None, None, [], 0, None).
+    #[allow(clippy::type_complexity)]
+    fn take_pool_events<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(
+        &'static str,
+        u32,
+        Option<Bound<'py, PyBytes>>,
+        Option<Bound<'py, PyBytes>>,
+        Vec<u32>,
+        u32,
+        Option<String>,
+    )> {
+        let bytes = |h: &BlockHash| PyBytes::new(py, h.as_bytes());
+        self.inner
+            .take_pool_events()
+            .into_iter()
+            .map(|e| match e {
+                PoolEvent::Stored(b) => (
+                    "stored",
+                    b.group,
+                    Some(bytes(&b.hash)),
+                    b.parent.as_ref().map(bytes),
+                    b.token_ids,
+                    b.block_size,
+                    b.lora_name,
+                ),
+                PoolEvent::Removed { group, hash } => (
+                    "removed",
+                    group,
+                    Some(bytes(&hash)),
+                    None,
+                    Vec::new(),
+                    0,
+                    None,
+                ),
+                PoolEvent::Cleared => ("cleared", 0, None, None, Vec::new(), 0, None),
+            })
+            .collect()
+    }
+
+    /// Per KV-cache group, how many tensor-parallel ranks split its blocks between them.
+    fn group_put_steps(&self) -> Vec<u32> {
+        self.inner.group_put_steps()
     }
 
     /// Blocks until the saves in flight are done or `timeout_s` passes; True when done.

@@ -182,6 +182,7 @@ def make_vllm_config(
     hybrid: bool | None = None,
     num_layers: int | None = None,
     mamba_cache_mode: str | None = None,
+    kv_events_config: Any = None,
 ) -> VllmConfig:
     """A real VllmConfig for a config-only local model dir, with a KV connector.
 
@@ -210,6 +211,8 @@ def make_vllm_config(
     `num_layers` overrides the model's num_hidden_layers (the tiny OPT has 2).
     `mamba_cache_mode` sets cache_config.mamba_cache_mode (for
     make_mamba_hybrid_kv_cache_config: "align").
+    `kv_events_config` is vLLM's KVEventsConfig (--kv-events-config): the scheduler then
+    publishes its block pool's and the connector's KV events.
     """
     model_config = ModelConfig(
         model=str(model_dir),
@@ -259,6 +262,7 @@ def make_vllm_config(
         cache_config=cache_config,
         kv_transfer_config=kv_transfer_config,
         device_config=DeviceConfig("cpu"),
+        **({"kv_events_config": kv_events_config} if kv_events_config else {}),
     )
 
 

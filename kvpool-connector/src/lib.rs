@@ -38,7 +38,9 @@ pub use groups::{GroupKind, KvCacheGroup};
 pub use layout::{KvLayout, TensorDesc};
 pub use meta::{LoadPlan, SavePlan, StepMeta};
 pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
-pub use worker::{FinishedTransfers, Transfer, TransferRecord, WorkerConnector};
+pub use worker::{
+    FinishedTransfers, PoolEvent, StoredBlock, Transfer, TransferRecord, WorkerConnector,
+};
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -116,6 +118,10 @@ pub struct EngineLayout {
     /// Empty means one full-attention group of `block_size` tokens.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<KvCacheGroup>,
+    /// vLLM publishes KV events (`--kv-events-config '{"enable_kv_cache_events": true}'`):
+    /// the connector then reports what the pool stores and loses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_events: bool,
 }
 
 impl EngineLayout {

@@ -27,7 +27,7 @@ pub struct LoadPlan {
 }
 
 /// Blocks of one request to save from the engine's cache.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavePlan {
     /// vLLM's request id.
     pub req_id: String,
@@ -41,6 +41,16 @@ pub struct SavePlan {
     /// The KV-cache group the blocks belong to.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub group: u32,
+    /// KV events only (vLLM's `--kv-events-config`): the hash of the block before the first
+    /// one, hex (none for a request's first block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// KV events only: the blocks' tokens, block after block (empty where unknown).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_ids: Vec<u32>,
+    /// KV events only: the request's LoRA adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_name: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -124,6 +134,14 @@ impl StepMeta {
         }
         for s in &meta.saves {
             decode_hashes(&s.hashes, s.block_ids.len(), &s.req_id)?;
+            if let Some(parent) = &s.parent {
+                BlockHash::from_hex(parent).map_err(|e| {
+                    Error::invalid_argument(format!(
+                        "connector metadata for request {:?}: parent hash: {e}",
+                        s.req_id
+                    ))
+                })?;
+            }
         }
         Ok(meta)
     }
@@ -171,5 +189,27 @@ mod tests {
         hybrid.loads[0].groups = vec![0, 1];
         assert_eq!(StepMeta::decode(&hybrid.encode()).unwrap(), hybrid);
         assert!(StepMeta::decode(b"\xff").is_err());
+    }
+
+    #[test]
+    fn event_details_of_a_save_round_trip_and_a_bad_parent_is_refused() {
+        let h = BlockHash([7u8; 32]);
+        let mut meta = StepMeta {
+            saves: vec![SavePlan {
+                req_id: "s".into(),
+                block_ids: vec![3],
+                first_block: 1,
+                hashes: encode_hashes(&[h]),
+                group: 0,
+                parent: Some(BlockHash([1u8; 32]).to_hex()),
+                token_ids: vec![5, 6],
+                lora_name: Some("a".into()),
+            }],
+            ..StepMeta::default()
+        };
+        assert_eq!(StepMeta::decode(&meta.encode()).unwrap(), meta);
+        meta.saves[0].parent = Some("12".into());
+        let err = StepMeta::decode(&meta.encode()).unwrap_err();
+        assert!(err.to_string().contains("\"s\": parent hash"), "{err}");
     }
 }

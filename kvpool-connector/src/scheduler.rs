@@ -91,6 +91,8 @@ struct Tracker {
     /// Per KV-cache group.
     block_ids: Vec<Vec<u32>>,
     prompt_len: usize,
+    /// The request's tokens so far, kept only for KV events (their `token_ids`).
+    token_ids: Vec<u32>,
     /// Per KV-cache group: blocks handed to the workers for saving (or found in the pool).
     saved_blocks: Vec<usize>,
     lora_name: Option<String>,
@@ -127,6 +129,8 @@ pub struct SchedulerConnector {
     save_decode_cache: bool,
     saves: bool,
     loads: bool,
+    /// Save plans carry what vLLM's KV events need (parent hash, tokens, LoRA).
+    kv_events: bool,
     lookup: Mutex<LookupClient>,
     state: Mutex<State>,
 }
@@ -157,6 +161,7 @@ impl SchedulerConnector {
             save_decode_cache: c.save_decode_cache,
             saves: layout.saves(c.consumer_is_to_put),
             loads: layout.loads(c.consumer_is_to_load),
+            kv_events: layout.kv_events,
             lookup: Mutex::new(LookupClient::new(path, timeout)),
             state: Mutex::new(State::default()),
             groups: layout.kv_cache_groups(),
@@ -409,12 +414,21 @@ impl SchedulerConnector {
                     plans.extend(run.take());
                     continue;
                 }
-                let plan = run.get_or_insert_with(|| SavePlan {
-                    req_id: req_id.to_string(),
-                    block_ids: Vec::new(),
-                    first_block: i as u32,
-                    hashes: String::new(),
-                    group: g as u32,
+                let plan = run.get_or_insert_with(|| {
+                    let mut plan = SavePlan {
+                        req_id: req_id.to_string(),
+                        first_block: i as u32,
+                        group: g as u32,
+                        ..SavePlan::default()
+                    };
+                    if self.kv_events {
+                        plan.parent = i
+                            .checked_sub(1)
+                            .and_then(|p| group.key_hash(&t.hashes, hash_bs, p))
+                            .map(|h| h.to_hex());
+                        plan.lora_name = t.lora_name.clone();
+                    }
+                    plan
                 });
                 // `blocks` is bounded by the hashes, so every block here has one.
                 let Some(hash) = group.key_hash(&t.hashes, hash_bs, i) else {
@@ -422,6 +436,15 @@ impl SchedulerConnector {
                 };
                 plan.block_ids.push(ids[i]);
                 plan.hashes.push_str(&hash.to_hex());
+                if self.kv_events {
+                    // All or nothing per plan, so the worker's slicing by block stays aligned.
+                    match t.token_ids.get(i * bs..(i + 1) * bs) {
+                        Some(tokens) if plan.token_ids.len() == (plan.block_ids.len() - 1) * bs => {
+                            plan.token_ids.extend_from_slice(tokens)
+                        }
+                        _ => plan.token_ids.clear(),
+                    }
+                }
             }
             plans.extend(run);
         }
@@ -480,6 +503,11 @@ impl SchedulerConnector {
                 hashes,
                 block_ids,
                 prompt_len: req.prompt_token_ids.len(),
+                token_ids: if self.kv_events {
+                    req.prompt_token_ids.clone()
+                } else {
+                    Vec::new()
+                },
                 saved_blocks: self
                     .groups
                     .iter()
@@ -529,6 +557,9 @@ impl SchedulerConnector {
                     );
                 }
                 _ => {}
+            }
+            if self.kv_events && req.all_token_ids.len() > tracker.token_ids.len() {
+                tracker.token_ids = req.all_token_ids;
             }
             let req_id = req.req_id;
             let saves = {

@@ -5,12 +5,15 @@
 
 mod blocks;
 mod direct;
+mod events;
 mod staged;
 mod tally;
 
+use events::{EventLog, SaveEvents};
 use tally::{load_keys, save_keys, LoadTally, SaveTally};
 
 pub use blocks::Transfer;
+pub use events::{PoolEvent, StoredBlock};
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -102,6 +105,9 @@ struct Shared {
     saves_done: Notify,
     /// Loads and saves since the last [`WorkerConnector::take_transfer_records`].
     records: Mutex<Vec<TransferRecord>>,
+    /// With KV events on: what the pool gained and lost since the last
+    /// [`WorkerConnector::take_pool_events`].
+    events: Option<EventLog>,
 }
 
 impl Shared {
@@ -211,6 +217,7 @@ impl WorkerConnector {
             progress: Mutex::new(Progress::default()),
             saves_done: Notify::new(),
             records: Mutex::new(Vec::new()),
+            events: layout.kv_events.then(EventLog::default),
         });
         let c = &config.connector;
         let lookup = if layout.tp_rank == 0 && layout.pp_rank == 0 {
@@ -593,10 +600,18 @@ impl WorkerConnector {
                 .or_insert(1);
             let shared = self.shared.clone();
             let staged = staged.clone();
+            let block_size = groups.get(group).map_or(0, |g| g.block_size);
             self.runtime.spawn(async move {
                 let req_id = plan.req_id.clone();
-                let puts = match save_keys(&shared, &plan) {
-                    Ok(keys) => save_reads(&shared, &kv, staged.as_deref(), &req_id, keys).await,
+                let events = match &shared.events {
+                    Some(_) => SaveEvents::from_plan(&plan, block_size).map(|e| Some(Arc::new(e))),
+                    None => Ok(None),
+                };
+                let puts = match events.and_then(|e| Ok((e, save_keys(&shared, &plan)?))) {
+                    Ok((events, keys)) => {
+                        let staged = staged.as_deref();
+                        save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Some(tx) = reads_done {
@@ -714,6 +729,28 @@ impl WorkerConnector {
         std::mem::take(&mut *lock(&self.shared.records))
     }
 
+    /// What the pool stored and lost since the last call, for vLLM's KV events
+    /// (`get_kv_connector_kv_cache_events`); always empty unless the layout enables
+    /// `kv_events`.
+    pub fn take_pool_events(&self) -> Vec<PoolEvent> {
+        self.shared
+            .events
+            .as_ref()
+            .map(EventLog::take)
+            .unwrap_or_default()
+    }
+
+    /// Per KV-cache group, how many tensor-parallel ranks split its blocks between them (each
+    /// block is saved by one of them): a block counts as stored when the ranks that saved it,
+    /// times this, make up every rank.
+    pub fn group_put_steps(&self) -> Vec<u32> {
+        self.shared
+            .keys
+            .iter()
+            .map(|k| k.put_step().max(1))
+            .collect()
+    }
+
     /// Saves in flight, for tests and shutdown.
     pub fn saves_in_flight(&self) -> usize {
         self.shared.progress().inflight.values().sum()
@@ -811,12 +848,13 @@ async fn save_reads(
     staged: Option<&Staged>,
     req_id: &str,
     keys: Blocks,
+    events: Option<&Arc<SaveEvents>>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     match staged {
-        None => direct::save(shared, kv, req_id, keys)
+        None => direct::save(shared, kv, req_id, keys, events)
             .await
             .map(|()| Vec::new()),
-        Some(staged) => staged::save(shared, kv, staged, req_id, keys).await,
+        Some(staged) => staged::save(shared, kv, staged, req_id, keys, events).await,
     }
 }
 
@@ -859,6 +897,9 @@ async fn reset(shared: &Shared) -> Result<bool> {
     }
     let cleared = shared.backend.clear(shared.reset_scope).await?;
     tracing::info!(scope = ?shared.reset_scope, cleared, "kvpool pool reset");
+    if let (true, Some(events)) = (cleared, &shared.events) {
+        events.push([PoolEvent::Cleared]);
+    }
     Ok(cleared)
 }
 

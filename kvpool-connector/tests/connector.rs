@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use kvpool::{Config, KvBackend, KvBackendExt, MemRegion};
 use kvpool_connector::{
-    CachedRequest, Device, EngineLayout, GroupKind, KvCacheGroup, KvRole, NewRequest, RequestInfo,
-    SchedulerConnector, StepInput, StreamHandle, TensorDesc, WorkerConnector,
+    CachedRequest, Device, EngineLayout, GroupKind, KvCacheGroup, KvRole, NewRequest, PoolEvent,
+    RequestInfo, SchedulerConnector, StepInput, StoredBlock, StreamHandle, TensorDesc,
+    WorkerConnector,
 };
 
 const BLOCK: usize = 4;
@@ -45,6 +46,7 @@ fn layout(tp_size: u32, tp_rank: u32, heads: u32) -> EngineLayout {
         use_mla: false,
         role: KvRole::Both,
         groups: vec![],
+        kv_events: false,
     }
 }
 
@@ -580,6 +582,110 @@ fn hybrid_models_need_current_keys() {
         err.to_string()
             .contains("hybrid models need the current format"),
         "{err}"
+    );
+}
+
+#[test]
+fn kv_events_report_what_the_pool_stored_lost_and_cleared() {
+    let config = config(108);
+    let backend = memory_backend(&config);
+    let events_layout = EngineLayout {
+        kv_events: true,
+        ..layout(1, 0, 2)
+    };
+    let worker = Worker::new(&config, events_layout.clone(), backend.clone());
+    let sched = SchedulerConnector::new(&config, events_layout).unwrap();
+    let tokens: Vec<u32> = (500..518).collect(); // 4 full blocks and 2 tokens
+    let hashes = kvpool::hash::token_block_hashes(
+        &tokens,
+        std::num::NonZeroUsize::new(BLOCK).unwrap(),
+        None,
+        None,
+    );
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    // Block 1 is in the pool already (saved by someone else): it is reported too, since the
+    // pool holds it after this save.
+    let ns = Arc::new(
+        kvpool::Namespace::current("/models/test-model", 0, 0, 0, 0, 0, "default").unwrap(),
+    );
+    let key = |i: usize| kvpool::BlockKey::new(ns.clone(), hashes[i]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(backend.put_bytes(key(1), vec![9u8; PAGE].into()))
+        .unwrap();
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, vec![5, 1, 2, 3, 4], 0)],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    let events = worker.connector.take_pool_events();
+    let mut stored: Vec<StoredBlock> = events
+        .into_iter()
+        .map(|e| match e {
+            PoolEvent::Stored(b) => b,
+            other => panic!("only stores expected, got {other:?}"),
+        })
+        .collect();
+    stored.sort_by_key(|b| hashes.iter().position(|h| *h == b.hash));
+    let expected: Vec<StoredBlock> = (0..4)
+        .map(|i| StoredBlock {
+            group: 0,
+            hash: hashes[i],
+            parent: i.checked_sub(1).map(|p| hashes[p]),
+            token_ids: tokens[i * BLOCK..(i + 1) * BLOCK].to_vec(),
+            block_size: BLOCK as u32,
+            lora_name: None,
+        })
+        .collect();
+    assert_eq!(stored, expected);
+    assert!(worker.connector.take_pool_events().is_empty(), "taken once");
+    sched.request_finished("a", 5);
+    let done = worker.connector.get_finished(&["a".into()]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
+
+    // Blocks 2 and 3 vanish between the lookup and the load: the load reports them lost.
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false)
+    );
+    sched.update_state_after_alloc("b", vec![vec![10, 11, 12, 13, 14]], 16);
+    rt.block_on(backend.remove(&[key(2), key(3)])).unwrap();
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("b", &tokens, vec![10, 11, 12, 13, 14], 16)],
+        finished_req_ids: vec!["a".into()],
+        ..StepInput::default()
+    });
+    worker.run_step(&meta);
+    assert_eq!(
+        worker.connector.get_block_ids_with_load_errors(),
+        vec![12, 13]
+    );
+    let mut lost = worker.connector.take_pool_events();
+    lost.sort_by_key(|e| match e {
+        PoolEvent::Removed { hash, .. } => hashes.iter().position(|h| h == hash),
+        _ => None,
+    });
+    assert_eq!(
+        lost,
+        vec![
+            PoolEvent::Removed {
+                group: 0,
+                hash: hashes[2]
+            },
+            PoolEvent::Removed {
+                group: 0,
+                hash: hashes[3]
+            },
+        ]
+    );
+    sched.request_finished("b", 5);
+
+    // A reset that empties the pool.
+    assert!(sched.reset_cache());
+    assert_eq!(
+        worker.connector.take_pool_events(),
+        vec![PoolEvent::Cleared]
     );
 }
 

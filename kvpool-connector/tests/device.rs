@@ -60,6 +60,7 @@ fn layout() -> EngineLayout {
         use_mla: false,
         role: KvRole::Both,
         groups: vec![],
+        kv_events: false,
     }
 }
 
@@ -298,6 +299,7 @@ fn save_meta(req: &str, blocks: &[u32], hashes: &[u8]) -> Vec<u8> {
             first_block: 0,
             hashes: hex(hashes),
             group: 0,
+            ..SavePlan::default()
         }],
         ..StepMeta::default()
     }

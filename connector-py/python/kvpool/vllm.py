@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvpool import _native
 from kvpool.device import current_stream, describe_kv_caches
+from kvpool.events import KvPoolKVEvents, PendingEvents, group_spec_details, pool_events
 from kvpool.stats import KvPoolConnectorStats, KvPoolPromMetrics
 
 if TYPE_CHECKING:
@@ -119,8 +120,14 @@ def _engine_layout(
             "use_mla": bool(getattr(model, "use_mla", False)),
             "role": _role_name(vllm_config),
             "groups": _kv_cache_groups(kv_cache_config),
+            "kv_events": _kv_events_enabled(vllm_config),
         }
     )
+
+
+def _kv_events_enabled(vllm_config: "VllmConfig") -> bool:
+    events = getattr(vllm_config, "kv_events_config", None)
+    return bool(events is not None and events.enable_kv_cache_events)
 
 
 def _role_name(vllm_config: "VllmConfig") -> str:
@@ -168,6 +175,12 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             for g, group in enumerate(getattr(kv_cache_config, "kv_cache_groups", None) or ())
             for name in group.layer_names
         }
+        # KV events: what the pool stores and loses, next to the GPU cache's own events.
+        self._kv_events = _kv_events_enabled(vllm_config)
+        self._events_medium = f"kvpool:{effective.get('backend', 'unknown')}"
+        self._group_details = group_spec_details(kv_cache_config)
+        # Scheduler side: reported events some rank has not reported yet.
+        self._pending_events = PendingEvents()
         self._scheduler: Optional[_native.Scheduler] = None
         self._worker: Optional[_native.Worker] = None
         self._device = "cpu"
@@ -281,6 +294,11 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             list(connector_output.invalid_block_ids or ()),
             list(connector_output.failed_recving or ()),
         )
+        self._pending_events.add(connector_output.kv_cache_events)
+
+    def take_events(self) -> list:
+        """KV events every rank has reported since the last call (vLLM publishes them)."""
+        return self._pending_events.take()
 
     def request_finished(
         self, request: "Request", block_ids: list
@@ -308,6 +326,7 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         when the pool could not be reset. The worker role has nothing of its own to reset."""
         if self._scheduler is None:
             return None
+        self._pending_events.clear()
         return self._scheduler.reset_cache()
 
     # ------------------------------------------------------------------- worker side
@@ -386,6 +405,17 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             return None
         records = self._worker.take_transfer_records()
         return KvPoolConnectorStats.from_records(records) if records else None
+
+    def get_kv_connector_kv_cache_events(self) -> Optional[KvPoolKVEvents]:
+        """What this worker's saves left in the pool and its loads found missing since the
+        last call (KV events on); an empty container still counts this worker."""
+        if self._worker is None or not self._kv_events:
+            return None
+        events = KvPoolKVEvents(num_workers=1, put_steps=self._worker.group_put_steps())
+        records = self._worker.take_pool_events()
+        if records:
+            events.add_events(pool_events(records, self._events_medium, self._group_details))
+        return events
 
     @classmethod
     def build_kv_connector_stats(

@@ -93,7 +93,8 @@ impl WorkerConnector {
         self.runtime.spawn(async move {
             let all: Vec<u32> = pairs.iter().map(|(b, _)| *b).collect();
             let failed =
-                match save_reads(&shared, &kv, staged.as_deref(), "save_blocks", pairs).await {
+                match save_reads(&shared, &kv, staged.as_deref(), "save_blocks", pairs, None).await
+                {
                     Ok(puts) => {
                         for put in puts {
                             let _ = put.await;

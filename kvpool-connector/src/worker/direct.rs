@@ -1,8 +1,11 @@
 //! Loads and saves straight between host KV and the backend: the backend reads and writes the
 //! cache tensors themselves.
 
+use std::sync::Arc;
+
 use kvpool_core::error::Result;
 
+use super::events::SaveEvents;
 use super::{Blocks, LoadTally, SaveTally, Shared};
 use crate::layout::KvLayout;
 
@@ -23,8 +26,8 @@ pub(super) async fn load(shared: &Shared, kv: &KvLayout, req_id: &str, keys: Blo
             .collect();
         match shared.backend.get_into(batch).await {
             Ok(outcomes) => {
-                for ((block, _, iov), outcome) in chunk.iter().zip(outcomes) {
-                    tally.outcome(req_id, *block, iov.len(), outcome);
+                for ((block, key, iov), outcome) in chunk.iter().zip(outcomes) {
+                    tally.outcome(req_id, (*block, key), iov.len(), outcome);
                 }
             }
             Err(e) => tally.failed(req_id, chunk.iter().map(|(b, _, _)| *b), &e),
@@ -39,8 +42,9 @@ pub(super) async fn save(
     kv: &KvLayout,
     req_id: &str,
     share: Blocks,
+    events: Option<&Arc<SaveEvents>>,
 ) -> Result<()> {
-    let mut tally = SaveTally::default();
+    let mut tally = SaveTally::new(events);
     for chunk in share.chunks(shared.max_batch) {
         let missing = tally.missing(shared, chunk).await?;
         if missing.is_empty() {

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use kvpool_core::error::{Error, ErrorKind, Result};
 
+use super::events::SaveEvents;
 use super::{Blocks, LoadTally, SaveTally, Shared};
 use crate::device::{CopyEngine, Fence};
 use crate::layout::KvLayout;
@@ -78,11 +79,12 @@ pub(super) async fn save(
     staged: &Staged,
     req_id: &str,
     share: Blocks,
+    events: Option<&Arc<SaveEvents>>,
 ) -> Result<Vec<JoinHandle<()>>> {
     let mut puts = Vec::new();
     let mut copies = Vec::new();
     for chunk in share.chunks(staged.chunk) {
-        let mut tally = SaveTally::default();
+        let mut tally = SaveTally::new(events);
         let missing = tally.missing(shared, chunk).await?;
         if missing.is_empty() {
             tally.finish(shared);
@@ -167,8 +169,8 @@ pub(super) async fn load(
             }
         };
         let mut hits = Vec::with_capacity(chunk.len());
-        for (i, ((block, _), outcome)) in chunk.iter().zip(outcomes).enumerate() {
-            if tally.outcome(req_id, *block, kv.value_len(), outcome) {
+        for (i, ((block, key), outcome)) in chunk.iter().zip(outcomes).enumerate() {
+            if tally.outcome(req_id, (*block, key), kv.value_len(), outcome) {
                 hits.push((i, *block));
             }
         }

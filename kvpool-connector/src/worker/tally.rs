@@ -6,8 +6,10 @@ use kvpool_core::error::{Error, Result};
 use kvpool_core::key::BlockKey;
 use kvpool_core::metrics;
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::events::{PoolEvent, SaveEvents};
 use super::{Blocks, Shared, TransferRecord, METRICS_LABEL};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan};
 
@@ -53,6 +55,8 @@ pub(super) struct LoadTally {
     hits: u64,
     bytes: u64,
     failed: Vec<u32>,
+    /// Blocks the pool no longer had, for KV events.
+    lost: Vec<PoolEvent>,
     started: Instant,
 }
 
@@ -62,6 +66,7 @@ impl Default for LoadTally {
             hits: 0,
             bytes: 0,
             failed: Vec::new(),
+            lost: Vec::new(),
             started: Instant::now(),
         }
     }
@@ -72,7 +77,7 @@ impl LoadTally {
     pub(super) fn outcome(
         &mut self,
         req_id: &str,
-        block: u32,
+        (block, key): (u32, &BlockKey),
         len: usize,
         outcome: GetOutcome,
     ) -> bool {
@@ -82,7 +87,13 @@ impl LoadTally {
                 self.bytes += len as u64;
                 return true;
             }
-            GetOutcome::Miss => self.failed.push(block),
+            GetOutcome::Miss => {
+                self.failed.push(block);
+                self.lost.push(PoolEvent::Removed {
+                    group: key.namespace().group(),
+                    hash: *key.hash(),
+                });
+            }
             GetOutcome::Failed(e) => {
                 tracing::warn!(req = req_id, block, error = %e, "load failed");
                 self.failed.push(block);
@@ -122,6 +133,9 @@ impl LoadTally {
             bytes: self.bytes,
             failed: self.failed.len() as u64,
         });
+        if let Some(events) = &shared.events {
+            events.push(self.lost);
+        }
         self.failed
     }
 }
@@ -134,21 +148,29 @@ pub(super) struct SaveTally {
     failed: u64,
     bytes: u64,
     started: Instant,
+    /// With KV events: the plan's details, and the blocks the pool holds after this save.
+    events: Option<(Arc<SaveEvents>, Vec<PoolEvent>)>,
 }
 
-impl Default for SaveTally {
-    fn default() -> Self {
+impl SaveTally {
+    /// A tally that also collects KV events when `events` is given.
+    pub(super) fn new(events: Option<&Arc<SaveEvents>>) -> Self {
         SaveTally {
             stored: 0,
             existed: 0,
             failed: 0,
             bytes: 0,
             started: Instant::now(),
+            events: events.map(|e| (e.clone(), Vec::new())),
         }
     }
-}
 
-impl SaveTally {
+    fn in_pool(&mut self, key: &BlockKey) {
+        if let Some((plan, found)) = &mut self.events {
+            found.extend(plan.stored(key.hash()));
+        }
+    }
+
     /// The blocks of `chunk` the backend does not hold yet.
     pub(super) async fn missing(
         &mut self,
@@ -161,6 +183,7 @@ impl SaveTally {
         for (item, present) in chunk.iter().zip(present) {
             if present {
                 self.existed += 1;
+                self.in_pool(&item.1);
             } else {
                 missing.push(item.clone());
             }
@@ -178,14 +201,21 @@ impl SaveTally {
         req_id: &str,
         items: Vec<(BlockKey, IoVec)>,
     ) -> Result<()> {
-        let lens: Vec<usize> = items.iter().map(|(_, iov)| iov.len()).collect();
-        for (outcome, len) in shared.backend.put(items).await?.into_iter().zip(lens) {
+        let written: Vec<(usize, BlockKey)> = items
+            .iter()
+            .map(|(k, iov)| (iov.len(), k.clone()))
+            .collect();
+        for (outcome, (len, key)) in shared.backend.put(items).await?.into_iter().zip(written) {
             match outcome {
                 PutOutcome::Stored => {
                     self.stored += 1;
                     self.bytes += len as u64;
+                    self.in_pool(&key);
                 }
-                PutOutcome::Exists => self.existed += 1,
+                PutOutcome::Exists => {
+                    self.existed += 1;
+                    self.in_pool(&key);
+                }
                 PutOutcome::Failed(e) => {
                     self.failed += 1;
                     tracing::debug!(req = req_id, error = %e, "block not saved");
@@ -208,5 +238,8 @@ impl SaveTally {
             bytes: self.bytes,
             failed: self.failed,
         });
+        if let (Some(log), Some((_, found))) = (&shared.events, self.events) {
+            log.push(found);
+        }
     }
 }
