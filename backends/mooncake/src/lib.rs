@@ -78,6 +78,16 @@ pub mod fuzzing {
         crate::types::unpack_every_ret(data);
     }
 
+    /// Decodes `data` as etcd's HTTP answer to the HA leader lookup, as the
+    /// client does at open and after a failover.
+    pub fn decode_etcd_reply(data: &[u8]) {
+        let key = crate::ha::master_view_key("");
+        if let Ok((_, body)) = crate::ha::split_http(data) {
+            let _ = crate::ha::decode_range_reply(&body, &key);
+        }
+        let _ = crate::ha::decode_range_reply(data, &key);
+    }
+
     #[cfg(test)]
     mod tests {
         #[test]
@@ -91,6 +101,7 @@ pub mod fuzzing {
                 ][..],
             ] {
                 super::decode_master_response(data);
+                super::decode_etcd_reply(data);
             }
         }
     }

@@ -45,6 +45,12 @@ impl Master {
         self.pool.reset();
     }
 
+    /// Moves to another master, as following a new HA leader does.
+    #[cfg(test)]
+    pub(crate) fn repoint(&self, to: &str) -> bool {
+        self.pool.repoint(&self.pool.addr(), to)
+    }
+
     /// A call that may run twice: reads, mounts, pings, removes. When an HA
     /// master cannot be reached and etcd names another leader, it is retried
     /// there once (within its own RPC timeout).

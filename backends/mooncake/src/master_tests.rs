@@ -585,3 +585,55 @@ fn only_the_putting_client_may_end_or_revoke() {
         assert_eq!(m.exist("x").await.unwrap(), Ok(true));
     });
 }
+
+/// After a failover a put's later steps must not reach the new leader, which
+/// never saw its start (and could end another put of the same key instead).
+#[test]
+fn put_steps_pinned_to_the_old_leader_are_not_sent_to_the_new_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEW_LEADER_CALLS: AtomicUsize = AtomicUsize::new(0);
+    fn ready(_: u32) -> Option<(u8, Vec<u8>)> {
+        let mut body = Vec::new();
+        let v: Expected<String> = Ok(STORE_VERSION.into());
+        codec::pack(&ServiceReady::meta().ret, &v, &mut body);
+        Some((0, body))
+    }
+    rt().block_on(async {
+        let (old, _old_task) = fake_master(ready).await;
+        let (new, _new_task) = fake_master(|fid| {
+            NEW_LEADER_CALLS.fetch_add(1, Ordering::SeqCst);
+            ready(fid)
+        })
+        .await;
+        let m = master(old);
+        m.service_ready().await.unwrap();
+        let pin = Some(m.epoch());
+        assert!(m.repoint(&new));
+        assert_ne!(Some(m.epoch()), pin);
+        let me = Uuid::random();
+        let meta = vec![ObjectMeta {
+            key: "k".into(),
+            object_checksum: None,
+        }];
+        let e = m.batch_put_end(pin, me, meta).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.is_temporary());
+        assert!(e.to_string().contains("leader changed"), "{e}");
+        let e = m
+            .batch_put_start(
+                pin,
+                me,
+                &[("k".into(), 1)],
+                &ReplicateConfig::default(),
+                Duration::ZERO,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("leader changed"), "{e}");
+        assert_eq!(NEW_LEADER_CALLS.load(Ordering::SeqCst), 0);
+        // Unpinned calls, and the next put, go to the new leader.
+        m.service_ready().await.unwrap();
+        assert_eq!(NEW_LEADER_CALLS.load(Ordering::SeqCst), 1);
+        assert_eq!(m.addr(), new);
+    });
+}

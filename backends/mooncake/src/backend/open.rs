@@ -23,6 +23,10 @@ use crate::SCHEME;
 /// How often a segment owner pings the master (the official client's cadence;
 /// the master drops an owner's segment after `client_ttl`, 10 s by default).
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// The ping cadence while the master is unreachable: a new HA leader (or a
+/// restarted master) gets the segment back within this of starting to serve,
+/// and pure clients can store into it no sooner.
+const HEARTBEAT_FAILING: Duration = Duration::from_millis(250);
 
 /// What a segment owner holds while its segment is mounted.
 #[derive(Debug)]
@@ -258,16 +262,22 @@ fn route_to(addr: &str) -> Option<String> {
     Some(socket.local_addr().ok()?.ip().to_string())
 }
 
-/// Pings every second on a connection of its own; remounts on NEED_REMOUNT
-/// (the first ping after a mount, and after the master restarted or expired
-/// us). `master` follows an HA leader: a new leader knows nothing of our
-/// segment, and its first ping answers NEED_REMOUNT.
+/// Pings every second (every 250 ms while failing) on a connection of its
+/// own; remounts on NEED_REMOUNT (the first ping after a mount, and after the
+/// master restarted or expired us). `master` follows an HA leader: a new
+/// leader knows nothing of our segment, and its first ping answers NEED_REMOUNT.
 async fn heartbeat(master: Master, segment: Segment, client: Uuid) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = tokio::time::interval(HEARTBEAT_FAILING);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        if failing {
+            retry.tick().await;
+        } else {
+            tick.tick().await;
+        }
         let result = match master.ping(client).await {
             Ok(r) if r.client_status == CLIENT_NEED_REMOUNT => {
                 master.remount(std::slice::from_ref(&segment), client).await
@@ -283,7 +293,7 @@ async fn heartbeat(master: Master, segment: Segment, client: Uuid) {
             Ok(()) => {}
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, "mooncake heartbeat failed; retrying every second");
+                    tracing::warn!(error = %e, "mooncake heartbeat failed; retrying every 250 ms");
                 }
                 failing = true;
                 master.reset();
