@@ -321,14 +321,20 @@ async fn range_request(
         .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
 }
 
-/// Reads the current leader from the first etcd endpoint that answers.
+/// Reads the current leader from the first etcd endpoint that answers,
+/// trying them from `first` on (the one that answered last time: a dead
+/// endpoint then costs a timeout once, not on every failover). Returns the
+/// view and the index of the endpoint that gave it.
 pub(crate) async fn resolve(
     endpoints: &[String],
+    first: usize,
     key: &str,
     timeout: Duration,
-) -> Result<MasterView> {
+) -> Result<(MasterView, usize)> {
     let mut failures = Vec::new();
-    for endpoint in endpoints {
+    let n = endpoints.len();
+    for index in (0..n).map(|i| (first + i) % n) {
+        let endpoint = &endpoints[index];
         let reply = match range_request(endpoint, key, timeout).await {
             Ok(r) => r,
             Err(e) => {
@@ -345,7 +351,7 @@ pub(crate) async fn resolve(
             }
         });
         match decoded {
-            Ok(Some(view)) => return Ok(view),
+            Ok(Some(view)) => return Ok((view, index)),
             Ok(None) => {
                 return Err(Error::new(
                     ErrorKind::Unavailable,
@@ -387,8 +393,10 @@ pub(crate) struct Leader {
     endpoints: Vec<String>,
     key: String,
     timeout: Duration,
-    /// Serialises lookups; holds the last view and when it was read.
-    state: tokio::sync::Mutex<(MasterView, Instant)>,
+    /// The last view, and when a lookup last finished.
+    view: parking_lot::Mutex<(MasterView, Instant)>,
+    /// Held during a lookup; the endpoint that answered last.
+    lookup: tokio::sync::Mutex<usize>,
 }
 
 impl Leader {
@@ -399,33 +407,47 @@ impl Leader {
         timeout: Duration,
     ) -> Result<Self> {
         let key = master_view_key(cluster_id);
-        let view = resolve(&endpoints, &key, timeout).await?;
+        let (view, good) = resolve(&endpoints, 0, &key, timeout).await?;
         Ok(Leader {
             endpoints,
             key,
             timeout,
-            state: tokio::sync::Mutex::new((view, Instant::now())),
+            view: parking_lot::Mutex::new((view, Instant::now())),
+            lookup: tokio::sync::Mutex::new(good),
         })
     }
 
     /// The leader as last resolved.
-    pub(crate) async fn current(&self) -> MasterView {
-        self.state.lock().await.0.clone()
+    pub(crate) fn current(&self) -> MasterView {
+        self.view.lock().0.clone()
     }
 
-    /// The leader, read again from etcd unless a read finished within
-    /// [`RESOLVE_INTERVAL`]. A view older than the one held is ignored.
+    /// The leader, read again from etcd unless a lookup finished within
+    /// [`RESOLVE_INTERVAL`]. While another call looks it up, the view held is
+    /// returned at once: a failing call stays fast, and the next one sees the
+    /// result. A view older than the one held is ignored.
     async fn refresh(&self) -> MasterView {
-        let mut state = self.state.lock().await;
-        if state.1.elapsed() >= RESOLVE_INTERVAL {
-            match resolve(&self.endpoints, &self.key, self.timeout).await {
-                Ok(view) if view.version >= state.0.version => state.0 = view,
-                Ok(view) => tracing::debug!(?view, held = ?state.0, "etcd sent an older view"),
-                Err(e) => tracing::debug!(error = %e, "cannot re-read the mooncake leader"),
-            }
-            state.1 = Instant::now();
+        let Ok(mut good) = self.lookup.try_lock() else {
+            return self.current();
+        };
+        if self.view.lock().1.elapsed() < RESOLVE_INTERVAL {
+            return self.current();
         }
-        state.0.clone()
+        let found = resolve(&self.endpoints, *good, &self.key, self.timeout).await;
+        let mut held = self.view.lock();
+        match found {
+            Ok((view, index)) => {
+                *good = index;
+                if view.version >= held.0.version {
+                    held.0 = view;
+                } else {
+                    tracing::debug!(?view, held = ?held.0, "etcd sent an older view");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot re-read the mooncake leader"),
+        }
+        held.1 = Instant::now();
+        held.0.clone()
     }
 
     /// After a call to `failed` could not reach it: points `pool` at the
@@ -608,6 +630,7 @@ mod tests {
         // Port 1 on loopback: nothing listens, the connect is refused at once.
         let e = resolve(
             &["127.0.0.1:1".into(), "127.0.0.2:1".into()],
+            1,
             VIEW_KEY,
             Duration::from_millis(500),
         )
@@ -632,9 +655,72 @@ mod tests {
             let chunk = vec![b'x'; 16 << 10];
             while s.write_all(&chunk).await.is_ok() {}
         });
-        let e = resolve(&[addr], VIEW_KEY, Duration::from_secs(2))
+        let e = resolve(&[addr], 0, VIEW_KEY, Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
+    }
+
+    /// An etcd stand-in answering every range request with `view`'s leader.
+    async fn fake_etcd(view: std::sync::Arc<parking_lot::Mutex<(String, i64)>>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (leader, version) = view.lock().clone();
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 4096];
+                    let _ = s.read(&mut request).await;
+                    let body = format!(
+                        r#"{{"kvs":[{{"value":"{}","create_revision":"{version}"}}]}}"#,
+                        base64::engine::general_purpose::STANDARD.encode(leader)
+                    );
+                    let reply = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_pool_follows_newer_leaders_only() {
+        let view = std::sync::Arc::new(parking_lot::Mutex::new(("10.0.0.1:1".to_owned(), 2)));
+        let etcd = fake_etcd(view.clone()).await;
+        let leader = Leader::connect(vec!["127.0.0.1:1".into(), etcd], "", Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(leader.current().leader, "10.0.0.1:1");
+        assert_eq!(*leader.lookup.lock().await, 1, "the endpoint that answered");
+        let pool = RpcPool::new(
+            "10.0.0.1:1".into(),
+            1,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        // Same leader: nowhere to go.
+        tokio::time::sleep(RESOLVE_INTERVAL).await;
+        assert!(!leader.follow(&pool, "10.0.0.1:1").await);
+
+        *view.lock() = ("10.0.0.2:2".into(), 4);
+        // Within the interval the held view answers, without asking etcd.
+        assert!(!leader.follow(&pool, "10.0.0.1:1").await);
+        tokio::time::sleep(RESOLVE_INTERVAL).await;
+        let generation = pool.generation();
+        assert!(leader.follow(&pool, "10.0.0.1:1").await);
+        assert_eq!(pool.addr(), "10.0.0.2:2");
+        assert_eq!(pool.generation(), generation + 1);
+        // A call that failed on the old address: the pool already moved.
+        assert!(leader.follow(&pool, "10.0.0.1:1").await);
+
+        // A stale view (an older create revision) never moves a client back.
+        *view.lock() = ("10.0.0.1:1".into(), 3);
+        tokio::time::sleep(RESOLVE_INTERVAL).await;
+        assert!(!leader.follow(&pool, "10.0.0.2:2").await);
+        assert_eq!(pool.addr(), "10.0.0.2:2");
+        assert_eq!(leader.current().version, 4);
     }
 }

@@ -89,7 +89,7 @@ impl MooncakeBackend {
             MasterAddress::Etcd(endpoints) => {
                 let cluster = env("MC_STORE_CLUSTER_ID").unwrap_or_default();
                 let leader = Leader::connect(endpoints, &cluster, timeouts.connect).await?;
-                let view = leader.current().await;
+                let view = leader.current();
                 tracing::info!(
                     leader = view.leader.as_str(),
                     version = view.version,
