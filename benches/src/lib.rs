@@ -86,6 +86,7 @@ pub mod step {
             role: KvRole::Both,
             groups: vec![],
             kv_events: false,
+            stage_layers: vec![],
         }
     }
 

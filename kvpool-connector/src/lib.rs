@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use kvpool_core::config::Config;
 use kvpool_core::error::{Error, Result};
 use kvpool_core::key::{BlockHash, BlockKey, KeyFormat, Namespace};
 
@@ -122,6 +123,10 @@ pub struct EngineLayout {
     /// the connector then reports what the pool stores and loses.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kv_events: bool,
+    /// KV-cache layers of each pipeline stage, in stage order (vLLM's layer partition).
+    /// Layerwise mode keys one object per layer and needs it; empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_layers: Vec<u32>,
 }
 
 impl EngineLayout {
@@ -284,6 +289,11 @@ impl RankKeys {
         Ok(RankKeys { own, all, put_step })
     }
 
+    /// This rank's namespace.
+    pub fn own(&self) -> &Arc<Namespace> {
+        &self.own
+    }
+
     /// This rank's key for a block.
     pub fn own_key(&self, hash: BlockHash) -> BlockKey {
         BlockKey::new(self.own.clone(), hash)
@@ -298,4 +308,42 @@ impl RankKeys {
     pub fn put_step(&self) -> u32 {
         self.put_step
     }
+}
+
+/// Layerwise mode's layer count per pipeline stage, once its requirements are checked: the
+/// current key format, a model with one KV-cache group, and `stage_layers` from the engine.
+///
+/// # Errors
+/// `ConfigInvalid` naming what does not hold.
+pub(crate) fn layerwise_layers(layout: &EngineLayout) -> Result<&[u32]> {
+    if layout.groups.len() > 1 {
+        return Err(Error::config_invalid(format!(
+            "`use_layerwise` with a hybrid model ({} KV-cache groups) is not supported; \
+             remove `use_layerwise`",
+            layout.groups.len()
+        )));
+    }
+    let stages = &layout.stage_layers;
+    if stages.len() != layout.pp_size as usize || stages.contains(&0) {
+        return Err(Error::config_invalid(format!(
+            "`use_layerwise` needs the KV-cache layer count of each of the {} pipeline stages \
+             (engine layout `stage_layers`), got {stages:?}",
+            layout.pp_size
+        )));
+    }
+    Ok(stages)
+}
+
+/// Checks a configuration's layerwise options against the engine.
+pub(crate) fn check_layerwise(config: &Config, layout: &EngineLayout) -> Result<()> {
+    if !config.connector.use_layerwise {
+        return Ok(());
+    }
+    if config.connector.key_format != KeyFormat::Current {
+        return Err(Error::config_invalid(
+            "`use_layerwise` keys one object per layer, which only the current `key_format` \
+             spells; remove `key_format`",
+        ));
+    }
+    layerwise_layers(layout).map(|_| ())
 }

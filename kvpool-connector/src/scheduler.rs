@@ -139,24 +139,20 @@ impl SchedulerConnector {
     /// The scheduler half for `config` and the engine `layout`.
     ///
     /// # Errors
-    /// `ConfigInvalid` for a malformed layout or options kvpool does not implement
-    /// (`use_layerwise`).
+    /// `ConfigInvalid` for a malformed layout, or `use_layerwise` where it cannot work (a
+    /// hybrid model, the v0.18 key format, no layer counts).
     pub fn new(config: &Config, layout: EngineLayout) -> Result<SchedulerConnector> {
         layout.validate()?;
         let c = &config.connector;
         // Keys are checked here too, so a bad combination fails at start-up in the scheduler.
         crate::RankKeys::for_group(&layout, c.key_format, 0)?;
-        if c.use_layerwise {
-            return Err(Error::config_invalid(
-                "`use_layerwise` is not supported by kvpool: blocks are saved and loaded whole \
-                 at the step boundary; remove the key",
-            ));
-        }
+        crate::check_layerwise(config, &layout)?;
         let path = socket_path_from_env(c.lookup_rpc_port, layout.dp_rank);
         let timeout = Duration::from_millis(u64::from(c.lookup_timeout_ms.max(1)));
         Ok(SchedulerConnector {
             hash_mode: config.hash_mode,
-            load_async: c.load_async,
+            // Layerwise loads overlap the forward of their own step: never asynchronous.
+            load_async: c.load_async && !c.use_layerwise,
             discard_partial_chunks: c.discard_partial_chunks,
             save_decode_cache: c.save_decode_cache,
             saves: layout.saves(c.consumer_is_to_put),

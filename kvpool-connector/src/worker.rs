@@ -6,10 +6,12 @@
 mod blocks;
 mod direct;
 mod events;
+mod layerwise;
 mod staged;
 mod tally;
 
 use events::{EventLog, SaveEvents};
+use layerwise::Layerwise;
 use tally::{load_keys, save_keys, LoadTally, SaveTally};
 
 pub use blocks::Transfer;
@@ -108,6 +110,10 @@ struct Shared {
     /// With KV events on: what the pool gained and lost since the last
     /// [`WorkerConnector::take_pool_events`].
     events: Option<EventLog>,
+    /// Layerwise mode: the namespaces a lookup checks for group 0 instead of the whole-block
+    /// ones (every rank's first and last layer: saves go layer by layer, so a block whose last
+    /// layer is there was saved whole; a layer lost on its own fails its load, recomputed).
+    layer_lookup: Option<Vec<Arc<Namespace>>>,
 }
 
 impl Shared {
@@ -152,6 +158,8 @@ pub struct WorkerConnector {
     engine_override: Mutex<Option<Arc<dyn CopyEngine>>>,
     staging_bytes: u64,
     stage_host_kv: bool,
+    /// Layerwise mode (`use_layerwise`).
+    layerwise: Option<Layerwise>,
     meta: Mutex<Option<StepMeta>>,
     saves: bool,
     loads: bool,
@@ -170,11 +178,6 @@ impl WorkerConnector {
     /// another instance (`lookup_rpc_port` must differ between instances on one host).
     pub fn open(config: &Config, layout: EngineLayout) -> Result<WorkerConnector> {
         layout.validate()?;
-        if config.connector.use_layerwise {
-            return Err(Error::config_invalid(
-                "`use_layerwise` is not supported by kvpool; remove the key",
-            ));
-        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvpool-connector")
@@ -195,6 +198,7 @@ impl WorkerConnector {
         runtime: Runtime,
     ) -> Result<WorkerConnector> {
         layout.validate()?;
+        crate::check_layerwise(config, &layout)?;
         let keys = (0..layout.kv_cache_groups().len() as u32)
             .map(|g| RankKeys::for_group(&layout, config.connector.key_format, g))
             .collect::<Result<Vec<_>>>()?;
@@ -204,6 +208,10 @@ impl WorkerConnector {
             .max_batch
             .unwrap_or(usize::MAX)
             .max(1);
+        let layer_lookup = match config.connector.use_layerwise {
+            true => Some(layer_lookup_namespaces(&layout, &keys)?),
+            false => None,
+        };
         let shared = Arc::new(Shared {
             backend,
             reset_scope: if config.connector.reset_clears_shared_pool {
@@ -218,8 +226,19 @@ impl WorkerConnector {
             saves_done: Notify::new(),
             records: Mutex::new(Vec::new()),
             events: layout.kv_events.then(EventLog::default),
+            layer_lookup,
         });
         let c = &config.connector;
+        let layerwise = match c.use_layerwise {
+            true => Some(Layerwise::new(
+                shared.keys[0].own(),
+                crate::layerwise_layers(&layout)?[layout.pp_rank as usize],
+                c.layerwise_prefetch_layers,
+                c.layerwise_max_transfer_blocks,
+                c.layerwise_max_transfer_bytes,
+            )?),
+            false => None,
+        };
         let lookup = if layout.tp_rank == 0 && layout.pp_rank == 0 {
             let path = socket_path_from_env(c.lookup_rpc_port, layout.dp_rank);
             let handler = Arc::new(PoolLookup {
@@ -256,6 +275,7 @@ impl WorkerConnector {
             engine_override: Mutex::new(None),
             staging_bytes: c.device_staging_bytes.as_u64(),
             stage_host_kv: c.stage_host_kv,
+            layerwise,
             meta: Mutex::new(None),
             _lookup: lookup,
             metrics,
@@ -312,6 +332,7 @@ impl WorkerConnector {
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<()> {
         // SAFETY: forwarded from the caller.
+        let owner_again = owner.clone();
         let kvs = unsafe { KvLayout::grouped(tensors, groups, owner)? };
         if kvs.len() != self.shared.keys.len() {
             return Err(Error::invalid_argument(format!(
@@ -321,7 +342,26 @@ impl WorkerConnector {
             )));
         }
         let kv = &kvs[0];
-        let value_len = kvs.iter().map(|k| k.value_len()).max().unwrap_or(0);
+        let mut value_len = kvs.iter().map(|k| k.value_len()).max().unwrap_or(0);
+        // Layerwise: one layout per layer, whose regions are the ones backends address.
+        let layer_layouts = match &self.layerwise {
+            Some(lw) => {
+                let names: Vec<&str> = tensors.iter().map(|t| t.layer.as_str()).collect();
+                let (of, index) = lw.layer_of_tensors(&names)?;
+                // SAFETY: forwarded from the caller; `owner` keeps the same tensors alive.
+                let layouts: Vec<Arc<KvLayout>> =
+                    unsafe { KvLayout::grouped(tensors, &of, owner_again)? }
+                        .into_iter()
+                        .map(Arc::new)
+                        .collect();
+                Some((index, layouts))
+            }
+            None => None,
+        };
+        if let Some((_, layouts)) = &layer_layouts {
+            // Staging slots hold one transfer's value: a layer's, here.
+            value_len = layouts.iter().map(|k| k.value_len()).max().unwrap_or(0);
+        }
         let info = self.shared.backend.info();
         if let Some(max) = info.capabilities.max_value_size {
             if value_len > max {
@@ -334,7 +374,11 @@ impl WorkerConnector {
         }
         let staged = if kv.device().is_host() && !self.stage_host_kv {
             // Every group's layout shares the same regions: register them once.
-            for region in kv.regions() {
+            let regions = match &layer_layouts {
+                Some((_, layouts)) => layouts[0].regions(),
+                None => kv.regions(),
+            };
+            for region in regions {
                 self.runtime
                     .block_on(self.shared.backend.register(region))?;
             }
@@ -377,6 +421,9 @@ impl WorkerConnector {
         );
         *lock(&self.staged) = staged;
         *lock(&self.kv) = kvs.into_iter().map(Arc::new).collect();
+        if let (Some(lw), Some((index, layouts))) = (&self.layerwise, layer_layouts) {
+            lw.set_registered(index, layouts);
+        }
         Ok(())
     }
 
@@ -456,6 +503,9 @@ impl WorkerConnector {
         }
         if !self.loads {
             tracing::warn!("load planned for a worker that does not load; ignored");
+        }
+        if self.layerwise.is_some() {
+            return self.start_layer_loads(loads);
         }
         let kvs = self.kv_layouts()?;
         let staged = lock(&self.staged).clone();
@@ -562,6 +612,9 @@ impl WorkerConnector {
     /// `compute` is the engine's current stream (0 for host KV): device KV is read only after
     /// the work queued on it, the forward that writes it.
     pub fn wait_for_save(&self, compute: StreamHandle) -> Result<()> {
+        if self.layerwise.is_some() {
+            return self.finish_layer_step(compute);
+        }
         let saves = self.take_plans(|m| std::mem::take(&mut m.saves));
         if saves.is_empty() || !self.saves {
             return Ok(());
@@ -592,52 +645,23 @@ impl WorkerConnector {
             } else {
                 None
             };
-            self.shared
-                .progress()
-                .inflight
-                .entry(plan.req_id.clone())
-                .and_modify(|n| *n += 1)
-                .or_insert(1);
             let shared = self.shared.clone();
             let staged = staged.clone();
             let block_size = groups.get(group).map_or(0, |g| g.block_size);
-            self.runtime.spawn(async move {
-                let req_id = plan.req_id.clone();
-                let events = match &shared.events {
-                    Some(_) => SaveEvents::from_plan(&plan, block_size).map(|e| Some(Arc::new(e))),
-                    None => Ok(None),
-                };
-                let puts = match events.and_then(|e| Ok((e, save_keys(&shared, &plan)?))) {
-                    Ok((events, keys)) => {
-                        let staged = staged.as_deref();
-                        save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Some(tx) = reads_done {
-                    let _ = tx.send(());
-                }
-                let puts = puts.unwrap_or_else(|e| {
-                    tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
-                    Vec::new()
-                });
-                {
-                    let mut p = shared.progress();
-                    if let Some(n) = p.inflight.get_mut(&req_id) {
-                        *n -= 1;
-                        if *n == 0 {
-                            p.inflight.remove(&req_id);
-                        }
-                    }
-                    p.staged_puts += puts.len();
-                }
-                shared.saves_done.notify_waiters();
-                for put in puts {
-                    let _ = put.await;
-                    shared.progress().staged_puts -= 1;
-                }
-                shared.saves_done.notify_waiters();
-            });
+            let req_id = plan.req_id.clone();
+            self.spawn_save(
+                req_id.clone(),
+                async move {
+                    let events = match &shared.events {
+                        Some(_) => Some(Arc::new(SaveEvents::from_plan(&plan, block_size)?)),
+                        None => None,
+                    };
+                    let keys = save_keys(&shared, &plan)?;
+                    let staged = staged.as_deref();
+                    save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
+                },
+                reads_done,
+            );
         }
         if !volatile_reads.is_empty() {
             self.runtime.block_on(async {
@@ -648,6 +672,52 @@ impl WorkerConnector {
             });
         }
         Ok(())
+    }
+
+    /// Runs `save` (of `req_id`'s blocks) in the background, counted in flight until it no
+    /// longer reads the blocks; the backend writes it returns (from staging) are awaited after.
+    /// `reads_done` is told when the blocks are no longer read.
+    fn spawn_save<F>(
+        &self,
+        req_id: String,
+        save: F,
+        reads_done: Option<tokio::sync::oneshot::Sender<()>>,
+    ) where
+        F: std::future::Future<Output = Result<Vec<tokio::task::JoinHandle<()>>>> + Send + 'static,
+    {
+        self.shared
+            .progress()
+            .inflight
+            .entry(req_id.clone())
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
+        let shared = self.shared.clone();
+        self.runtime.spawn(async move {
+            let puts = save.await;
+            if let Some(tx) = reads_done {
+                let _ = tx.send(());
+            }
+            let puts = puts.unwrap_or_else(|e| {
+                tracing::warn!(req = req_id.as_str(), error = %e, "kvpool save failed");
+                Vec::new()
+            });
+            {
+                let mut p = shared.progress();
+                if let Some(n) = p.inflight.get_mut(&req_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.inflight.remove(&req_id);
+                    }
+                }
+                p.staged_puts += puts.len();
+            }
+            shared.saves_done.notify_waiters();
+            for put in puts {
+                let _ = put.await;
+                shared.progress().staged_puts -= 1;
+            }
+            shared.saves_done.notify_waiters();
+        });
     }
 
     /// Blocks until every save in flight for `req_ids` is done (their blocks are about to be
@@ -876,6 +946,24 @@ where
     out
 }
 
+/// Layerwise: the namespaces whose keys show a block saved by every rank — each rank's first
+/// and last layer.
+fn layer_lookup_namespaces(
+    layout: &EngineLayout,
+    keys: &[RankKeys],
+) -> Result<Vec<Arc<Namespace>>> {
+    let stages = crate::layerwise_layers(layout)?;
+    let mut out = Vec::new();
+    for ns in keys[0].all() {
+        let n = stages[ns.pp_rank() as usize];
+        out.push(Arc::new(ns.with_layer(0)?));
+        if n > 1 {
+            out.push(Arc::new(ns.with_layer(n - 1)?));
+        }
+    }
+    Ok(out)
+}
+
 /// Clears the pool after the saves in flight (a save finishing after the reset would bring
 /// back a block the reset meant to drop).
 async fn reset(shared: &Shared) -> Result<bool> {
@@ -929,7 +1017,10 @@ impl PoolLookup {
         let per_key = group.hashes_per_block(self.hash_block_size);
         let fine = &hashes[range.start * per_key..range.end * per_key];
         let key_hashes = group.key_hashes(fine, self.hash_block_size);
-        let ranks: &[Arc<Namespace>] = self.shared.keys[g].all();
+        let ranks: &[Arc<Namespace>] = match (&self.shared.layer_lookup, g) {
+            (Some(layers), 0) => layers,
+            _ => self.shared.keys[g].all(),
+        };
         let keys: Vec<BlockKey> = ranks
             .iter()
             .flat_map(|ns| key_hashes.iter().map(|h| BlockKey::new(ns.clone(), *h)))

@@ -47,6 +47,7 @@ fn layout(tp_size: u32, tp_rank: u32, heads: u32) -> EngineLayout {
         role: KvRole::Both,
         groups: vec![],
         kv_events: false,
+        stage_layers: vec![],
     }
 }
 
@@ -809,4 +810,248 @@ fn mamba_state_blocks_are_saved_at_step_ends_and_a_hit_ends_on_one() {
     );
     sched.request_finished_all_groups("c", &[vec![], vec![]]);
     assert_eq!(sched.tracked_requests(), 0);
+}
+
+const LAYERS: usize = 3;
+
+fn layerwise_config(port: u32) -> Config {
+    rpc_dir();
+    Config::from_extra_config(serde_json::json!({
+        "backend": "memory",
+        "lookup_rpc_port": port,
+        "lookup_timeout_ms": 2000,
+        "use_layerwise": true,
+    }))
+    .unwrap()
+}
+
+fn layerwise_layout() -> EngineLayout {
+    EngineLayout {
+        stage_layers: vec![LAYERS as u32],
+        ..layout(1, 0, 2)
+    }
+}
+
+/// A worker of `LAYERS` layers, one cache tensor each.
+struct LayerWorker {
+    connector: WorkerConnector,
+    cache: Arc<MemRegion>,
+}
+
+impl LayerWorker {
+    fn new(config: &Config, backend: Arc<dyn KvBackend>) -> LayerWorker {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let connector =
+            WorkerConnector::with_backend(config, layerwise_layout(), backend, rt).unwrap();
+        let cache = MemRegion::alloc(LAYERS * BLOCKS * PAGE);
+        let tensors: Vec<TensorDesc> = (0..LAYERS)
+            .map(|l| TensorDesc {
+                layer: format!("model.layers.{l}.attn"),
+                ptr: cache.as_ptr() as usize + l * BLOCKS * PAGE,
+                shape: vec![BLOCKS, PAGE],
+                strides: vec![PAGE as isize, 1],
+                elem_size: 1,
+                device: Device::Host,
+            })
+            .collect();
+        // SAFETY: `cache` lives as long as the worker.
+        unsafe { connector.register_kv_caches(&tensors, None) }.unwrap();
+        LayerWorker { connector, cache }
+    }
+
+    fn offset(layer: usize, block: u32) -> usize {
+        (layer * BLOCKS + block as usize) * PAGE
+    }
+
+    fn fill(&self, layer: usize, block: u32, byte: u8) {
+        self.cache
+            .write(Self::offset(layer, block), &[byte; PAGE])
+            .unwrap();
+    }
+
+    fn block(&self, layer: usize, block: u32) -> Vec<u8> {
+        self.cache.read(Self::offset(layer, block), PAGE).unwrap()
+    }
+
+    /// One step as vLLM's forward drives it: each layer's load waited for (unless in
+    /// `skip_wait`), then its save handed over.
+    fn run_step(&self, meta: &[u8], skip_wait: &[usize]) {
+        let c = &self.connector;
+        c.bind_connector_metadata(meta).unwrap();
+        c.start_load_kv(StreamHandle(0)).unwrap();
+        for l in 0..LAYERS {
+            let name = format!("model.layers.{l}.attn");
+            if !skip_wait.contains(&l) {
+                c.wait_for_layer_load(&name).unwrap();
+            }
+            c.save_kv_layer(&name, StreamHandle(0)).unwrap();
+        }
+        c.wait_for_save(StreamHandle(0)).unwrap();
+        c.clear_connector_metadata();
+        let ids: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+        assert!(c.wait_for_requests(&ids, Duration::from_secs(10)));
+    }
+}
+
+#[test]
+fn layerwise_saves_one_object_per_layer_and_loads_each_layer_for_its_wait() {
+    let config = layerwise_config(109);
+    let backend = memory_backend(&config);
+    let a = LayerWorker::new(&config, backend.clone());
+    let sched = SchedulerConnector::new(&config, layerwise_layout()).unwrap();
+    let tokens: Vec<u32> = (700..718).collect(); // 4 full blocks and 2 tokens
+    let hashes = kvpool::hash::token_block_hashes(
+        &tokens,
+        std::num::NonZeroUsize::new(BLOCK).unwrap(),
+        None,
+        None,
+    );
+    sched.get_num_new_matched_tokens(&info("a", &tokens), 0);
+    let ids = [5u32, 1, 2, 3, 4];
+    for l in 0..LAYERS {
+        for (i, &b) in ids.iter().enumerate() {
+            a.fill(l, b, (10 * l + i) as u8);
+        }
+    }
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens, ids.to_vec(), 0)],
+        ..StepInput::default()
+    });
+    a.run_step(&meta, &[]);
+    sched.request_finished("a", 5);
+    let done = a.connector.get_finished(&["a".into()]);
+    assert_eq!(done.sending, vec!["a".to_string()]);
+    sched.update_connector_output(&done.sending, &[], &[], &[]);
+
+    // One object per (block, layer), keyed with the layer and the pipeline stage.
+    let ns = kvpool::Namespace::current("/models/test-model", 0, 0, 0, 0, 0, "default").unwrap();
+    let key =
+        |l: u32, i: usize| kvpool::BlockKey::new(Arc::new(ns.with_layer(l).unwrap()), hashes[i]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for l in 0..LAYERS as u32 {
+        let keys: Vec<_> = (0..4).map(|i| key(l, i)).collect();
+        assert_eq!(rt.block_on(backend.exists(&keys)).unwrap(), vec![true; 4]);
+        let value = rt.block_on(backend.get_bytes(&key(l, 2))).unwrap().unwrap();
+        assert_eq!(value.as_ref(), &[(10 * l + 2) as u8; PAGE][..]);
+    }
+    assert_eq!(
+        key(1, 0).to_key_string(),
+        format!(
+            "test-model@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@group:0@cache_role:kv@\
+             cache_family:default@layer_id:1@{}",
+            hashes[0].to_hex()
+        )
+    );
+    let whole = kvpool::BlockKey::new(Arc::new(ns.clone()), hashes[0]);
+    assert_eq!(rt.block_on(backend.exists(&[whole])).unwrap(), vec![false]);
+
+    // Another worker loads every layer of the 4 blocks into blocks 10..14.
+    let b = LayerWorker::new(&layerwise_config(110), backend.clone());
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("b", &tokens), 0),
+        (16, false),
+        "layerwise loads are synchronous"
+    );
+    sched.update_state_after_alloc("b", vec![vec![10, 11, 12, 13, 14]], 16);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("b", &tokens, vec![10, 11, 12, 13, 14], 16)],
+        finished_req_ids: vec!["a".into()],
+        ..StepInput::default()
+    });
+    b.run_step(&meta, &[]);
+    assert!(b.connector.get_block_ids_with_load_errors().is_empty());
+    for l in 0..LAYERS {
+        for i in 0..4u32 {
+            assert_eq!(
+                b.block(l, 10 + i),
+                vec![(10 * l as u32 + i) as u8; PAGE],
+                "layer {l} block {i}"
+            );
+        }
+    }
+    sched.request_finished("b", 5);
+
+    // Layer 1 of block 2 is lost: exactly that block fails, whatever its other layers did.
+    rt.block_on(backend.remove(&[key(1, 2)])).unwrap();
+    assert_eq!(
+        sched.get_num_new_matched_tokens(&info("c", &tokens), 0),
+        (16, false),
+        "the lookup checks the first and last layer"
+    );
+    sched.update_state_after_alloc("c", vec![vec![20, 21, 22, 23, 24]], 16);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("c", &tokens, vec![20, 21, 22, 23, 24], 16)],
+        finished_req_ids: vec!["b".into()],
+        ..StepInput::default()
+    });
+    b.run_step(&meta, &[]);
+    assert_eq!(b.connector.get_block_ids_with_load_errors(), vec![22]);
+    sched.request_finished("c", 5);
+
+    // A forward that did not wait for layer 2 before using it: every loaded block fails.
+    sched.get_num_new_matched_tokens(&info("a", &tokens[..12]), 0);
+    sched.update_state_after_alloc("a", vec![vec![25, 26, 27]], 11);
+    let meta = sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request("a", &tokens[..12], vec![25, 26, 27], 11)],
+        finished_req_ids: vec!["c".into()],
+        ..StepInput::default()
+    });
+    b.run_step(&meta, &[2]);
+    assert_eq!(
+        b.connector.get_block_ids_with_load_errors(),
+        vec![25, 26, 27]
+    );
+    sched.request_finished("a", 3);
+}
+
+#[test]
+fn layerwise_refuses_what_it_cannot_key() {
+    let config = layerwise_config(111);
+    let err = |layout: EngineLayout, config: &Config| {
+        SchedulerConnector::new(config, layout)
+            .unwrap_err()
+            .to_string()
+    };
+    let no_layers = err(layout(1, 0, 2), &config);
+    assert!(no_layers.contains("stage_layers"), "{no_layers}");
+    let hybrid = EngineLayout {
+        stage_layers: vec![2],
+        ..hybrid_layout(8)
+    };
+    assert!(err(hybrid, &config).contains("hybrid"));
+    let v018 = Config::from_extra_config(serde_json::json!({
+        "backend": "memory", "lookup_rpc_port": 111, "use_layerwise": true, "key_format": "v0.18",
+    }))
+    .unwrap();
+    assert!(err(layerwise_layout(), &v018).contains("key_format"));
+    // A worker whose registered layers differ from its stage's count.
+    let backend = memory_backend(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let two = EngineLayout {
+        stage_layers: vec![2],
+        ..layout(1, 0, 2)
+    };
+    let w = WorkerConnector::with_backend(&config, two, backend, rt).unwrap();
+    let cache = MemRegion::alloc(BLOCKS * PAGE);
+    let tensor = TensorDesc {
+        layer: "only".into(),
+        ptr: cache.as_ptr() as usize,
+        shape: vec![BLOCKS, PAGE],
+        strides: vec![PAGE as isize, 1],
+        elem_size: 1,
+        device: Device::Host,
+    };
+    // SAFETY: `cache` outlives the worker in this test.
+    let e = unsafe { w.register_kv_caches(&[tensor], None) }.unwrap_err();
+    assert!(e.to_string().contains("1 KV-cache layers"), "{e}");
 }

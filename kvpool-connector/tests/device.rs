@@ -61,6 +61,7 @@ fn layout() -> EngineLayout {
         role: KvRole::Both,
         groups: vec![],
         kv_events: false,
+        stage_layers: vec![],
     }
 }
 

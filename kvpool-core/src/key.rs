@@ -99,6 +99,8 @@ pub struct Namespace {
     format: KeyFormat,
     group: u32,
     cache_family: String,
+    /// Layerwise keys: the layer (the worker's dense local layer index).
+    layer: Option<u32>,
     prefix: String,
     fingerprint: u64,
 }
@@ -235,8 +237,6 @@ impl Namespace {
                 "group:{group}@cache_role:kv@cache_family:{cache_family}@"
             ));
         }
-        let digest = Sha256::digest(prefix.as_bytes());
-        let fingerprint = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         Namespace {
             model,
             pcp_rank: pcp,
@@ -246,13 +246,14 @@ impl Namespace {
             format,
             group,
             cache_family,
+            layer: None,
+            fingerprint: fingerprint_of(&prefix),
             prefix,
-            fingerprint,
         }
     }
 
     fn respelled(&self, head: u32, pp: u32) -> Self {
-        Self::from_parts(
+        let ns = Self::from_parts(
             self.model.clone(),
             self.pcp_rank,
             self.dcp_rank,
@@ -261,7 +262,43 @@ impl Namespace {
             self.format,
             self.group,
             self.cache_family.clone(),
-        )
+        );
+        match self.layer {
+            Some(layer) => ns.layered(layer),
+            None => ns,
+        }
+    }
+
+    fn layered(mut self, layer: u32) -> Self {
+        if let Some(old) = self.layer {
+            let old = format!("layer_id:{old}@");
+            self.prefix.truncate(self.prefix.len() - old.len());
+        }
+        self.prefix.push_str(&format!("layer_id:{layer}@"));
+        self.fingerprint = fingerprint_of(&self.prefix);
+        self.layer = Some(layer);
+        self
+    }
+
+    /// The namespace of one layer's objects (layerwise saving): the current format with
+    /// `@layer_id:{L}` before the hash, as Ascend Store's layerwise keys, but keeping
+    /// `pp_rank` (theirs drop it, so two pipeline stages' layer 0 share a key).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a v0.18 namespace: that release spelled layer keys differently
+    /// and kvpool does not write them.
+    pub fn with_layer(&self, layer: u32) -> Result<Self> {
+        if self.format != KeyFormat::Current {
+            return Err(Error::invalid_argument(
+                "layerwise keys exist only in the current key format",
+            ));
+        }
+        Ok(self.clone().layered(layer))
+    }
+
+    /// The layer of a layerwise namespace.
+    pub fn layer(&self) -> Option<u32> {
+        self.layer
     }
 
     /// The key format.
@@ -339,6 +376,11 @@ impl fmt::Debug for Namespace {
     }
 }
 
+fn fingerprint_of(prefix: &str) -> u64 {
+    let digest = Sha256::digest(prefix.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
 /// A decimal number written as Python writes it: digits, no leading zero.
 fn canonical_number(digits: &str) -> Option<u32> {
     if digits.is_empty()
@@ -411,6 +453,16 @@ impl BlockKey {
         let mut rest = parts
             .next()
             .ok_or_else(|| bad("missing the fields before the hash"))?;
+        let mut layer = None;
+        if let Some((head, field)) = rest.rsplit_once('@') {
+            if let Some(l) = field.strip_prefix("layer_id:") {
+                layer = Some(
+                    canonical_number(l)
+                        .ok_or_else(|| bad(&format!("layer_id {l:?} is not a number")))?,
+                );
+                rest = head;
+            }
+        }
         let mut format = KeyFormat::V018;
         let (mut group, mut family) = (0u32, String::new());
         let tail: Vec<&str> = rest.rsplitn(4, '@').collect();
@@ -467,8 +519,16 @@ impl BlockKey {
                 "the hash must be lower-case hex, as Python's bytes.hex() writes it",
             ));
         }
-        let namespace =
+        let mut namespace =
             Namespace::from_parts(model.to_string(), pcp, dcp, head, pp, format, group, family);
+        if let Some(layer) = layer {
+            if format != KeyFormat::Current {
+                return Err(bad(
+                    "layer_id needs the current format's group and cache fields",
+                ));
+            }
+            namespace = namespace.layered(layer);
+        }
         Ok(BlockKey::new(Arc::new(namespace), hash))
     }
 }
@@ -612,6 +672,53 @@ mod tests {
         assert!(ns
             .key_prefix()
             .ends_with("@head_or_tp_rank:0@pp_rank:0@group:2@cache_role:kv@cache_family:c1@"));
+    }
+
+    #[test]
+    fn layer_keys_keep_pp_rank_parse_back_and_never_alias_whole_block_keys() {
+        let ns = Namespace::current("/m/Qwen3-8B", 0, 0, 1, 2, 0, "default").unwrap();
+        let layer = ns.with_layer(7).unwrap();
+        let key = BlockKey::new(Arc::new(layer.clone()), h(0));
+        let s = key.to_key_string();
+        assert_eq!(
+            s,
+            format!(
+                "Qwen3-8B@pcp0@dcp0@head_or_tp_rank:1@pp_rank:2@group:0@cache_role:kv@\
+                 cache_family:default@layer_id:7@{}",
+                B[0]
+            )
+        );
+        let parsed = BlockKey::parse(&s).unwrap();
+        assert_eq!(parsed, key);
+        assert_eq!(parsed.namespace().layer(), Some(7));
+        assert_ne!(layer, ns);
+        assert_ne!(layer, ns.with_layer(8).unwrap());
+        // Other ranks' and stages' layer keys stay apart, and keep the layer.
+        let other = layer.with_pp_rank(0).with_head_or_tp_rank(0);
+        assert!(other.key_prefix().ends_with(
+            "@head_or_tp_rank:0@pp_rank:0@group:0@cache_role:kv@cache_family:default@layer_id:7@"
+        ));
+        assert_eq!(layer.with_layer(3).unwrap().layer(), Some(3));
+        assert!(!layer
+            .with_layer(3)
+            .unwrap()
+            .key_prefix()
+            .contains("layer_id:7"));
+        // v0.18 has no layer keys of this form.
+        assert!(Namespace::new("m", 0, 0, 0, 0)
+            .unwrap()
+            .with_layer(0)
+            .is_err());
+        let bad = s.replace("layer_id:7", "layer_id:07");
+        assert!(BlockKey::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("layer_id"));
+        let old = format!(
+            "m@pcp0@dcp0@head_or_tp_rank:0@pp_rank:0@layer_id:1@{}",
+            B[0]
+        );
+        assert!(BlockKey::parse(&old).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
     "device_staging_bytes",
     "stage_host_kv",
     "key_format",
+    "layerwise_prefetch_layers",
+    "layerwise_max_transfer_blocks",
+    "layerwise_max_transfer_bytes",
 ];
 
 /// Ascend Store keys for features kvpool does not implement. A config written for Ascend Store
@@ -33,9 +36,6 @@ pub(super) const CONNECTOR_KEYS: &[&str] = &[
 pub(super) const ASCEND_STORE_ONLY_KEYS: &[&str] = &[
     "prefill_tp_size",
     "decode_tp_size",
-    "layerwise_prefetch_layers",
-    "layerwise_max_transfer_blocks",
-    "layerwise_max_transfer_bytes",
     "h2d_stagger_us",
     "layerwise_num_shared_buffers",
     "layerwise_independent_layers",
@@ -107,6 +107,16 @@ pub struct ConnectorConfig {
     /// How keys are spelled: `"current"` (Ascend Store v0.20.2 and later, with
     /// `@group:…@cache_role:kv@cache_family:…`) or `"v0.18"`. The two never alias.
     pub key_format: KeyFormat,
+    /// Layerwise: layers whose loads run ahead of the forward (at least 1: the layer the
+    /// forward waits for next).
+    #[serde(deserialize_with = "flex::u32")]
+    pub layerwise_prefetch_layers: u32,
+    /// Layerwise: the most blocks in flight per layer transfer batch (0: no limit).
+    #[serde(deserialize_with = "flex::u32")]
+    pub layerwise_max_transfer_blocks: u32,
+    /// Layerwise: the most bytes of layer loads in flight at once (0: only the prefetch depth
+    /// bounds them). Bounds the prefetch depth: never fewer than the one layer waited for.
+    pub layerwise_max_transfer_bytes: ByteSize,
 }
 
 impl Default for ConnectorConfig {
@@ -128,6 +138,9 @@ impl Default for ConnectorConfig {
             device_staging_bytes: ByteSize(256 << 20),
             stage_host_kv: false,
             key_format: KeyFormat::Current,
+            layerwise_prefetch_layers: 1,
+            layerwise_max_transfer_blocks: 0,
+            layerwise_max_transfer_bytes: ByteSize(0),
         }
     }
 }
