@@ -413,6 +413,19 @@ impl Worker {
             .map_err(to_py)
     }
 
+    /// Layerwise: returns once `layer_name`'s KV of this step's loads is in the cache.
+    fn wait_for_layer_load(&self, py: Python<'_>, layer_name: &str) -> PyResult<()> {
+        py.allow_threads(|| self.inner.wait_for_layer_load(layer_name))
+            .map_err(to_py)
+    }
+
+    /// Layerwise: starts saving `layer_name`'s KV after the work queued on `stream`.
+    #[pyo3(signature = (layer_name, stream=0))]
+    fn save_kv_layer(&self, py: Python<'_>, layer_name: &str, stream: u64) -> PyResult<()> {
+        py.allow_threads(|| self.inner.save_kv_layer(layer_name, StreamHandle(stream)))
+            .map_err(to_py)
+    }
+
     /// Saves `block_ids` under `keys` (vllm-ascend key strings), after the work queued on
     /// `stream`; returns a `Transfer`.
     #[pyo3(signature = (block_ids, keys, stream=0))]

@@ -655,6 +655,15 @@ impl SchedulerConnector {
                     req = id.as_str(),
                     "kvpool load failed; the request is recomputed"
                 );
+                // vLLM recomputes from the first failed block: save from there again, so the
+                // pool gets back what it lost.
+                if let Some(t) = state.trackers.get_mut(&id) {
+                    for (ids, saved) in t.block_ids.iter().zip(t.saved_blocks.iter_mut()) {
+                        if let Some(first) = ids.iter().position(|b| invalid.contains(b)) {
+                            *saved = (*saved).min(first);
+                        }
+                    }
+                }
                 state.load_blocks.remove(&id);
                 state.load_failed.insert(id);
             }

@@ -121,8 +121,33 @@ def _engine_layout(
             "role": _role_name(vllm_config),
             "groups": _kv_cache_groups(kv_cache_config),
             "kv_events": _kv_events_enabled(vllm_config),
+            "stage_layers": _stage_layers(vllm_config),
         }
     )
+
+
+def _stage_layers(vllm_config: "VllmConfig") -> list:
+    """KV-cache layers of each pipeline stage, as vLLM partitions the model's layers
+    (layerwise keys name a stage's layers by their index within it)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    total = vllm_config.model_config.get_total_num_hidden_layers()
+    pp_size = vllm_config.parallel_config.pipeline_parallel_size
+    return [end - start for start, end in (get_pp_indices(total, r, pp_size) for r in range(pp_size))]
+
+
+def _forward_order(kv_caches: dict) -> dict:
+    """The cache tensors in the order the forward runs their layers (layerwise keys and
+    prefetching follow it)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    def index(name: str) -> int:
+        try:
+            return extract_layer_index(name)
+        except Exception:  # a name without one layer index: keep vLLM's order
+            return -1
+
+    return dict(sorted(kv_caches.items(), key=lambda item: index(item[0])))
 
 
 def _kv_events_enabled(vllm_config: "VllmConfig") -> bool:
@@ -168,6 +193,7 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         layout_json = _engine_layout(vllm_config, role, kv_cache_config)
         effective = json.loads(_native.load_config(config_json, True))
         self._vllm_hashes = effective.get("hash_mode") == "vllm"
+        self._layerwise = bool(effective.get("use_layerwise"))
         self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
         # Layer name -> KV-cache group, for register_kv_caches.
         self._layer_groups = {
@@ -203,6 +229,15 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         from vllm.platforms import current_platform
 
         return "BLHNC" if current_platform.is_cuda() else None
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
+        """Layerwise hooks run between layers: a whole-forward CUDA graph would skip them."""
+        value = (extra_config or {}).get("use_layerwise", False)
+        if isinstance(value, str):
+            # As kvpool's config reads it: Python configs and env vars carry strings.
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        return bool(value)
 
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
@@ -333,6 +368,8 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         assert self._worker is not None
+        if self._layerwise:
+            kv_caches = _forward_order(kv_caches)
         tensors = describe_kv_caches(kv_caches, self._num_blocks, self._layer_groups)
         self._device = tensors[0][5] if tensors else "cpu"
         groups = [self._layer_groups.get(t[0], 0) for t in tensors]
@@ -365,8 +402,10 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker.start_load_kv(current_stream(self._device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads complete in start_load_kv (sync) or before the request is scheduled (async).
-        return None
+        """Layerwise: waits for this layer's loads. Otherwise loads complete in start_load_kv
+        (sync) or before the request is scheduled (async)."""
+        if self._layerwise and self._worker is not None:
+            self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self,
@@ -375,8 +414,10 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         attn_metadata: Any,
         **kwargs: Any,
     ) -> None:
-        # Whole blocks are saved at the end of the step, in wait_for_save.
-        return None
+        """Layerwise: starts this layer's saves, after the forward's writes to it. Otherwise
+        whole blocks are saved at the end of the step, in wait_for_save."""
+        if self._layerwise and self._worker is not None:
+            self._worker.save_kv_layer(layer_name, current_stream(self._device))
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
