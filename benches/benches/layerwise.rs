@@ -1,0 +1,182 @@
+//! Layerwise loading against whole-block loading, under a simulated forward.
+//!
+//! A 32-layer model (64 KiB per layer page, 2 MiB per block) loads a 64-block prefix (128 MiB)
+//! from the memory backend, then runs a "forward" of 32 layers, each a busy loop of `compute`
+//! on the calling thread. Whole-block: `start_load_kv` loads everything, then the forward
+//! runs, so a step takes compute + transfer. Layerwise: `start_load_kv` starts layer 0's load,
+//! each layer waits for exactly its own, and later layers load while earlier ones compute.
+//! `compute` is set to the measured transfer time (the balance point, where overlap matters
+//! most); the issue's target is layerwise ≤ 1.15 × max(compute, transfer).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kvpool::{BlockHash, Config, MemRegion};
+use kvpool_benches::step::{self, median, ELEM, PAGE, STEP_BLOCKS};
+use kvpool_connector::{
+    Device, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc, WorkerConnector,
+};
+
+const LAYERS: usize = 32;
+const CACHE_BLOCKS: usize = 2 * STEP_BLOCKS + 8;
+
+fn layer_name(l: usize) -> String {
+    format!("model.layers.{l}.self_attn.attn")
+}
+
+struct Rig {
+    worker: WorkerConnector,
+    _cache: Arc<MemRegion>,
+    layerwise: bool,
+    _rpc_dir: tempfile::TempDir,
+}
+
+fn hashes() -> String {
+    (0..STEP_BLOCKS as u64)
+        .map(|i| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&i.to_le_bytes());
+            h[8] = 0x1a;
+            BlockHash(h).to_hex()
+        })
+        .collect()
+}
+
+impl Rig {
+    fn new(layerwise: bool) -> Rig {
+        let rpc_dir = tempfile::tempdir().unwrap();
+        std::env::set_var("VLLM_RPC_BASE_PATH", rpc_dir.path());
+        let config = Config::from_extra_config(serde_json::json!({
+            "backend": "memory",
+            "memory": {"capacity": "1GiB"},
+            "use_layerwise": layerwise,
+            "layerwise_prefetch_layers": 2,
+        }))
+        .unwrap();
+        let mut layout = step::layout("layerwise-bench");
+        layout.stage_layers = vec![LAYERS as u32];
+        let worker = WorkerConnector::open(&config, layout).unwrap();
+        let cache = MemRegion::alloc(LAYERS * CACHE_BLOCKS * PAGE);
+        for chunk in (0..cache.len()).step_by(1 << 20) {
+            cache.write(chunk, &vec![(chunk >> 20) as u8; 1 << 20]).unwrap();
+        }
+        let tensors: Vec<TensorDesc> = (0..LAYERS)
+            .map(|l| TensorDesc {
+                layer: layer_name(l),
+                ptr: cache.as_ptr() as usize + l * CACHE_BLOCKS * PAGE,
+                shape: vec![CACHE_BLOCKS, PAGE / ELEM],
+                strides: vec![(PAGE / ELEM) as isize, 1],
+                elem_size: ELEM,
+                device: Device::Host,
+            })
+            .collect();
+        // SAFETY: the cache lives in the rig as long as the worker.
+        unsafe { worker.register_kv_caches(&tensors, None) }.unwrap();
+        let rig = Rig {
+            worker,
+            _cache: cache,
+            layerwise,
+            _rpc_dir: rpc_dir,
+        };
+        rig.save_prefix();
+        rig
+    }
+
+    fn save_prefix(&self) {
+        let meta = StepMeta {
+            saves: vec![SavePlan {
+                req_id: "s".into(),
+                block_ids: (0..STEP_BLOCKS as u32).collect(),
+                hashes: hashes(),
+                ..SavePlan::default()
+            }],
+            ..StepMeta::default()
+        }
+        .encode();
+        self.worker.bind_connector_metadata(&meta).unwrap();
+        for l in 0..LAYERS {
+            self.worker
+                .save_kv_layer(&layer_name(l), StreamHandle(0))
+                .unwrap();
+        }
+        self.worker.wait_for_save(StreamHandle(0)).unwrap();
+        assert!(self
+            .worker
+            .wait_for_requests(&["s".into()], Duration::from_secs(60)));
+        self.worker.clear_connector_metadata();
+    }
+
+    /// One step: load the prefix into other blocks and run the forward; returns the step time.
+    fn step(&self, compute: Duration) -> Duration {
+        let meta = StepMeta {
+            loads: vec![LoadPlan {
+                req_id: "l".into(),
+                block_ids: (STEP_BLOCKS as u32..2 * STEP_BLOCKS as u32).collect(),
+                hashes: hashes(),
+                is_async: false,
+                groups: vec![],
+            }],
+            ..StepMeta::default()
+        }
+        .encode();
+        let started = Instant::now();
+        self.worker.bind_connector_metadata(&meta).unwrap();
+        self.worker.start_load_kv(StreamHandle(0)).unwrap();
+        for l in 0..LAYERS {
+            self.worker.wait_for_layer_load(&layer_name(l)).unwrap();
+            busy(compute);
+        }
+        self.worker.wait_for_save(StreamHandle(0)).unwrap();
+        let took = started.elapsed();
+        assert!(
+            self.worker.get_block_ids_with_load_errors().is_empty(),
+            "layerwise {}: a load failed",
+            self.layerwise
+        );
+        self.worker.clear_connector_metadata();
+        took
+    }
+}
+
+/// A layer's attention: the calling thread stays busy for `d`.
+fn busy(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+fn layerwise(_c: &mut Criterion) {
+    let whole = Rig::new(false);
+    let layered = Rig::new(true);
+    // The transfer alone: a step with no compute, whole-block.
+    let transfer = median((0..11).map(|_| whole.step(Duration::ZERO)).collect());
+    let layer_transfer = median((0..11).map(|_| layered.step(Duration::ZERO)).collect());
+    let per_layer = transfer / LAYERS as u32;
+    let compute = per_layer * LAYERS as u32;
+    let (mut w, mut lw) = (Vec::new(), Vec::new());
+    for _ in 0..21 {
+        w.push(whole.step(per_layer));
+        lw.push(layered.step(per_layer));
+    }
+    let (w, lw) = (median(w), median(lw));
+    let bound = compute.max(transfer).as_secs_f64();
+    println!(
+        "layerwise, 32 layers x 64 blocks (128 MiB), compute {:.1} ms = transfer {:.1} ms \
+         (medians of 21): whole-block step {:.1} ms = {:.2} x (compute + transfer); layerwise \
+         step {:.1} ms = {:.2} x max(compute, transfer) (target <= 1.15); layerwise is {:.2}x \
+         faster (its transfer alone, one object per layer: {:.1} ms)",
+        compute.as_secs_f64() * 1e3,
+        transfer.as_secs_f64() * 1e3,
+        w.as_secs_f64() * 1e3,
+        w.as_secs_f64() / (compute + transfer).as_secs_f64(),
+        lw.as_secs_f64() * 1e3,
+        lw.as_secs_f64() / bound,
+        w.as_secs_f64() / lw.as_secs_f64(),
+        layer_transfer.as_secs_f64() * 1e3,
+    );
+}
+
+criterion_group!(benches, layerwise);
+criterion_main!(benches);
