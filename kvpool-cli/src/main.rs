@@ -1,10 +1,11 @@
 //! kvpool-cli: the `kvpool` command line — check, store, bench, replay (with the trace
-//! generator and plots) and demo — over the `kvpool` facade, which links the backends.
+//! generator and plots), demo and soak — over the `kvpool` facade, which links the backends.
 
 mod bench;
 mod check;
 mod demo;
 mod replay;
+mod soak;
 mod store;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ enum Command {
     Replay(Box<replay::ReplayArgs>),
     /// Run a multi-turn workload through an in-process pool, verifying every byte.
     Demo(demo::DemoArgs),
+    /// Run a long mixed put/exists/get load against a backend, verifying every loaded
+    /// byte and watching errors, latency and RSS.
+    Soak(Box<soak::SoakArgs>),
 }
 
 /// Options shared by commands that open a backend.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Replay(args) => replay::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Soak(args) => soak::run(*args),
     };
     match result {
         Ok(code) => code,
