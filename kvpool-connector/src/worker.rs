@@ -331,8 +331,8 @@ impl WorkerConnector {
         groups: &[u32],
         owner: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<()> {
-        // SAFETY: forwarded from the caller.
         let owner_again = owner.clone();
+        // SAFETY: forwarded from the caller.
         let kvs = unsafe { KvLayout::grouped(tensors, groups, owner)? };
         if kvs.len() != self.shared.keys.len() {
             return Err(Error::invalid_argument(format!(

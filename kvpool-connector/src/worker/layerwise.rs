@@ -197,8 +197,8 @@ impl WorkerConnector {
         step.loads = loads;
         step.depth = depth;
         step.layer_loads = (0..lw.layers()).map(|_| LayerLoad::Idle).collect();
-        for l in 0..depth.min(lw.layers()) {
-            self.start_layer_load(lw, &mut step, l, &layouts[l]);
+        for (l, kv) in layouts.iter().enumerate().take(depth) {
+            self.start_layer_load(lw, &mut step, l, kv);
         }
         Ok(())
     }
@@ -251,8 +251,8 @@ impl WorkerConnector {
                 return Ok(());
             }
             let end = (l + 1 + step.depth).min(lw.layers());
-            for next in 0..end {
-                self.start_layer_load(lw, &mut step, next, &layouts[next]);
+            for (next, kv) in layouts.iter().enumerate().take(end) {
+                self.start_layer_load(lw, &mut step, next, kv);
             }
             match std::mem::replace(&mut step.layer_loads[l], LayerLoad::Waited) {
                 LayerLoad::Running(h) => h,
