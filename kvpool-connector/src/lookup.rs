@@ -341,6 +341,149 @@ impl LookupClient {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/`: the socket's decoders run on untrusted bytes
+/// exactly as in service, over socket pairs. Not an API; every call must return without
+/// panicking.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("a current-thread runtime");
+    }
+
+    /// What the handler was asked: `Some` for a lookup, `None` for a reset.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Option<(usize, Vec<BlockHash>)>>>);
+
+    #[async_trait]
+    impl LookupHandler for Recorder {
+        async fn lookup(&self, token_len: usize, hashes: &[BlockHash]) -> Result<usize> {
+            let mut seen = self.0.lock().expect("not poisoned");
+            seen.push(Some((token_len, hashes.to_vec())));
+            Ok(hashes.len())
+        }
+
+        async fn reset(&self) -> Result<bool> {
+            self.0.lock().expect("not poisoned").push(None);
+            Ok(true)
+        }
+    }
+
+    /// Serves `data` as one connection's requests (v1 lookups and v2 resets), then checks
+    /// that the client encodes every request the handler saw back into the bytes it was
+    /// decoded from.
+    pub fn decode_requests(data: &[u8]) {
+        let handler = Arc::new(Recorder::default());
+        RT.with(|rt| {
+            rt.block_on(async {
+                let (mut ours, theirs) = UnixStream::pair().expect("a socket pair");
+                let (mut rx, mut tx) = ours.split();
+                let send = async {
+                    // The server hangs up on a bad frame; what it did not read is moot.
+                    let _ = tx.write_all(data).await;
+                    let _ = tx.shutdown().await;
+                };
+                let drain = async {
+                    let mut sink = Vec::new();
+                    let _ = rx.read_to_end(&mut sink).await;
+                };
+                let serve = serve_connection(theirs, handler.clone());
+                let _ = tokio::join!(send, drain, serve);
+            })
+        });
+        let seen = std::mem::take(&mut *handler.0.lock().expect("not poisoned"));
+        let mut at = 0;
+        for request in seen {
+            let frame = client_frame(request);
+            assert_eq!(
+                data.get(at..at + frame.len()),
+                Some(&frame[..]),
+                "request {at}.. decoded into what the client encodes differently"
+            );
+            at += frame.len();
+        }
+    }
+
+    /// The bytes `LookupClient` sends for `request`, captured from a socket pair.
+    fn client_frame(request: Option<(usize, Vec<BlockHash>)>) -> Vec<u8> {
+        let (ours, mut theirs) = StdUnixStream::pair().expect("a socket pair");
+        theirs
+            .write_all(&ok_reply(0))
+            .expect("a reply fits the socket buffer");
+        let mut client = LookupClient {
+            path: PathBuf::new(),
+            timeout: Duration::from_secs(5),
+            stream: Some(ours),
+        };
+        match request {
+            Some((token_len, hashes)) => client.lookup(token_len, &hashes).map(drop),
+            None => client.reset().map(drop),
+        }
+        .expect("the client reads the prepared reply");
+        drop(client);
+        let mut frame = Vec::new();
+        theirs
+            .read_to_end(&mut frame)
+            .expect("the client's end is closed");
+        frame
+    }
+
+    /// Feeds `data` to the client as the worker's replies, one lookup or reset after another
+    /// until a reply fails to decode or the bytes run out.
+    pub fn decode_replies(data: &[u8]) {
+        let (ours, mut theirs) = StdUnixStream::pair().expect("a socket pair");
+        // Larger inputs would block on the socket buffer; libFuzzer's are smaller.
+        if theirs.write_all(&data[..data.len().min(64 << 10)]).is_err()
+            || theirs.shutdown(std::net::Shutdown::Write).is_err()
+        {
+            return;
+        }
+        let mut client = LookupClient {
+            path: PathBuf::new(),
+            timeout: Duration::from_secs(5),
+            stream: Some(ours),
+        };
+        let hash = [BlockHash([7; 32])];
+        let mut reset = false;
+        // An error drops the stream; the next call would connect to the (empty) path.
+        while client.stream.is_some() {
+            let _ = if reset {
+                client.reset().map(usize::from)
+            } else {
+                client.lookup(64, &hash)
+            };
+            reset = !reset;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn hostile_and_valid_inputs_return() {
+            let mut valid = b"KVPL\x01\x10\0\0\0\x01\0\0\0".to_vec();
+            valid.extend_from_slice(&[9; 32]);
+            valid.extend_from_slice(b"KVPL\x02\0\0\0\0\0\0\0\0");
+            for data in [
+                &[][..],
+                &valid[..],
+                &valid[..20],
+                b"KVPL\x01\xff\xff\xff\xff\xff\xff\xff\xff",
+                b"KVPL\x00\x05\0\0\0KVPL\x01\x03\0\0\0abc",
+                b"KVPL\x01\x00\x20\0\0",
+            ] {
+                super::decode_requests(data);
+                super::decode_replies(data);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,6 +88,71 @@ pub mod fuzzing {
         let _ = crate::ha::decode_range_reply(data, &key);
     }
 
+    /// Decodes `data` as every byte stream the TCP data plane reads from a
+    /// peer: a handshake frame; a segment owner's request stream, served
+    /// against a small segment; and an owner's answers to a pipelined batch,
+    /// in v1 and v2 framing.
+    pub fn decode_data_plane(data: &[u8]) {
+        use crate::transfer::{pipeline, read_handshake, serve_session, LocalSegment, Op};
+        use kvpool_core::{IoVec, IoVecMut, MemRegion};
+
+        thread_local! {
+            static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime");
+            static SEGMENT: LocalSegment = LocalSegment::new(MemRegion::alloc(4096));
+        }
+        RT.with(|rt| {
+            SEGMENT.with(|segment| {
+                let requests = rebase(data, segment.base());
+                rt.block_on(async {
+                    let _ = read_handshake(&mut &data[..]).await;
+                    let stream = tokio::io::join(&requests[..], tokio::io::sink());
+                    let _ = serve_session(stream, segment).await;
+                    let (dst, src) = (MemRegion::alloc(64), MemRegion::alloc(16));
+                    for v2 in [false, true] {
+                        let ops = [
+                            Op::Read {
+                                addr: 0x1000,
+                                dst: IoVecMut::whole(&dst),
+                            },
+                            Op::Write {
+                                addr: 0x2000,
+                                src: IoVec::whole(&src),
+                            },
+                            Op::Read {
+                                addr: 0x3000,
+                                dst: IoVecMut::whole(&dst),
+                            },
+                        ];
+                        let stream = tokio::io::join(data, tokio::io::sink());
+                        let mut conn = tokio::io::BufReader::new(stream);
+                        let _ = pipeline(&mut conn, v2, "fuzz", &ops).await;
+                    }
+                })
+            })
+        });
+    }
+
+    /// Peers address a segment by `base + offset`, and the base is a real
+    /// pointer; adding it to every request's address lets the fuzzer reach
+    /// the paths that serve a request inside the segment.
+    fn rebase(data: &[u8], base: u64) -> Vec<u8> {
+        let mut out = data.to_vec();
+        let mut at = 0usize;
+        while let Some(head) = at.checked_add(24).and_then(|end| out.get_mut(at..end)) {
+            let size = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let addr = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+            head[8..16].copy_from_slice(&addr.wrapping_add(base).to_le_bytes());
+            let write = head[16] & 0x7f == 1;
+            at += 24;
+            if write {
+                at = at.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+            }
+        }
+        out
+    }
+
     #[cfg(test)]
     mod tests {
         #[test]
@@ -102,6 +167,7 @@ pub mod fuzzing {
             ] {
                 super::decode_master_response(data);
                 super::decode_etcd_reply(data);
+                super::decode_data_plane(data);
             }
         }
     }

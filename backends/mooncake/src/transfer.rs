@@ -21,7 +21,7 @@ use kvpool_core::buffer::copy_segments;
 use kvpool_core::{IoVec, IoVecMut, MemRegion};
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
@@ -195,7 +195,9 @@ fn handshake_frame(desc: &serde_json::Value) -> Vec<u8> {
     out
 }
 
-async fn read_handshake(stream: &mut TcpStream) -> io::Result<(u8, serde_json::Value)> {
+pub(crate) async fn read_handshake<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> io::Result<(u8, serde_json::Value)> {
     let len = stream.read_u64_le().await?;
     if len == 0 || len > HANDSHAKE_MAX {
         return Err(io::Error::new(
@@ -305,7 +307,10 @@ async fn serve_data(listener: TcpListener, segment: Arc<LocalSegment>, congestio
 }
 
 /// One data connection: requests in order until the peer closes.
-async fn serve_session(stream: TcpStream, segment: &LocalSegment) -> io::Result<()> {
+pub(crate) async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    segment: &LocalSegment,
+) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(IO_BUFFER, stream);
     let mut out: Vec<u8> = Vec::with_capacity(IO_BUFFER);
     loop {
@@ -686,8 +691,8 @@ fn fail_all(e: TransferError, n: usize, addr: &str) -> Vec<Result<(), TransferEr
 
 /// Sends every request, then reads every answer. A rejected request ends the
 /// owner's session, so the requests after it fail too.
-async fn pipeline(
-    conn: &mut BufReader<TcpStream>,
+pub(crate) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut BufReader<S>,
     v2: bool,
     addr: &str,
     ops: &[Op],

@@ -45,3 +45,63 @@ inventory::submit! {
         extra_layers: None,
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/`: the reply parser runs on untrusted bytes
+/// exactly as the fast path reads them off a server. Not an API; every call must return
+/// without panicking.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::resp::{parse, Frame, Parsed};
+
+    /// Parses `data` as a stream of replies, as the fast path does, and checks each frame:
+    /// it re-encodes to bytes that parse to the same frame, and one byte less of it is never
+    /// a frame (so a reply split across reads is never taken early).
+    pub fn decode_replies(mut data: &[u8]) {
+        loop {
+            match parse(data) {
+                Ok(Parsed::Frame(frame, used)) => {
+                    assert!(used > 0 && used <= data.len(), "{used} of {}", data.len());
+                    assert!(
+                        !matches!(parse(&data[..used - 1]), Ok(Parsed::Frame(..))),
+                        "a frame one byte short parsed"
+                    );
+                    let again = encode(&frame);
+                    assert_eq!(parse(&again), Ok(Parsed::Frame(frame, again.len())));
+                    data = &data[used..];
+                }
+                Ok(Parsed::Incomplete(need)) => {
+                    assert!(need > data.len(), "asked for {need} with {}", data.len());
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn encode(frame: &Frame<'_>) -> Vec<u8> {
+        match frame {
+            Frame::Simple(s) => [b"+", *s, b"\r\n"].concat(),
+            Frame::Error(line) => line.to_vec(),
+            Frame::Int(n) => format!(":{n}\r\n").into_bytes(),
+            Frame::Nil => b"$-1\r\n".to_vec(),
+            Frame::Bulk(b) => [format!("${}\r\n", b.len()).as_bytes(), b, b"\r\n"].concat(),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn hostile_and_valid_inputs_return() {
+            for data in [
+                &b"+OK\r\n-ERR x\r\n:42\r\n$-1\r\n$3\r\nabc\r\n"[..],
+                b"$3\r\nab",
+                b":-\r\n",
+                b"$99999999999999999999\r\n",
+                b"*1\r\n",
+                b"",
+            ] {
+                super::decode_replies(data);
+            }
+        }
+    }
+}
