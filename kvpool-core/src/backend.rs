@@ -16,6 +16,7 @@
 
 use std::fmt::{self, Debug};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -45,6 +46,9 @@ pub struct Capabilities {
     pub max_batch: Option<usize>,
     /// The largest value in bytes.
     pub max_value_size: Option<usize>,
+    /// [`KvBackend::exists_for_load`] keeps what it finds loadable for the hold, eviction
+    /// notwithstanding (otherwise it is at best a hint, such as a refreshed LRU position).
+    pub holds_for_load: bool,
 }
 
 /// A backend's identity.
@@ -115,6 +119,26 @@ pub trait KvBackend: Send + Sync + Debug + 'static {
 
     /// For each key, whether it is present.
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>>;
+
+    /// For each key, whether it is present, as [`exists`](Self::exists) answers, for a caller
+    /// that will load the present keys soon: a lookup whose hit is loaded one engine step
+    /// later. Between the two, a capacity-bound store keeps evicting, and a block that was
+    /// promised and is gone at load time must be recomputed.
+    ///
+    /// With [`Capabilities::holds_for_load`], every key answered `true` stays loadable by
+    /// [`get_into`](Self::get_into) until `hold` has passed, even if eviction picks it
+    /// meanwhile; [`remove`](Self::remove) and [`clear`](Self::clear) still delete it. The
+    /// hold is bounded: it ends at its deadline (a backend whose store fixes the length, or
+    /// caps it, says so), and what a `put` meets when only held keys could make room is the
+    /// backend's to document. Without the capability the hold is a hint (say, the keys move to
+    /// the recent end of an LRU).
+    /// A `hold` of zero asks for nothing beyond `exists`.
+    ///
+    /// The default is [`exists`](Self::exists).
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        let _ = hold;
+        self.exists(keys).await
+    }
 
     /// For each key, the length of its value, or `None` when absent.
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>>;

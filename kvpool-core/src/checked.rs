@@ -6,7 +6,7 @@
 //! [`metrics`] for every call.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -102,6 +102,26 @@ impl KvBackend for CheckedBackend {
             self.metrics.add_keys(scheme, "exists", "present", present);
             self.metrics
                 .add_keys(scheme, "exists", "absent", found.len() as u64 - present);
+        }
+        result
+    }
+
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        self.check_batch("exists_for_load", keys.len())?;
+        let started = Instant::now();
+        let result = self.inner.exists_for_load(keys, hold).await;
+        self.record("exists_for_load", started, &result);
+        if let Ok(found) = &result {
+            let present = found.iter().filter(|p| **p).count() as u64;
+            let scheme = self.scheme();
+            self.metrics
+                .add_keys(scheme, "exists_for_load", "present", present);
+            self.metrics.add_keys(
+                scheme,
+                "exists_for_load",
+                "absent",
+                found.len() as u64 - present,
+            );
         }
         result
     }

@@ -129,6 +129,11 @@ macro_rules! case {
 pub(crate) const CASES: &[Case] = &[
     case!(round_trip),
     case!(exists_reports_presence),
+    case!(exists_for_load_answers_as_exists_does),
+    case!(held_key_loads_after_eviction_pressure, |c, cap| c
+        .holds_for_load
+        && c.capacity_bound
+        && cap.is_some()),
     case!(value_lens_reports_lengths),
     case!(batch_mixing_hits_and_misses_keeps_order),
     case!(reput_of_existing_key_keeps_value),
@@ -173,6 +178,68 @@ async fn exists_reports_presence(ctx: Ctx) {
         ctx.backend.exists(&ctx.keys(0..3)).await.unwrap(),
         [false, true, false]
     );
+}
+
+/// `exists_for_load` answers what `exists` answers, in input order, whatever the hold (zero
+/// included), and the keys it found load intact.
+async fn exists_for_load_answers_as_exists_does(ctx: Ctx) {
+    let hold = std::time::Duration::from_secs(5);
+    assert_eq!(
+        ctx.backend.exists_for_load(&[], hold).await.unwrap(),
+        Vec::<bool>::new()
+    );
+    let items = [(1, 100), (2, 4096), (4, 1)];
+    assert_stored(&put_values(&ctx, &items).await);
+    let keys: Vec<_> = [2, 0, 1, 5, 4].iter().map(|&i| ctx.key(i)).collect();
+    let want = [true, false, true, false, true];
+    assert_eq!(ctx.backend.exists(&keys).await.unwrap(), want);
+    assert_eq!(
+        ctx.backend.exists_for_load(&keys, hold).await.unwrap(),
+        want
+    );
+    assert_eq!(
+        ctx.backend
+            .exists_for_load(&keys, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        want
+    );
+    for (o, &(i, len)) in get_values(&ctx, &items).await.iter().zip(&items) {
+        assert_hit_with(o, i, len);
+    }
+}
+
+/// With `holds_for_load`, a key that `exists_for_load` found still loads, byte for byte,
+/// after writes of four times the capacity (which evict a key nobody held; see
+/// `eviction_keeps_usage_under_capacity`), and none of those writes failed for the hold.
+async fn held_key_loads_after_eviction_pressure(ctx: Ctx) {
+    let capacity = ctx
+        .capacity
+        .expect("capacity-bound subjects declare a capacity");
+    let len = (capacity / 16) as usize;
+    assert_stored(&put_values(&ctx, &[(0, len)]).await);
+    // Mooncake's lease is its master's (10 s by default): the writes below take less.
+    let hold = std::time::Duration::from_secs(30);
+    assert_eq!(
+        ctx.backend
+            .exists_for_load(&ctx.keys(0..1), hold)
+            .await
+            .unwrap(),
+        [true]
+    );
+    for i in 1..64u64 {
+        let out = put_values(&ctx, &[(i, len)]).await;
+        assert!(
+            matches!(out[0], PutOutcome::Stored),
+            "put {i} beside a held key: {:?}",
+            out[0]
+        );
+    }
+    assert!(
+        ctx.backend.exists(&ctx.keys(1..2)).await.unwrap() == [false],
+        "four times the capacity was written, yet the oldest key nobody held survived"
+    );
+    assert_hit_with(&get_values(&ctx, &[(0, len)]).await[0], 0, len);
 }
 
 /// `value_lens` gives each present value's length and `None` for absent keys.

@@ -1,8 +1,9 @@
 use std::alloc::{self, Layout};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kvpool_core::buffer::copy_segments;
@@ -214,11 +215,62 @@ impl Drop for Entry {
     }
 }
 
+/// Values a lookup promised to a load ([`KvBackend::exists_for_load`]), each with the end
+/// of its hold. A held value that eviction takes from the index is still served from here
+/// until then, and its chunks stay taken: eviction itself never waits for a hold, so a pass
+/// always makes progress, and only a put that finds no other room revokes holds.
+#[derive(Default)]
+struct Holds {
+    map: HashMap<BlockKey, (Arc<Entry>, Instant)>,
+    /// Expired holds are swept when the map grows past this, so the sweep costs O(1) a hold.
+    sweep_at: usize,
+}
+
+impl Holds {
+    const MIN_SWEEP: usize = 1024;
+
+    fn hold(&mut self, key: &BlockKey, entry: Arc<Entry>, until: Instant) -> Vec<Arc<Entry>> {
+        // The entry found now replaces one from before a remove and re-put (same bytes:
+        // keys are content-derived), and an earlier, longer hold is kept.
+        let until = match self.map.get(key) {
+            Some(&(_, earlier)) => earlier.max(until),
+            None => until,
+        };
+        let mut expired: Vec<Arc<Entry>> = self
+            .map
+            .insert(key.clone(), (entry, until))
+            .map(|(e, _)| e)
+            .into_iter()
+            .collect();
+        if self.map.len() <= self.sweep_at.max(Self::MIN_SWEEP) {
+            return expired;
+        }
+        let now = Instant::now();
+        self.map.retain(|_, (entry, until)| {
+            let keep = *until > now;
+            if !keep {
+                expired.push(entry.clone());
+            }
+            keep
+        });
+        self.sweep_at = 2 * self.map.len();
+        expired
+    }
+
+    fn get(&self, key: &BlockKey) -> Option<Arc<Entry>> {
+        self.map
+            .get(key)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(entry, _)| entry.clone())
+    }
+}
+
 /// The in-process memory backend.
 pub struct MemoryBackend {
     info: BackendInfo,
     arena: Arc<Arena>,
     index: ShardedIndex<Arc<Entry>>,
+    holds: Mutex<Holds>,
     watermark: Watermark,
     closed: AtomicBool,
 }
@@ -267,12 +319,14 @@ impl MemoryBackend {
                 capacity_bound: true,
                 max_batch: None,
                 max_value_size: Some(bytes),
+                holds_for_load: true,
             },
         };
         Ok(MemoryBackend {
             info,
             arena,
             index,
+            holds: Mutex::new(Holds::default()),
             watermark: cfg.watermark(),
             closed: AtomicBool::new(false),
         })
@@ -345,6 +399,17 @@ impl MemoryBackend {
                 break;
             }
         }
+        if let Some(chunks) = self.arena.try_alloc(n) {
+            return Ok(chunks);
+        }
+        // What is left is held by lookups or being read: a hold never fails a put, so the
+        // holds of evicted values are revoked (their loads will miss and recompute).
+        if self.revoke_evicted_holds() > 0 {
+            if let Some(chunks) = self.arena.try_alloc(n) {
+                return Ok(chunks);
+            }
+            self.evict(pass.max(n));
+        }
         self.arena.try_alloc(n).ok_or_else(|| {
             Error::new(
                 ErrorKind::NoSpace,
@@ -352,6 +417,31 @@ impl MemoryBackend {
                  (values being read are freed when the reads finish)",
             )
         })
+    }
+
+    /// Drops the holds of values no longer in the index; returns how many.
+    fn revoke_evicted_holds(&self) -> usize {
+        let revoked: Vec<Arc<Entry>> = {
+            let mut holds = self.holds.lock();
+            let evicted: Vec<BlockKey> = holds
+                .map
+                .keys()
+                .filter(|k| !self.index.contains(k))
+                .cloned()
+                .collect();
+            evicted
+                .iter()
+                .filter_map(|k| holds.map.remove(k).map(|(entry, _)| entry))
+                .collect()
+        };
+        if !revoked.is_empty() {
+            tracing::debug!(
+                holds = revoked.len(),
+                "memory backend revoked lookup holds to make room for a put"
+            );
+        }
+        // Dropped outside the lock: their chunks return to the arena.
+        revoked.len()
     }
 
     /// Evicts values until `target` chunks are released; returns the chunks released.
@@ -413,6 +503,39 @@ impl KvBackend for MemoryBackend {
         Ok(keys.iter().map(|k| self.index.contains(k)).collect())
     }
 
+    /// Each present key is touched (an access, so eviction reaches it last) and held: its
+    /// entry is kept with the hold's deadline, and a load that finds the key evicted from
+    /// the index is served from the hold. A put that finds no room otherwise revokes the
+    /// holds of evicted values, so holds never cost a put.
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        self.check_open("exists_for_load")?;
+        if hold.is_zero() {
+            return self.exists(keys).await;
+        }
+        let until = Instant::now() + hold;
+        let mut chain = self.index.chain();
+        let found: Vec<Option<Arc<Entry>>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let ancestor = chain.next(i, key).map(|j| &keys[j]);
+                self.lookup(key, true, ancestor)
+            })
+            .collect();
+        let mut expired = Vec::new();
+        {
+            let mut holds = self.holds.lock();
+            for (key, entry) in keys.iter().zip(&found) {
+                if let Some(entry) = entry {
+                    expired.extend(holds.hold(key, entry.clone(), until));
+                }
+            }
+        }
+        // Dropped outside the lock: chunks of evicted values return to the arena.
+        drop(expired);
+        Ok(found.iter().map(Option::is_some).collect())
+    }
+
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.check_open("value_lens")?;
         Ok(keys.iter().map(|k| self.index.peek(k, |e| e.len)).collect())
@@ -447,7 +570,10 @@ impl KvBackend for MemoryBackend {
             .enumerate()
             .map(|(i, (key, dst))| {
                 let ancestor = chain.next(i, key).map(|j| &items[j].0);
-                let Some(entry) = self.lookup(key, true, ancestor) else {
+                let Some(entry) = self
+                    .lookup(key, true, ancestor)
+                    .or_else(|| self.holds.lock().get(key))
+                else {
                     return GetOutcome::Miss;
                 };
                 if entry.len != dst.len() {
@@ -476,6 +602,8 @@ impl KvBackend for MemoryBackend {
         for key in keys {
             // Dropped here, outside the shard's lock: its chunks return to the arena.
             drop(self.index.remove(key));
+            let held = self.holds.lock().map.remove(key);
+            drop(held);
         }
         Ok(())
     }
@@ -484,6 +612,8 @@ impl KvBackend for MemoryBackend {
     async fn clear(&self, _scope: kvpool_core::ClearScope) -> Result<bool> {
         self.check_open("clear")?;
         self.index.clear();
+        let held = std::mem::take(&mut *self.holds.lock());
+        drop(held);
         Ok(true)
     }
 
@@ -492,6 +622,8 @@ impl KvBackend for MemoryBackend {
             return Ok(());
         }
         self.index.clear();
+        let held = std::mem::take(&mut *self.holds.lock());
+        drop(held);
         Ok(())
     }
 }

@@ -452,6 +452,34 @@ impl KvBackend for MooncakeBackend {
             .collect()
     }
 
+    /// BatchGetReplicaList in place of BatchExistKey: the master grants every object it lists
+    /// a read lease (`--default_kv_lease_ttl`, 10 s by default, answered as `lease_ttl_ms`)
+    /// and evicts no leased object, so what this finds stays until the load. The lease's
+    /// length is the master's, whatever `hold` asks; a leased object also refuses `remove`
+    /// (without force) until it ends, and a put that only leased objects could make room for
+    /// fails with NO_AVAILABLE_HANDLE meanwhile.
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        self.inner.check_open("exists_for_load")?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        if hold.is_zero() {
+            return self.exists(keys).await;
+        }
+        let names = keys.iter().map(BlockKey::to_key_string).collect();
+        self.inner
+            .master
+            .batch_replica_list("exists_for_load", names)
+            .await?
+            .into_iter()
+            .map(|r| match r {
+                Ok(list) => Ok(readable(&list).is_some()),
+                Err(code) if is_absent(code) => Ok(false),
+                Err(code) => Err(app_error(code, "exists_for_load", "GetReplicaList")),
+            })
+            .collect()
+    }
+
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.inner.check_open("value_lens")?;
         if keys.is_empty() {

@@ -37,6 +37,13 @@ impl KvBackend for Isolated {
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
         self.backend.exists(keys).await
     }
+    async fn exists_for_load(
+        &self,
+        keys: &[BlockKey],
+        hold: std::time::Duration,
+    ) -> Result<Vec<bool>> {
+        self.backend.exists_for_load(keys, hold).await
+    }
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.backend.value_lens(keys).await
     }

@@ -159,6 +159,7 @@ impl ObjectBackend {
                     capacity_bound: false,
                     max_batch: None,
                     max_value_size: Some(MAX_VALUE_SIZE),
+                    holds_for_load: false,
                 },
             },
             inner: RwLock::new(Some(Arc::new(inner))),

@@ -1,5 +1,6 @@
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -88,6 +89,9 @@ impl RedisBackend {
                     capacity_bound: false,
                     max_batch: None,
                     max_value_size: Some(MAX_VALUE_SIZE),
+                    // TOUCH moves a looked-up key to the recent end of the LRU; redis has
+                    // no pin, so a hold is only a hint.
+                    holds_for_load: false,
                 },
             },
             pool: RwLock::new(Some(Arc::new(pool))),
@@ -365,6 +369,31 @@ impl KvBackend for RedisBackend {
                 *acc = Some(integer(&pool, "exists", reply).map(|n| n > 0));
             },
             |_, acc| answered("exists", acc)?,
+        )
+        .await
+    }
+
+    /// TOUCH in place of EXISTS: the same answer, and each present key's LRU clock is
+    /// refreshed (EXISTS leaves it alone), so `allkeys-lru` or `volatile-lru` eviction reaches
+    /// a looked-up key last. Redis has no pin: under enough pressure it can still evict the
+    /// key before the load, and `hold` is not used.
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        if hold.is_zero() {
+            return self.exists(keys).await;
+        }
+        let pool = self.pool()?;
+        let items = self.items(keys);
+        let plan = self.plan(items.iter().map(|i| i.key.len()));
+        self.run_plan(
+            "exists_for_load",
+            &pool,
+            plan,
+            1,
+            |i, _, out| Self::key_command(&items[i], b"TOUCH", out),
+            |_, _, reply, acc: &mut Option<Result<bool>>| {
+                *acc = Some(integer(&pool, "exists_for_load", reply).map(|n| n > 0));
+            },
+            |_, acc| answered("exists_for_load", acc)?,
         )
         .await
     }

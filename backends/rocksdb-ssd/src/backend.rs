@@ -170,6 +170,7 @@ impl RocksDbSsdBackend {
                 capacity_bound: true,
                 max_batch: None,
                 max_value_size: Some((capacity / 2).min(MAX_VALUE) as usize),
+                holds_for_load: false,
             },
         };
         let inner = Inner {

@@ -187,6 +187,8 @@ impl TieredBackend {
             capacity_bound: false,
             max_batch: min_opt(|c| c.max_batch),
             max_value_size: min_opt(|c| c.max_value_size),
+            // A key is held by the tier that found it, which the load reaches first.
+            holds_for_load: caps.iter().all(|c| c.holds_for_load),
         };
         let description = tiers
             .iter()
@@ -349,6 +351,21 @@ impl KvBackend for TieredBackend {
             .ask_down(keys, "exists", |backend, ask| {
                 Box::pin(async move {
                     let present = backend.exists(&ask).await?;
+                    Ok(present.into_iter().map(|p| p.then_some(())).collect())
+                })
+            })
+            .await?;
+        Ok(found.into_iter().map(|f| f.is_some()).collect())
+    }
+
+    /// Each tier holds what it found; keys it lacks are asked of the tiers below, as in
+    /// [`exists`](Self::exists).
+    async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
+        self.check_open()?;
+        let found = self
+            .ask_down(keys, "exists_for_load", move |backend, ask| {
+                Box::pin(async move {
+                    let present = backend.exists_for_load(&ask, hold).await?;
                     Ok(present.into_iter().map(|p| p.then_some(())).collect())
                 })
             })

@@ -227,6 +227,8 @@ impl MooncakeBackend {
                 capacity_bound: true,
                 max_batch: None,
                 max_value_size: None,
+                // BatchGetReplicaList's read lease: the master evicts no leased object.
+                holds_for_load: true,
             },
         };
         Ok(MooncakeBackend {
