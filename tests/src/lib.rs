@@ -16,7 +16,9 @@
 //! repeatedly against one server.
 
 mod cases;
+pub mod faults;
 pub mod fixtures;
+pub mod race;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -86,6 +86,25 @@ pub(super) fn directory_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// Bytes the filesystem holding `path` can still give an unprivileged writer,
+/// or `None` when statvfs fails.
+pub(super) fn filesystem_available(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is NUL-terminated and outlives the call; `st` is only
+    // read below, after statvfs reported that it filled it.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // Both are u64 here, narrower on some 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 fn path_error(cfg: &RocksDbSsdConfig, what: &str, e: std::io::Error) -> Error {
     Error::config_invalid(format!(
         "rocksdb_ssd.path {} {what}: {e}",

@@ -9,7 +9,7 @@ use kvpool_core::size::ByteSize;
 use kvpool_core::{BlockKey, Error, ErrorKind, Result};
 use rocksdb::{FlushOptions, WriteBatch, DB};
 
-use super::db::{cf, db_error, directory_bytes, BLOB_GC_AGE_CUTOFF};
+use super::db::{cf, db_error, directory_bytes, filesystem_available, BLOB_GC_AGE_CUTOFF};
 use super::{Inner, CF, INDEX_PREFIX, VALUE_PREFIX};
 use crate::record::{self, BatchRep, HEADER_LEN, INDEX_LEN};
 
@@ -247,6 +247,25 @@ impl Inner {
                     "the database directory holds {} and cannot take {} more",
                     ByteSize(self.refresh_disk()),
                     ByteSize(incoming)
+                ))
+                .with_context("path", self.path.display()));
+            }
+        }
+        // The filesystem may be smaller than the capacity, or shared with other
+        // files: RocksDB must not meet ENOSPC itself. A WAL or flush write that
+        // fails leaves the database refusing every write until it is reopened
+        // (and Debian's librocksdb, built with assertions, aborts the process on
+        // the next write to that WAL), so puts stop here first, with room left
+        // for a flush.
+        if let Some(free) = filesystem_available(&self.path) {
+            if free < incoming.saturating_add(self.transient) {
+                self.used.fetch_sub(incoming, Ordering::AcqRel);
+                return Err(no_space(format!(
+                    "the filesystem under the database has {} free, less than {} of values \
+                     and {} of headroom for RocksDB's own files",
+                    ByteSize(free),
+                    ByteSize(incoming),
+                    ByteSize(self.transient)
                 ))
                 .with_context("path", self.path.display()));
             }
