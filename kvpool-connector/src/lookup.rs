@@ -358,8 +358,10 @@ pub mod fuzzing {
     }
 
     /// What the handler was asked: `Some` for a lookup, `None` for a reset.
+    type Asked = Option<(usize, Vec<BlockHash>)>;
+
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Option<(usize, Vec<BlockHash>)>>>);
+    struct Recorder(Mutex<Vec<Asked>>);
 
     #[async_trait]
     impl LookupHandler for Recorder {
@@ -411,7 +413,7 @@ pub mod fuzzing {
     }
 
     /// The bytes `LookupClient` sends for `request`, captured from a socket pair.
-    fn client_frame(request: Option<(usize, Vec<BlockHash>)>) -> Vec<u8> {
+    fn client_frame(request: Asked) -> Vec<u8> {
         let (ours, mut theirs) = StdUnixStream::pair().expect("a socket pair");
         theirs
             .write_all(&ok_reply(0))
