@@ -15,7 +15,10 @@ Checks, per vLLM 0.33 physical KV layout (one int8 allocation viewed per layer a
 2. the blocks, wiped, load back byte-identical into other block ids (sync and async handles);
 3. a missing key is reported as that block's failure;
 4. the same on a non-default stream (what vLLM uses) and on the default stream;
-5. the redis backend too, when ``redis-server`` is on PATH.
+5. the redis backend too, when ``redis-server`` is on PATH;
+6. layerwise (``use_layerwise``), driven as vLLM's attention hooks drive it: each layer's
+   save is issued while the forward's writes to it are still queued and stores them; each
+   layer's load is in place when its ``wait_for_layer_load`` returns; a missing block fails.
 
 Speed, for a 64-block x 32-layer step (Llama-3.1-8B-like pages, 64 KiB per layer and block):
 kvpool save (device -> staging, fenced) and load against torch's own gather into pinned
@@ -40,7 +43,8 @@ import time
 import torch
 
 import kvpool
-from kvpool.device import KvCachePool
+from kvpool import _native
+from kvpool.device import KvCachePool, current_stream, describe_kv_caches
 
 # Logical [L, B, H, N, C] in each layout's physical order, outermost first.
 LAYOUTS = {
@@ -144,6 +148,75 @@ def correctness(layout: str, backend: str, url: str | None, stream_kind: str, po
                     ok = False
         pool.close()
     say(f"  {layout:6} {backend:6} {stream_kind:7} stream: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def layerwise(layout: str, port: int) -> bool:
+    L, B, H, N, D = 4, 64, 4, 16, 64
+    dev = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu")
+    raw, views = cache(layout, L, B, H, N, D, dev)
+    raw.random_(-128, 127)
+    cfg = {**config("memory", None, 16 << 20, port), "use_layerwise": True}
+    engine = {"model": f"gpu-check-lw-{layout}", "block_size": N, "tp_size": 1, "tp_rank": 0,
+              "pp_size": 1, "pp_rank": 0, "dp_rank": 0, "num_kv_heads": H, "use_mla": False,
+              "role": "kv_both", "stage_layers": [L]}
+    worker = _native.Worker(json.dumps(cfg), json.dumps(engine))
+    worker.register_kv_caches(describe_kv_caches(views, B), views, [])
+    stream = torch.cuda.Stream() if DEVICE == "cuda" else None
+    on_stream = torch.cuda.stream(stream) if DEVICE == "cuda" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    S, dst = [3, 7, 8, 20], [40, 41, 42, 43]
+    hashes = [os.urandom(32) for _ in S]
+    new = {b: [torch.randn(H, N, 2 * D, device=dev).to(torch.bfloat16) for _ in range(L)]
+           for b in S}
+
+    def step(meta: dict, per_layer) -> None:
+        worker.bind_connector_metadata(json.dumps({"preempted": [], **meta}).encode())
+        worker.start_load_kv(current_stream(DEVICE))
+        for l, name in enumerate(views):
+            worker.wait_for_layer_load(name)
+            per_layer(l, name)
+            worker.save_kv_layer(name, current_stream(DEVICE))
+        worker.wait_for_save(current_stream(DEVICE))
+        worker.clear_connector_metadata()
+
+    ok = True
+    with on_stream:
+        def forward(l, name):
+            # The layer's attention writes it; its save is issued while that is still queued.
+            if DEVICE == "cuda":
+                torch.cuda._sleep(50_000_000)
+            for b in S:
+                views[name][b].copy_(new[b][l])
+
+        saves = [{"req_id": "s", "block_ids": S, "first_block": 0,
+                  "hashes": "".join(h.hex() for h in hashes)}]
+        step({"loads": [], "saves": saves}, forward)
+        if not worker.wait_for_saves(60.0):
+            say("  FAIL layerwise saves did not finish")
+            ok = False
+        sync()
+        for v in views.values():
+            v[dst] = 0
+        sync()
+        arrived = {}
+
+        def check(l, name):
+            sync()  # what the layer's attention would read now
+            arrived[l] = all(torch.equal(views[name][d], new[s][l]) for s, d in zip(S[:3], dst[:3]))
+
+        loads = [{"req_id": "l", "block_ids": dst, "is_async": False,
+                  "hashes": "".join(h.hex() for h in hashes[:3]) + os.urandom(32).hex()}]
+        step({"loads": loads, "saves": []}, check)
+        failed = worker.get_block_ids_with_load_errors()
+        if failed != [dst[3]]:
+            say(f"  FAIL layerwise load failures {failed}, expected [{dst[3]}]")
+            ok = False
+        if not all(arrived.get(l, False) for l in range(L)):
+            say(f"  FAIL layerwise: a layer was not in place at its wait: {arrived}")
+            ok = False
+    worker.shutdown(30.0)
+    say(f"  {layout:6} layerwise: {'ok' if ok else 'FAILED'}")
     return ok
 
 
@@ -268,6 +341,10 @@ def main() -> int:
                 good = correctness(layout, backend, url, stream_kind, port)
                 results["correct"][f"{layout}/{backend}/{stream_kind}"] = good
                 ok &= good
+        port += 1
+        good = layerwise(layout, port)
+        results["correct"][f"{layout}/layerwise"] = good
+        ok &= good
     if not args.cpu:
         say("speed (64 blocks):")
         for layout in ("BLHNC", "LBHNC", "LBNHC"):
