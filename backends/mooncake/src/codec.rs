@@ -38,6 +38,9 @@ pub(crate) enum CodecError {
     TrailingBytes(usize),
 }
 
+/// The most bytes a decoded vector reserves on the strength of its length prefix.
+const MAX_PREALLOC: usize = 1 << 20;
+
 /// A type with a `struct_pack` encoding.
 pub(crate) trait Wire: Sized {
     /// Appends the type literal (`type_id.hpp`'s `get_type_literal`).
@@ -201,9 +204,13 @@ impl<T: Wire> Wire for Vec<T> {
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
-        // `len` is bounded by the bytes left, so this allocation is too.
+        // `len` is bounded by the bytes left, but an element takes many times
+        // its wire bytes in memory (a replica descriptor: over 100 for a few on
+        // the wire), so reserving `n` up front would let a 256 MiB body claim
+        // tens of GiB before its first element fails to decode. The vector
+        // grows past the reservation only with elements actually decoded.
         let n = r.len()?;
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::with_capacity(n.min(MAX_PREALLOC / std::mem::size_of::<T>().max(1)));
         for _ in 0..n {
             out.push(T::decode(r)?);
         }
@@ -435,4 +442,50 @@ pub(crate) fn unpack<T: Wire>(code: &TypeCode, buf: &[u8]) -> Result<T, CodecErr
 pub(crate) fn function_id(qualified_name: &str) -> u32 {
     let digest = Md5::digest(qualified_name.as_bytes());
     u32::from_be_bytes(digest[..4].try_into().expect("md5 has 16 bytes"))
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    /// 64 KiB in memory, at least one byte on the wire, and never valid.
+    struct Big([u8; 1 << 16]);
+
+    impl Wire for Big {
+        fn literal(out: &mut Vec<u8>) {
+            out.push(0);
+        }
+        fn max_len(&self) -> usize {
+            self.0.len()
+        }
+        fn encode(&self, _: &mut Writer) {}
+        fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+            Err(CodecError::BadTag {
+                what: "big",
+                tag: r.byte()?,
+            })
+        }
+    }
+
+    /// A 16 MiB body whose length prefix claims 16 Mi elements of 64 KiB each: reserving
+    /// them would ask for 1 TiB (an allocation failure aborts the process); the decode
+    /// must just fail on the first element.
+    #[test]
+    fn a_hostile_vector_length_does_not_reserve_what_it_claims() {
+        let n: u64 = 16 << 20;
+        let mut buf = n.to_le_bytes().to_vec();
+        buf.resize(8 + n as usize, 7);
+        let mut r = Reader {
+            buf: &buf,
+            width: 8,
+        };
+        match Vec::<Big>::decode(&mut r) {
+            Err(CodecError::BadTag {
+                what: "big",
+                tag: 7,
+            }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(v) => panic!("decoded {} elements", v.len()),
+        }
+    }
 }

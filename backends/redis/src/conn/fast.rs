@@ -162,8 +162,12 @@ impl FastConn {
                 self.rbuf.copy_within(self.start..self.end, 0);
                 (self.start, self.end) = (0, self.end - self.start);
             }
-            if self.rbuf.len() < need {
-                self.rbuf.resize(need.max(BUF_INITIAL), 0);
+            // Grown with what arrives, doubling when full, not to `need` at once: `need`
+            // comes from a length the server claims (up to `resp::MAX_BULK`), and a
+            // garbled or hostile one must not cost that much memory before its bytes come.
+            if self.rbuf.len() < need && self.end == self.rbuf.len() {
+                let grown = self.rbuf.len().saturating_mul(2).max(BUF_INITIAL);
+                self.rbuf.resize(grown.min(need), 0);
             }
             let read = self.io.read(&mut self.rbuf[self.end..]).await?;
             if read == 0 {
@@ -204,4 +208,39 @@ pub(super) fn protocol_error(why: String) -> RedisError {
         "malformed reply from the server",
         why,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply claiming a bulk string of almost `MAX_BULK` bytes, then closing: the read
+    /// buffer grows with the bytes that came, not with the claim.
+    #[tokio::test]
+    async fn a_hostile_bulk_length_does_not_allocate_what_it_claims() {
+        let (client, mut server) = tokio::io::duplex(64 << 10);
+        let mut conn = FastConn {
+            io: Box::new(client),
+            wbuf: Vec::new(),
+            rbuf: vec![0; BUF_INITIAL],
+            start: 0,
+            end: 0,
+        };
+        let claim = resp::MAX_BULK - 10;
+        let serve = tokio::spawn(async move {
+            server
+                .write_all(format!("${claim}\r\n").as_bytes())
+                .await
+                .unwrap();
+            server.write_all(&vec![b'x'; 300 << 10]).await.unwrap();
+        });
+        let e = conn.exchange(1, &mut |_, _| {}).await.unwrap_err();
+        serve.await.unwrap();
+        assert!(e.to_string().contains("closed"), "{e}");
+        assert!(
+            conn.rbuf.len() <= 4 * BUF_INITIAL,
+            "{} bytes of buffer for 300 KiB received",
+            conn.rbuf.len()
+        );
+    }
 }
