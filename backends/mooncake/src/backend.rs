@@ -162,6 +162,7 @@ impl Inner {
         // HA failover the new leader knows nothing of it, and ending it there
         // could end another put of the same key.
         let pin = Some(self.master.epoch());
+        let op_started = Instant::now();
         let started = self
             .master
             .batch_put_start(pin, self.client_id, &request, &self.replicate, retry)
@@ -288,7 +289,9 @@ impl Inner {
         }
         if !revoke.is_empty() {
             let keys = revoke.iter().map(|&i| items[i].0.clone()).collect();
-            self.master.revoke_quietly(pin, self.client_id, keys).await;
+            self.master
+                .revoke_quietly(pin, self.client_id, keys, op_started)
+                .await;
             for &i in &revoke {
                 let e = failed[i].take().unwrap_or_else(|| {
                     Error::new(ErrorKind::Unavailable, "the put could not be ended")

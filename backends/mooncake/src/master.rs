@@ -13,6 +13,10 @@ use crate::types::*;
 /// official client requires the same exact string).
 pub(crate) const STORE_VERSION: &str = "2.0.0";
 
+/// The least time a revoke gets after its put used up the RPC timeout: enough
+/// for a master that answers, short enough not to double a stalled one's.
+const MIN_REVOKE_BUDGET: Duration = Duration::from_millis(100);
+
 /// A master and the tenant our keys live in.
 #[derive(Debug)]
 pub(crate) struct Master {
@@ -257,6 +261,7 @@ impl Master {
         retry_for: Duration,
     ) -> Result<Vec<Expected<Vec<ReplicaDescriptor>>>> {
         let started = Instant::now();
+        let op_started = started;
         let mut out: Vec<Option<Expected<Vec<ReplicaDescriptor>>>> = vec![None; items.len()];
         let mut todo: Vec<usize> = (0..items.len()).collect();
         let mut backoff = Duration::from_millis(5);
@@ -282,7 +287,7 @@ impl Master {
                         .map(|(i, _)| items[i].0.clone())
                         .collect();
                     started.extend(todo.iter().map(|&i| items[i].0.clone()));
-                    self.revoke_quietly(pin, client, started).await;
+                    self.revoke_quietly(pin, client, started, op_started).await;
                     return Err(e);
                 }
             };
@@ -307,18 +312,35 @@ impl Master {
             .collect())
     }
 
-    /// Best effort, bounded by the RPC timeout: the master discards what
-    /// this misses after its put timeout.
-    pub(crate) async fn revoke_quietly(&self, pin: Option<u64>, client: Uuid, keys: Vec<String>) {
+    /// Best effort, within what is left of the RPC timeout of the put that
+    /// began at `op_started` (at least [`MIN_REVOKE_BUDGET`]): a stalled
+    /// master must not hold the caller for a second timeout, and the master
+    /// discards what this misses after its put timeout.
+    pub(crate) async fn revoke_quietly(
+        &self,
+        pin: Option<u64>,
+        client: Uuid,
+        keys: Vec<String>,
+        op_started: Instant,
+    ) {
         if keys.is_empty() {
             return;
         }
-        if let Err(e) = self.batch_put_revoke(pin, client, keys).await {
-            tracing::warn!(
-                error = %e,
-                "PutRevoke failed; the master discards the keys after its put timeout"
-            );
-        }
+        let budget = self
+            .pool
+            .rpc_timeout()
+            .saturating_sub(op_started.elapsed())
+            .max(MIN_REVOKE_BUDGET);
+        let revoked = tokio::time::timeout(budget, self.batch_put_revoke(pin, client, keys)).await;
+        let error = match revoked {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {budget:?}"),
+        };
+        tracing::warn!(
+            error,
+            "PutRevoke failed; the master discards the keys after its put timeout"
+        );
     }
 
     pub(crate) async fn batch_put_end(

@@ -196,6 +196,11 @@ impl RpcPool {
     }
 
     /// The master's address now.
+    /// How long one call may take.
+    pub(crate) fn rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
+    }
+
     pub(crate) fn addr(&self) -> String {
         self.target.lock().addr.clone()
     }
