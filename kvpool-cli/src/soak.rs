@@ -371,33 +371,17 @@ async fn soak(
         errors_logged: AtomicU64::new(0),
     });
     let tasks: Vec<_> = regions
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(id, region)| tokio::spawn(client(shared.clone(), id, region)))
+        .map(|(id, region)| tokio::spawn(client(shared.clone(), id, region.clone())))
         .collect();
 
-    // RSS while the clients run: the warm-up point, evenly spaced trace points and a
-    // peak sampled every 100 ms.
-    let mut rss_warm = None;
-    let mut rss_peak = rss_open;
-    let mut trace = Vec::new();
-    let trace_every = plan.seconds / TRACE_POINTS;
-    let mut next_trace = started + trace_every;
-    let warm_at = started + plan.warmup;
-    while Instant::now() < shared.deadline {
-        let next = (Instant::now() + Duration::from_millis(100)).min(shared.deadline);
-        tokio::time::sleep_until(next.into()).await;
-        let now = Instant::now();
-        let rss = rss_mb()?;
-        rss_peak = rss_peak.max(rss);
-        if rss_warm.is_none() && now >= warm_at {
-            rss_warm = Some(rss);
-        }
-        if now >= next_trace && trace.len() < TRACE_POINTS as usize {
-            trace.push(round1(rss));
-            next_trace += trace_every;
-        }
-    }
+    // On a thread of its own: the clients' verification keeps the runtime's workers
+    // busy, and a sampler among them would be late for the warm-up point.
+    let watch = {
+        let (warm_at, deadline) = (started + plan.warmup, shared.deadline);
+        tokio::task::spawn_blocking(move || watch_rss(started, warm_at, deadline, rss_open))
+    };
 
     let mut total = ClientStats::new();
     let mut stuck = 0u64;
@@ -419,9 +403,18 @@ async fn soak(
     }
     total.errors += stuck;
     let elapsed = started.elapsed();
+    let watched = watch.await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unexpected,
+            format!("the RSS sampler failed: {e}"),
+        )
+    })??;
+    // Measured while the clients' buffers are still held, as they were at warm-up.
     let rss_end = rss_mb()?;
-    rss_peak = rss_peak.max(rss_end);
-    let rss_warm = rss_warm.unwrap_or(rss_end);
+    drop(regions);
+    let rss_peak = watched.peak.max(rss_end);
+    let rss_warm = watched.warm.unwrap_or(rss_end);
+    let trace = watched.trace;
 
     let pct = |h: &Histogram<u64>, q: f64| {
         if h.is_empty() {
@@ -468,6 +461,55 @@ async fn soak(
         rss_trace_mb: trace,
         first_error: total.first_error,
     })
+}
+
+/// What RSS did while the clients ran.
+#[derive(Debug)]
+struct RssWatch {
+    warm: Option<f64>,
+    peak: f64,
+    trace: Vec<f64>,
+}
+
+/// Samples RSS every 100 ms until `deadline`, and exactly at `warm_at` and at each of
+/// the trace's evenly spaced points.
+fn watch_rss(
+    started: Instant,
+    warm_at: Instant,
+    deadline: Instant,
+    rss_open: f64,
+) -> kvpool::Result<RssWatch> {
+    let mut watch = RssWatch {
+        warm: None,
+        peak: rss_open,
+        trace: Vec::with_capacity(TRACE_POINTS as usize),
+    };
+    let trace_every = deadline.saturating_duration_since(started) / TRACE_POINTS;
+    let mut next_trace = started + trace_every;
+    loop {
+        let now = Instant::now();
+        let mut wake = (now + Duration::from_millis(100)).min(deadline);
+        if watch.trace.len() < TRACE_POINTS as usize {
+            wake = wake.min(next_trace);
+        }
+        if watch.warm.is_none() {
+            wake = wake.min(warm_at);
+        }
+        std::thread::sleep(wake.saturating_duration_since(now));
+        let now = Instant::now();
+        let rss = rss_mb()?;
+        watch.peak = watch.peak.max(rss);
+        if watch.warm.is_none() && now >= warm_at {
+            watch.warm = Some(rss);
+        }
+        if now >= next_trace && watch.trace.len() < TRACE_POINTS as usize {
+            watch.trace.push(round1(rss));
+            next_trace += trace_every;
+        }
+        if now >= deadline {
+            return Ok(watch);
+        }
+    }
 }
 
 #[derive(Debug)]
