@@ -600,6 +600,17 @@ impl Shared {
         stats.note_error(&message);
     }
 
+    /// Results come one per key, in order; any other count breaks the contract.
+    fn check_count(&self, stats: &mut ClientStats, op: &str, got: usize, keys: usize) {
+        if got != keys {
+            let e = Error::new(
+                ErrorKind::Unexpected,
+                format!("the backend answered {got} outcomes for {keys} keys"),
+            );
+            self.error(stats, op, &e);
+        }
+    }
+
     fn error_wrong(&self, stats: &mut ClientStats, key: &BlockKey, wrong: u64) {
         stats.wrong_values += 1;
         stats.wrong_bytes += wrong;
@@ -683,6 +694,7 @@ async fn client(shared: Arc<Shared>, id: usize, region: Arc<MemRegion>) -> Clien
             };
             match outcomes {
                 Ok(outcomes) => {
+                    shared.check_count(&mut stats, "get_into", outcomes.len(), hit);
                     let mut contiguous = true;
                     for (i, o) in outcomes.into_iter().enumerate().take(hit) {
                         match o {
@@ -735,6 +747,7 @@ async fn client(shared: Arc<Shared>, id: usize, region: Arc<MemRegion>) -> Clien
                 Ok(outcomes) => {
                     record(&mut stats.put_us, t);
                     stats.put_calls += 1;
+                    shared.check_count(&mut stats, "put", outcomes.len(), keys.len() - loaded);
                     for o in outcomes {
                         match o {
                             PutOutcome::Stored => stats.blocks_stored += 1,
