@@ -1027,7 +1027,14 @@ impl PoolLookup {
             .collect();
         let mut found = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.shared.max_batch) {
-            found.extend(self.shared.backend.exists(chunk).await?);
+            // The hit is loaded a step later: the lookup holds what it found until then, so
+            // eviction in between does not turn a promised block into a recompute.
+            found.extend(
+                self.shared
+                    .backend
+                    .exists_for_load(chunk, kvpool_core::backend::DEFAULT_LOAD_HOLD)
+                    .await?,
+            );
         }
         let n = key_hashes.len();
         let mut present = vec![false; range.end];

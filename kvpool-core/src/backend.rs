@@ -100,6 +100,11 @@ impl GetOutcome {
     }
 }
 
+/// The hold a lookup asks of [`KvBackend::exists_for_load`]: its load comes one engine step
+/// later (milliseconds to a few hundred), or a few steps when the request waits for device
+/// blocks; two seconds covers that with room, and bounds what holds can pin.
+pub const DEFAULT_LOAD_HOLD: Duration = Duration::from_secs(2);
+
 /// A KV block store.
 ///
 /// Object-safe: kvpool holds backends as `Arc<dyn KvBackend>`.

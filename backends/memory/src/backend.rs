@@ -215,53 +215,143 @@ impl Drop for Entry {
     }
 }
 
-/// Values a lookup promised to a load ([`KvBackend::exists_for_load`]), each with the end
-/// of its hold. A held value that eviction takes from the index is still served from here
-/// until then, and its chunks stay taken: eviction itself never waits for a hold, so a pass
-/// always makes progress, and only a put that finds no other room revokes holds.
+/// Values a lookup promised to a load ([`KvBackend::exists_for_load`]). A held value that
+/// eviction takes from the index is still served from here until its load or its deadline,
+/// and its chunks stay taken meanwhile: eviction never waits for a hold, so a pass always
+/// makes progress. Held values outside the index may take a quarter of the capacity
+/// ([`HELD_SHARE`]); past that, and whenever a put finds no other room, the holds that end
+/// first are revoked (the oldest lookups, whose loads are the likeliest to be done).
 #[derive(Default)]
 struct Holds {
-    map: HashMap<BlockKey, (Arc<Entry>, Instant)>,
+    map: HashMap<BlockKey, Hold>,
+    /// Chunks of held values that eviction took from the index.
+    evicted_chunks: usize,
     /// Expired holds are swept when the map grows past this, so the sweep costs O(1) a hold.
     sweep_at: usize,
+}
+
+/// The share of the capacity held values evicted from the index may take: without a bound,
+/// holds of keys looked up and never loaded would crowd the index out of its own arena.
+const HELD_SHARE: usize = 4;
+
+struct Hold {
+    entry: Arc<Entry>,
+    until: Instant,
+    /// Eviction took the key from the index; its chunks count in `evicted_chunks`.
+    evicted: bool,
+    /// Lookups that found the key and whose loads have not come: the first loads after
+    /// them end the hold (keys are content-derived, so any load of the key is theirs).
+    lookups: u32,
 }
 
 impl Holds {
     const MIN_SWEEP: usize = 1024;
 
+    /// Holds `entry` under `key` until `until` (an earlier, longer hold is kept); returns
+    /// entries to drop outside the lock.
     fn hold(&mut self, key: &BlockKey, entry: Arc<Entry>, until: Instant) -> Vec<Arc<Entry>> {
-        // The entry found now replaces one from before a remove and re-put (same bytes:
-        // keys are content-derived), and an earlier, longer hold is kept.
-        let until = match self.map.get(key) {
-            Some(&(_, earlier)) => earlier.max(until),
-            None => until,
-        };
-        let mut expired: Vec<Arc<Entry>> = self
-            .map
-            .insert(key.clone(), (entry, until))
-            .map(|(e, _)| e)
-            .into_iter()
-            .collect();
-        if self.map.len() <= self.sweep_at.max(Self::MIN_SWEEP) {
-            return expired;
-        }
-        let now = Instant::now();
-        self.map.retain(|_, (entry, until)| {
-            let keep = *until > now;
-            if !keep {
-                expired.push(entry.clone());
+        let mut unlocked = Vec::new();
+        match self.map.get_mut(key) {
+            Some(h) => {
+                h.until = h.until.max(until);
+                h.lookups = h.lookups.saturating_add(1);
+                // The entry found now (in the index) replaces one from before an eviction, or
+                // a remove and re-put.
+                if std::mem::take(&mut h.evicted) {
+                    self.evicted_chunks -= h.entry.chunks();
+                }
+                unlocked.push(std::mem::replace(&mut h.entry, entry));
             }
-            keep
-        });
-        self.sweep_at = 2 * self.map.len();
-        expired
+            None => {
+                self.map.insert(
+                    key.clone(),
+                    Hold {
+                        entry,
+                        until,
+                        evicted: false,
+                        lookups: 1,
+                    },
+                );
+            }
+        }
+        if self.map.len() > self.sweep_at.max(Self::MIN_SWEEP) {
+            let now = Instant::now();
+            let mut freed = 0;
+            self.map.retain(|_, h| {
+                let keep = h.until > now;
+                if !keep {
+                    if h.evicted {
+                        freed += h.entry.chunks();
+                    }
+                    unlocked.push(h.entry.clone());
+                }
+                keep
+            });
+            self.evicted_chunks -= freed;
+            self.sweep_at = 2 * self.map.len();
+        }
+        unlocked
+    }
+
+    /// Takes `key`'s hold out, whatever its state.
+    fn remove(&mut self, key: &BlockKey) -> Option<Arc<Entry>> {
+        let h = self.map.remove(key)?;
+        if h.evicted {
+            self.evicted_chunks -= h.entry.chunks();
+        }
+        Some(h.entry)
+    }
+
+    /// Eviction took `key` from the index: a hold on it now keeps its chunks.
+    fn evicted(&mut self, key: &BlockKey) {
+        if let Some(h) = self.map.get_mut(key) {
+            if !h.evicted {
+                h.evicted = true;
+                self.evicted_chunks += h.entry.chunks();
+            }
+        }
+    }
+
+    /// Revokes holds of evicted values, soonest-ending first, until `target` chunks are
+    /// let go; returns their entries, to drop outside the lock.
+    fn revoke(&mut self, target: usize) -> Vec<Arc<Entry>> {
+        let mut evicted: Vec<(Instant, BlockKey)> = self
+            .map
+            .iter()
+            .filter(|(_, h)| h.evicted)
+            .map(|(k, h)| (h.until, k.clone()))
+            .collect();
+        evicted.sort_unstable_by_key(|(until, _)| *until);
+        let mut freed = 0;
+        let mut out = Vec::new();
+        for (_, key) in evicted {
+            if freed >= target {
+                break;
+            }
+            if let Some(entry) = self.remove(&key) {
+                freed += entry.chunks();
+                out.push(entry);
+            }
+        }
+        out
     }
 
     fn get(&self, key: &BlockKey) -> Option<Arc<Entry>> {
         self.map
             .get(key)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(entry, _)| entry.clone())
+            .filter(|h| h.until > Instant::now())
+            .map(|h| h.entry.clone())
+    }
+
+    /// A load of `key` came: one lookup's hold on it ends.
+    fn loaded(&mut self, key: &BlockKey) -> Option<Arc<Entry>> {
+        let h = self.map.get_mut(key)?;
+        h.lookups = h.lookups.saturating_sub(1);
+        if h.lookups == 0 || h.until <= Instant::now() {
+            self.remove(key)
+        } else {
+            None
+        }
     }
 }
 
@@ -384,6 +474,13 @@ impl MemoryBackend {
             self.watermark.bytes_to_free(self.capacity_bytes()),
             self.arena.chunk_size,
         );
+        // Held values outside the index past their share go first, down to half of it so
+        // that this runs once in many puts.
+        let share = total / HELD_SHARE;
+        let outside = self.holds.lock().evicted_chunks;
+        if outside > share {
+            self.revoke_evicted_holds(outside - share / 2);
+        }
         for _ in 0..3 {
             if let Some(chunks) = self.arena.try_alloc(n) {
                 let used = (total - self.arena.free_chunks()) * self.arena.chunk_size;
@@ -402,9 +499,10 @@ impl MemoryBackend {
         if let Some(chunks) = self.arena.try_alloc(n) {
             return Ok(chunks);
         }
-        // What is left is held by lookups or being read: a hold never fails a put, so the
-        // holds of evicted values are revoked (their loads will miss and recompute).
-        if self.revoke_evicted_holds() > 0 {
+        // What is left is held by lookups or being read: a hold never fails a put, so holds
+        // of evicted values are revoked, those ending first first (their loads will miss and
+        // recompute).
+        if self.revoke_evicted_holds(pass.max(n)) > 0 {
             if let Some(chunks) = self.arena.try_alloc(n) {
                 return Ok(chunks);
             }
@@ -419,25 +517,14 @@ impl MemoryBackend {
         })
     }
 
-    /// Drops the holds of values no longer in the index; returns how many.
-    fn revoke_evicted_holds(&self) -> usize {
-        let revoked: Vec<Arc<Entry>> = {
-            let mut holds = self.holds.lock();
-            let evicted: Vec<BlockKey> = holds
-                .map
-                .keys()
-                .filter(|k| !self.index.contains(k))
-                .cloned()
-                .collect();
-            evicted
-                .iter()
-                .filter_map(|k| holds.map.remove(k).map(|(entry, _)| entry))
-                .collect()
-        };
+    /// Revokes holds of evicted values, soonest-ending first, until `target` chunks are let
+    /// go; returns how many holds it revoked.
+    fn revoke_evicted_holds(&self, target: usize) -> usize {
+        let revoked = self.holds.lock().revoke(target);
         if !revoked.is_empty() {
             tracing::debug!(
                 holds = revoked.len(),
-                "memory backend revoked lookup holds to make room for a put"
+                "memory backend revoked lookup holds to make room"
             );
         }
         // Dropped outside the lock: their chunks return to the arena.
@@ -446,8 +533,9 @@ impl MemoryBackend {
 
     /// Evicts values until `target` chunks are released; returns the chunks released.
     fn evict(&self, target: usize) -> usize {
-        self.index.evict(target as u64, |_, entry| {
+        self.index.evict(target as u64, |key, entry| {
             tracing::trace!(chunks = entry.chunks(), "memory backend evicted a value");
+            self.holds.lock().evicted(&key);
             // Its chunks return to the arena once the last reader lets go.
             entry.chunks() as u64
         }) as usize
@@ -504,9 +592,10 @@ impl KvBackend for MemoryBackend {
     }
 
     /// Each present key is touched (an access, so eviction reaches it last) and held: its
-    /// entry is kept with the hold's deadline, and a load that finds the key evicted from
-    /// the index is served from the hold. A put that finds no room otherwise revokes the
-    /// holds of evicted values, so holds never cost a put.
+    /// entry is kept until the key's next load or the hold's deadline, and a load that finds
+    /// the key evicted from the index is served from the hold. A put that finds no room
+    /// otherwise revokes holds of evicted values, soonest-ending first, so holds never cost
+    /// a put.
     async fn exists_for_load(&self, keys: &[BlockKey], hold: Duration) -> Result<Vec<bool>> {
         self.check_open("exists_for_load")?;
         if hold.is_zero() {
@@ -522,17 +611,17 @@ impl KvBackend for MemoryBackend {
                 self.lookup(key, true, ancestor)
             })
             .collect();
-        let mut expired = Vec::new();
+        let mut unlocked = Vec::new();
         {
             let mut holds = self.holds.lock();
             for (key, entry) in keys.iter().zip(&found) {
                 if let Some(entry) = entry {
-                    expired.extend(holds.hold(key, entry.clone(), until));
+                    unlocked.extend(holds.hold(key, entry.clone(), until));
                 }
             }
         }
         // Dropped outside the lock: chunks of evicted values return to the arena.
-        drop(expired);
+        drop(unlocked);
         Ok(found.iter().map(Option::is_some).collect())
     }
 
@@ -564,6 +653,8 @@ impl KvBackend for MemoryBackend {
     /// in the same shard as its ancestor.
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
         self.check_open("get_into")?;
+        // Most loads follow no hold: they skip the holds' lock.
+        let held = !self.holds.lock().map.is_empty();
         let mut chain = self.index.chain();
         Ok(items
             .iter()
@@ -576,6 +667,10 @@ impl KvBackend for MemoryBackend {
                 else {
                     return GetOutcome::Miss;
                 };
+                if held {
+                    let ended = self.holds.lock().loaded(key);
+                    drop(ended);
+                }
                 if entry.len != dst.len() {
                     return GetOutcome::Failed(
                         Error::invalid_argument(format!(
@@ -602,7 +697,7 @@ impl KvBackend for MemoryBackend {
         for key in keys {
             // Dropped here, outside the shard's lock: its chunks return to the arena.
             drop(self.index.remove(key));
-            let held = self.holds.lock().map.remove(key);
+            let held = self.holds.lock().remove(key);
             drop(held);
         }
         Ok(())
@@ -698,6 +793,58 @@ mod tests {
         assert_eq!(b.used_bytes(), 128, "a reader still holds the chunks");
         drop(held);
         assert_eq!(b.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hold_outlives_eviction_until_its_load_and_never_fails_a_put() {
+        // 100 chunks of 64 B, one chunk a value.
+        let b = small(6400, 64);
+        let v = |i: u32| MemRegion::from_vec(vec![i as u8; 64]);
+        let put = |i: u32| {
+            let r = v(i);
+            let b = &b;
+            async move { b.put(vec![(key(i), IoVec::whole(&r))]).await.unwrap() }
+        };
+        put(0).await;
+        let hold = Duration::from_secs(60);
+        assert_eq!(
+            b.exists_for_load(&[key(0), key(1)], hold).await.unwrap(),
+            [true, false]
+        );
+        for i in 1..300 {
+            assert!(put(i).await[0].is_present(), "put {i} beside a hold");
+        }
+        assert_eq!(
+            b.exists(&[key(0)]).await.unwrap(),
+            [false],
+            "evicted from the index"
+        );
+        let dst = MemRegion::alloc(64);
+        let out = b
+            .get_into(vec![(key(0), IoVecMut::whole(&dst))])
+            .await
+            .unwrap();
+        assert!(out[0].is_hit(), "the held value loads: {:?}", out[0]);
+        assert_eq!(dst.read(0, 64).unwrap(), vec![0u8; 64]);
+        // The load ended the hold: its chunk is free again, and a second load misses.
+        assert!(b.holds.lock().map.is_empty());
+        let out = b
+            .get_into(vec![(key(0), IoVecMut::whole(&dst))])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], GetOutcome::Miss));
+
+        // Everything present held, then three times the capacity written: the holds that end
+        // first are revoked as puts need room, and no put fails.
+        let present: Vec<BlockKey> = (0..300).map(key).collect();
+        b.exists_for_load(&present, hold).await.unwrap();
+        for i in 300..600 {
+            assert!(
+                put(i).await[0].is_present(),
+                "put {i} with every value held"
+            );
+        }
+        assert!(b.used_bytes() <= b.capacity_bytes());
     }
 
     #[test]
