@@ -86,6 +86,9 @@ struct Inner {
     /// after `DISK_REFRESH`).
     disk_refresh_bytes: u64,
     reclaiming: Mutex<()>,
+    /// Wakes the background reclaimer: evicted values' garbage is collected before puts
+    /// would have to wait for it.
+    reclaim_requests: std::sync::mpsc::SyncSender<()>,
     corrupted: AtomicU64,
     /// Value reads skip RocksDB's own checksums: every value carries an
     /// xxh3 over key and bytes that is checked anyway, and the crc32c that
@@ -173,6 +176,7 @@ impl RocksDbSsdBackend {
                 holds_for_load: false,
             },
         };
+        let (reclaim_requests, reclaim_wakeups) = std::sync::mpsc::sync_channel(1);
         let inner = Inner {
             info,
             path: cfg.path.clone(),
@@ -194,6 +198,7 @@ impl RocksDbSsdBackend {
             }),
             disk_refresh_bytes: (capacity / 64).clamp(1 << 20, 64 << 20),
             reclaiming: Mutex::new(()),
+            reclaim_requests,
             corrupted: AtomicU64::new(0),
             rep_buffers: Mutex::new(Vec::new()),
             read_options: {
@@ -222,9 +227,9 @@ impl RocksDbSsdBackend {
                 }
             }
         }
-        Ok(RocksDbSsdBackend {
-            inner: Arc::new(inner),
-        })
+        let inner = Arc::new(inner);
+        space::start_reclaimer(Arc::downgrade(&inner), reclaim_wakeups)?;
+        Ok(RocksDbSsdBackend { inner })
     }
 
     /// Logical bytes stored (values plus per-key overhead).

@@ -34,6 +34,44 @@ pub(super) struct DiskEstimate {
 /// else), and reading a directory of a few hundred files costs microseconds.
 const DISK_REFRESH: Duration = Duration::from_millis(200);
 
+/// The background reclaimer's fewest seconds between two passes: a pass that could not free
+/// much must not turn into compaction running back to back.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs reclaim passes asked for by puts ([`Inner::reserve`]) on a thread of its own, until the
+/// backend is dropped. A full compaction can take tens of seconds on a large store; inside a
+/// put it blocked that put (and every put behind it) for all of it.
+pub(super) fn start_reclaimer(
+    inner: std::sync::Weak<Inner>,
+    wakeups: std::sync::mpsc::Receiver<()>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("rocksdb-ssd-reclaim".into())
+        .spawn(move || {
+            // Ends when the backend drops its sender (and with it `Inner`).
+            while wakeups.recv().is_ok() {
+                let started = Instant::now();
+                {
+                    let Some(inner) = inner.upgrade() else { return };
+                    let Ok(db) = inner.db("reclaim") else { return };
+                    if let Err(e) = inner.reclaim(&db, false) {
+                        tracing::warn!("rocksdb-ssd: background reclaim failed: {e}");
+                    }
+                    inner.refresh_disk();
+                }
+                std::thread::sleep(RECLAIM_INTERVAL.saturating_sub(started.elapsed()));
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unexpected,
+                "cannot start the rocksdb-ssd reclaimer",
+            )
+            .set_source(e)
+        })
+}
+
 /// Bytes a key counts against capacity: its value record (header and
 /// payload) and index record, each under the key.
 pub(super) fn charge_of(key_len: usize, value_len: usize) -> u64 {
@@ -139,6 +177,23 @@ impl Inner {
     /// data, collecting the garbage of every blob file when `thorough`.
     pub(super) fn reclaim(&self, db: &DB, thorough: bool) -> Result<()> {
         let _one = self.reclaiming.lock();
+        self.reclaim_locked(db, thorough)
+    }
+
+    /// Reclaims unless `incoming` fits under the disk limit by the time this put's turn
+    /// comes: puts that queued behind another's reclaim find the space it freed instead of
+    /// each compacting again (eight clients once waited half a minute that way). Whether it
+    /// fits now.
+    fn reclaim_unless_fits(&self, db: &DB, thorough: bool, incoming: u64) -> Result<bool> {
+        let _one = self.reclaiming.lock();
+        if self.refresh_disk() + incoming <= self.disk_limit() {
+            return Ok(true);
+        }
+        self.reclaim_locked(db, thorough)?;
+        Ok(self.refresh_disk() + incoming <= self.disk_limit())
+    }
+
+    fn reclaim_locked(&self, db: &DB, thorough: bool) -> Result<()> {
         let data = cf(db, CF)?;
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
@@ -223,14 +278,22 @@ impl Inner {
         if disk + incoming > disk_limit / 10 * 9 {
             disk = self.refresh_disk();
         }
+        // Past three quarters of the limit, with garbage worth collecting (the directory
+        // holds an eighth of the limit more than the live values), the background reclaimer
+        // frees it while puts go on; a put waits for a reclaim only if that fell behind.
+        let live = self.used.load(Ordering::Acquire);
+        if disk + incoming > disk_limit / 4 * 3 && disk > live.saturating_add(disk_limit / 8) {
+            let _ = self.reclaim_requests.try_send(());
+        }
         if disk + incoming > disk_limit {
             let mut fits = false;
             for thorough in [false, true] {
-                if let Err(e) = self.reclaim(db, thorough) {
-                    tracing::warn!("rocksdb-ssd: reclaiming space failed: {e}");
+                match self.reclaim_unless_fits(db, thorough, incoming) {
+                    Ok(true) => fits = true,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("rocksdb-ssd: reclaiming space failed: {e}"),
                 }
-                if self.refresh_disk() + incoming <= disk_limit {
-                    fits = true;
+                if fits {
                     break;
                 }
                 // Still over: RocksDB's own files or per-value overhead take
