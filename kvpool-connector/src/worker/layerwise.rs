@@ -64,7 +64,7 @@ struct StepSave {
     events: Option<Arc<SaveEvents>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LayerStep {
     /// This step's loads: request, blocks and their hashes.
     loads: Vec<(String, Vec<(u32, BlockHash)>)>,
@@ -72,9 +72,26 @@ struct LayerStep {
     layer_loads: Vec<LayerLoad>,
     /// Layers whose loads run ahead of the one waited for.
     depth: usize,
+    /// One layer loads at a time, in layer order: the layer the forward needs next gets the
+    /// backend and the copy engine to itself (on a host with few cores, concurrent layer
+    /// loads also took the forward's core).
+    in_order: Arc<tokio::sync::Semaphore>,
     /// This step's saves, taken from the plan when the first layer is saved.
     saves: Option<Vec<StepSave>>,
     saved: Vec<bool>,
+}
+
+impl Default for LayerStep {
+    fn default() -> Self {
+        LayerStep {
+            loads: Vec::new(),
+            layer_loads: Vec::new(),
+            depth: 0,
+            in_order: Arc::new(tokio::sync::Semaphore::new(1)),
+            saves: None,
+            saved: Vec::new(),
+        }
+    }
 }
 
 impl Layerwise {
@@ -196,6 +213,7 @@ impl WorkerConnector {
         self.settle_layer_loads(&mut step);
         step.loads = loads;
         step.depth = depth;
+        step.in_order = Arc::new(tokio::sync::Semaphore::new(1));
         step.layer_loads = (0..lw.layers()).map(|_| LayerLoad::Idle).collect();
         for (l, kv) in layouts.iter().enumerate().take(depth) {
             self.start_layer_load(lw, &mut step, l, kv);
@@ -220,7 +238,10 @@ impl WorkerConnector {
         let shared = self.shared.clone();
         let kv = kv.clone();
         let staged = lock(&self.staged).clone();
+        let in_order = step.in_order.clone();
         step.layer_loads[l] = LayerLoad::Running(self.runtime.spawn(async move {
+            // Layers are started in order and the semaphore is fair: they load in order.
+            let _turn = in_order.acquire_owned().await;
             let mut failed = Vec::new();
             for (req, keys) in jobs {
                 for chunk in keys.chunks(batch) {
