@@ -59,7 +59,9 @@ impl Rig {
         let worker = WorkerConnector::open(&config, layout).unwrap();
         let cache = MemRegion::alloc(LAYERS * CACHE_BLOCKS * PAGE);
         for chunk in (0..cache.len()).step_by(1 << 20) {
-            cache.write(chunk, &vec![(chunk >> 20) as u8; 1 << 20]).unwrap();
+            cache
+                .write(chunk, &vec![(chunk >> 20) as u8; 1 << 20])
+                .unwrap();
         }
         let tensors: Vec<TensorDesc> = (0..LAYERS)
             .map(|l| TensorDesc {
