@@ -195,7 +195,7 @@ def test_a_cuda_tensor_without_a_cuda_driver_is_one_clear_error(rpc_base_path):
 
 
 def test_the_gpu_check_script_passes_its_dry_run_on_cpu(tmp_path):
-    """The GPU check's own logic (layouts, the racing save, loads, misses, redis) on CPU
+    """The GPU check's own logic (layouts, the racing save, loads, misses, redis, layerwise) on CPU
     tensors through staging, so the script is known good before GPU minutes are spent."""
     import subprocess
     import sys
@@ -209,5 +209,7 @@ def test_the_gpu_check_script_passes_its_dry_run_on_cpu(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ALL CORRECT" in out.stdout
     results = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert len(results["correct"]) == 6 * 2 * 2, results["correct"]
+    # Per layout: two backends x two streams, and the layerwise check.
+    assert len(results["correct"]) == 6 * (2 * 2 + 1), results["correct"]
+    assert sum(k.endswith("/layerwise") for k in results["correct"]) == 6
     assert all(results["correct"].values())
