@@ -897,6 +897,24 @@ impl LayerWorker {
     }
 }
 
+/// The step plan of a request that vLLM scheduled with `hit` tokens from the pool into
+/// `blocks`, in the step that also reports `finished` done.
+fn load_plan(
+    sched: &SchedulerConnector,
+    id: &str,
+    tokens: &[u32],
+    blocks: Vec<u32>,
+    hit: usize,
+    finished: &str,
+) -> Vec<u8> {
+    sched.update_state_after_alloc(id, vec![blocks.clone()], hit);
+    sched.build_connector_meta(StepInput {
+        new_requests: vec![new_request(id, tokens, blocks, hit)],
+        finished_req_ids: vec![finished.into()],
+        ..StepInput::default()
+    })
+}
+
 #[test]
 fn layerwise_saves_one_object_per_layer_and_loads_each_layer_for_its_wait() {
     let config = layerwise_config(109);
@@ -958,12 +976,7 @@ fn layerwise_saves_one_object_per_layer_and_loads_each_layer_for_its_wait() {
         (16, false),
         "layerwise loads are synchronous"
     );
-    sched.update_state_after_alloc("b", vec![vec![10, 11, 12, 13, 14]], 16);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("b", &tokens, vec![10, 11, 12, 13, 14], 16)],
-        finished_req_ids: vec!["a".into()],
-        ..StepInput::default()
-    });
+    let meta = load_plan(&sched, "b", &tokens, vec![10, 11, 12, 13, 14], 16, "a");
     b.run_step(&meta, &[]);
     assert!(b.connector.get_block_ids_with_load_errors().is_empty());
     for l in 0..LAYERS {
@@ -984,24 +997,14 @@ fn layerwise_saves_one_object_per_layer_and_loads_each_layer_for_its_wait() {
         (16, false),
         "the lookup checks the first and last layer"
     );
-    sched.update_state_after_alloc("c", vec![vec![20, 21, 22, 23, 24]], 16);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("c", &tokens, vec![20, 21, 22, 23, 24], 16)],
-        finished_req_ids: vec!["b".into()],
-        ..StepInput::default()
-    });
+    let meta = load_plan(&sched, "c", &tokens, vec![20, 21, 22, 23, 24], 16, "b");
     b.run_step(&meta, &[]);
     assert_eq!(b.connector.get_block_ids_with_load_errors(), vec![22]);
     sched.request_finished("c", 5);
 
     // A forward that did not wait for layer 2 before using it: every loaded block fails.
     sched.get_num_new_matched_tokens(&info("a", &tokens[..12]), 0);
-    sched.update_state_after_alloc("a", vec![vec![25, 26, 27]], 11);
-    let meta = sched.build_connector_meta(StepInput {
-        new_requests: vec![new_request("a", &tokens[..12], vec![25, 26, 27], 11)],
-        finished_req_ids: vec!["c".into()],
-        ..StepInput::default()
-    });
+    let meta = load_plan(&sched, "a", &tokens[..12], vec![25, 26, 27], 11, "c");
     b.run_step(&meta, &[2]);
     assert_eq!(
         b.connector.get_block_ids_with_load_errors(),

@@ -3,7 +3,7 @@
 use kvpool_core::backend::{GetOutcome, PutOutcome};
 use kvpool_core::buffer::IoVec;
 use kvpool_core::error::{Error, Result};
-use kvpool_core::key::BlockKey;
+use kvpool_core::key::{BlockHash, BlockKey};
 use kvpool_core::metrics;
 
 use std::sync::Arc;
@@ -165,9 +165,9 @@ impl SaveTally {
         }
     }
 
-    fn in_pool(&mut self, key: &BlockKey) {
-        if let Some((plan, found)) = &mut self.events {
-            found.extend(plan.stored(key.hash()));
+    fn in_pool(&mut self, hash: Option<&BlockHash>) {
+        if let (Some((plan, found)), Some(hash)) = (&mut self.events, hash) {
+            found.extend(plan.stored(hash));
         }
     }
 
@@ -183,7 +183,7 @@ impl SaveTally {
         for (item, present) in chunk.iter().zip(present) {
             if present {
                 self.existed += 1;
-                self.in_pool(&item.1);
+                self.in_pool(Some(item.1.hash()));
             } else {
                 missing.push(item.clone());
             }
@@ -201,20 +201,22 @@ impl SaveTally {
         req_id: &str,
         items: Vec<(BlockKey, IoVec)>,
     ) -> Result<()> {
-        let written: Vec<(usize, BlockKey)> = items
+        // Hashes are kept only for KV events: the common path copies nothing per block.
+        let events = self.events.is_some();
+        let written: Vec<(usize, Option<BlockHash>)> = items
             .iter()
-            .map(|(k, iov)| (iov.len(), k.clone()))
+            .map(|(k, iov)| (iov.len(), events.then(|| *k.hash())))
             .collect();
         for (outcome, (len, key)) in shared.backend.put(items).await?.into_iter().zip(written) {
             match outcome {
                 PutOutcome::Stored => {
                     self.stored += 1;
                     self.bytes += len as u64;
-                    self.in_pool(&key);
+                    self.in_pool(key.as_ref());
                 }
                 PutOutcome::Exists => {
                     self.existed += 1;
-                    self.in_pool(&key);
+                    self.in_pool(key.as_ref());
                 }
                 PutOutcome::Failed(e) => {
                     self.failed += 1;
