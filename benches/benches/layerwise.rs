@@ -6,7 +6,8 @@
 //! runs, so a step takes compute + transfer. Layerwise: `start_load_kv` starts layer 0's load,
 //! each layer waits for exactly its own, and later layers load while earlier ones compute.
 //! `compute` is set to the measured transfer time (the balance point, where overlap matters
-//! most); the issue's target is layerwise ≤ 1.15 × max(compute, transfer).
+//! most); the issue's target is layerwise ≤ 1.15 × max(compute, transfer). Every round
+//! measures the transfer alone again, and the ratios are the medians of the rounds' own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,31 +153,45 @@ fn busy(d: Duration) {
 fn layerwise(_c: &mut Criterion) {
     let whole = Rig::new(false);
     let layered = Rig::new(true);
-    // The transfer alone: a step with no compute, whole-block.
+    // Calibration: the transfer alone (a whole-block step with no compute) sets the compute.
     let transfer = median((0..11).map(|_| whole.step(Duration::ZERO)).collect());
-    let layer_transfer = median((0..11).map(|_| layered.step(Duration::ZERO)).collect());
     let per_layer = transfer / LAYERS as u32;
     let compute = per_layer * LAYERS as u32;
-    let (mut w, mut lw) = (Vec::new(), Vec::new());
+    // Rounds: each measures the transfer alone again next to both steps, so that the host
+    // getting slower or faster mid-run moves the bound and the steps together.
+    let (mut transfers, mut layer_transfers, mut w, mut lw) = (vec![], vec![], vec![], vec![]);
+    let (mut w_ratio, mut lw_ratio) = (vec![], vec![]);
     for _ in 0..21 {
-        w.push(whole.step(per_layer));
-        lw.push(layered.step(per_layer));
+        let t = whole.step(Duration::ZERO);
+        let lt = layered.step(Duration::ZERO);
+        let ws = whole.step(per_layer);
+        let ls = layered.step(per_layer);
+        w_ratio.push(ws.as_secs_f64() / (compute + t).as_secs_f64());
+        lw_ratio.push(ls.as_secs_f64() / compute.max(t).as_secs_f64());
+        transfers.push(t);
+        layer_transfers.push(lt);
+        w.push(ws);
+        lw.push(ls);
     }
+    let ratio = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let (w, lw) = (median(w), median(lw));
-    let bound = compute.max(transfer).as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "layerwise, 32 layers x 64 blocks (128 MiB), compute {:.1} ms = transfer {:.1} ms \
-         (medians of 21): whole-block step {:.1} ms = {:.2} x (compute + transfer); layerwise \
-         step {:.1} ms = {:.2} x max(compute, transfer) (target <= 1.15); layerwise is {:.2}x \
-         faster (its transfer alone, one object per layer: {:.1} ms)",
-        compute.as_secs_f64() * 1e3,
-        transfer.as_secs_f64() * 1e3,
-        w.as_secs_f64() * 1e3,
-        w.as_secs_f64() / (compute + transfer).as_secs_f64(),
-        lw.as_secs_f64() * 1e3,
-        lw.as_secs_f64() / bound,
+        "layerwise, 32 layers x 64 blocks (128 MiB), compute {:.1} ms, transfer {:.1} ms \
+         (medians of 21 rounds): whole-block step {:.1} ms = {:.2} x (compute + transfer); \
+         layerwise step {:.1} ms = {:.2} x max(compute, transfer) (target <= 1.15); layerwise \
+         is {:.2}x faster (its transfer alone, one object per layer: {:.1} ms)",
+        ms(compute),
+        ms(median(transfers)),
+        ms(w),
+        ratio(w_ratio),
+        ms(lw),
+        ratio(lw_ratio),
         w.as_secs_f64() / lw.as_secs_f64(),
-        layer_transfer.as_secs_f64() * 1e3,
+        ms(median(layer_transfers)),
     );
 }
 

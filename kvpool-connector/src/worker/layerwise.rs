@@ -7,14 +7,18 @@
 //! layer 0 wait for every layer's bytes (no overlap at all) and its save wait for the last
 //! layer. The price is one key per layer (`benches/benches/layerwise.rs` measures both paths).
 //!
-//! A layer's load is waited for by exactly that layer's `wait_for_layer_load`; loads of the
-//! next `layerwise_prefetch_layers` layers run meanwhile, which bounds the bytes in flight.
+//! One loader task per step loads the layers in forward order, each straight after the one
+//! before (no hand-over between tasks or threads on the critical path), at most
+//! `layerwise_prefetch_layers` layers ahead of the layer the forward waits for, which bounds
+//! the bytes in flight. A layer's load is waited for by exactly that layer's
+//! `wait_for_layer_load`. Through staging, a layer's backend read overlaps the copies to the
+//! device of the layer before it.
 //! A block any of whose layers failed to load is reported like a whole-block failure, and vLLM
 //! recomputes it; a layer whose load the forward never waited for fails all of its blocks, so
 //! a request never keeps KV of a layer that had not arrived.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvpool_core::error::{Error, Result};
 use kvpool_core::key::{BlockHash, BlockKey, Namespace};
@@ -22,7 +26,8 @@ use kvpool_core::size::ByteSize;
 use tokio::task::JoinHandle;
 
 use super::events::SaveEvents;
-use super::{load_fully, lock, save_keys, save_reads, Blocks, WorkerConnector};
+use super::staged::{self, Staged};
+use super::{direct, lock, save_keys, save_reads, Blocks, Shared, WorkerConnector};
 use crate::device::StreamHandle;
 use crate::layout::KvLayout;
 use crate::meta::{decode_hashes, LoadPlan};
@@ -49,11 +54,180 @@ struct Registered {
     layouts: Vec<Arc<KvLayout>>,
 }
 
+/// One step's layer loads: the loader task's progress, shared with the forward's waits.
 #[derive(Debug)]
-enum LayerLoad {
-    Idle,
-    Running(JoinHandle<Vec<u32>>),
-    Waited,
+struct LoadLane {
+    state: Mutex<LaneState>,
+    /// Signalled when a layer arrives.
+    arrival: Condvar,
+    /// Signalled when the window opens or the step ends.
+    window: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct LaneState {
+    /// The loader may start the layers below this one.
+    open_to: usize,
+    /// The step has ended: the loader starts no further layer.
+    stop: bool,
+    /// Per layer: its load has ended.
+    arrived: Vec<bool>,
+    /// Per layer, once arrived: the blocks whose load failed.
+    failed: Vec<Vec<u32>>,
+}
+
+impl LoadLane {
+    fn new(layers: usize, open_to: usize) -> LoadLane {
+        LoadLane {
+            state: Mutex::new(LaneState {
+                open_to,
+                stop: false,
+                arrived: vec![false; layers],
+                failed: vec![Vec::new(); layers],
+            }),
+            arrival: Condvar::new(),
+            window: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Lets the loader start the layers below `to`.
+    fn open(&self, to: usize) {
+        let mut state = lock(&self.state);
+        if to > state.open_to {
+            state.open_to = to;
+            self.window.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        lock(&self.state).stop = true;
+        self.window.notify_one();
+    }
+
+    /// Waits until the loader may start `layer`; false once the step has ended.
+    async fn may_start(&self, layer: usize) -> bool {
+        loop {
+            {
+                let state = lock(&self.state);
+                if state.stop {
+                    return false;
+                }
+                if layer < state.open_to {
+                    return true;
+                }
+            }
+            // `notify_one` keeps a permit when nobody waits: a wake between the check and
+            // here is not lost.
+            self.window.notified().await;
+        }
+    }
+
+    /// Records that `layer` has arrived, with the blocks that failed.
+    fn arrive(&self, layer: usize, failed: Vec<u32>) {
+        let mut state = lock(&self.state);
+        if !std::mem::replace(&mut state.arrived[layer], true) {
+            state.failed[layer] = failed;
+            self.arrival.notify_all();
+        }
+    }
+
+    /// Waits for `layer` to arrive; returns its failed blocks.
+    fn wait(&self, layer: usize) -> Vec<u32> {
+        let mut state = lock(&self.state);
+        while !state.arrived[layer] {
+            state = self.arrival.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut state.failed[layer])
+    }
+}
+
+/// Ends every layer the loader did not: a loader that returns early or dies leaves no forward
+/// waiting, and those layers' blocks count as failed.
+struct ArriveAll<'a> {
+    lane: &'a LoadLane,
+    blocks: Vec<u32>,
+}
+
+impl Drop for ArriveAll<'_> {
+    fn drop(&mut self) {
+        let layers = lock(&self.lane.state).arrived.len();
+        for layer in 0..layers {
+            self.lane.arrive(layer, self.blocks.clone());
+        }
+    }
+}
+
+/// What the loader of one step needs.
+struct LoaderJob {
+    shared: Arc<Shared>,
+    staged: Option<Arc<Staged>>,
+    layouts: Vec<Arc<KvLayout>>,
+    /// Per layer, per request: the request and its blocks' keys.
+    layers: Vec<Vec<(String, Blocks)>>,
+    /// Blocks per transfer batch.
+    batch: usize,
+}
+
+/// Loads the layers of `job` in order, each once `lane` lets it start.
+async fn run_loader(lane: Arc<LoadLane>, job: LoaderJob) {
+    let all: Vec<u32> = job.layers.first().map_or_else(Vec::new, |reqs| {
+        reqs.iter()
+            .flat_map(|(_, keys)| keys.iter().map(|(b, _)| *b))
+            .collect()
+    });
+    let _guard = ArriveAll {
+        lane: &lane,
+        blocks: all,
+    };
+    let mut copies = Vec::new();
+    for (l, (reqs, kv)) in job.layers.into_iter().zip(&job.layouts).enumerate() {
+        if !lane.may_start(l).await {
+            break;
+        }
+        match &job.staged {
+            None => {
+                let mut failed = Vec::new();
+                for (req, keys) in reqs {
+                    for chunk in keys.chunks(job.batch) {
+                        failed.extend(direct::load(&job.shared, kv, &req, chunk.to_vec()).await);
+                    }
+                }
+                lane.arrive(l, failed);
+            }
+            Some(st) => {
+                let mut failed = Vec::new();
+                let mut waiters = Vec::new();
+                for (req, keys) in reqs {
+                    for chunk in keys.chunks(job.batch) {
+                        let (f, w) = staged::load(&job.shared, kv, st, &req, chunk.to_vec()).await;
+                        failed.extend(f);
+                        waiters.extend(w);
+                    }
+                }
+                // The layer arrives when its copies to the device have; meanwhile the next
+                // layer's backend read runs.
+                let lane = lane.clone();
+                copies.push(tokio::spawn(async move {
+                    failed.extend(staged::settle(waiters).await);
+                    lane.arrive(l, failed);
+                }));
+            }
+        }
+    }
+    for c in copies {
+        let _ = c.await;
+    }
+}
+
+/// One step's loads.
+#[derive(Debug)]
+struct StepLoads {
+    lane: Arc<LoadLane>,
+    loader: JoinHandle<()>,
+    /// Every block of the step's loads.
+    blocks: Vec<u32>,
+    /// Per layer: the forward has waited for it.
+    waited: Vec<bool>,
 }
 
 /// One save plan's share of this rank, kept for every layer of the step.
@@ -64,34 +238,15 @@ struct StepSave {
     events: Option<Arc<SaveEvents>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct LayerStep {
-    /// This step's loads: request, blocks and their hashes.
-    loads: Vec<(String, Vec<(u32, BlockHash)>)>,
-    /// Per layer; empty when the step loads nothing.
-    layer_loads: Vec<LayerLoad>,
+    /// This step's loads, while they run.
+    loads: Option<StepLoads>,
     /// Layers whose loads run ahead of the one waited for.
     depth: usize,
-    /// One layer loads at a time, in layer order: the layer the forward needs next gets the
-    /// backend and the copy engine to itself (on a host with few cores, concurrent layer
-    /// loads also took the forward's core).
-    in_order: Arc<tokio::sync::Semaphore>,
     /// This step's saves, taken from the plan when the first layer is saved.
     saves: Option<Vec<StepSave>>,
     saved: Vec<bool>,
-}
-
-impl Default for LayerStep {
-    fn default() -> Self {
-        LayerStep {
-            loads: Vec::new(),
-            layer_loads: Vec::new(),
-            depth: 0,
-            in_order: Arc::new(tokio::sync::Semaphore::new(1)),
-            saves: None,
-            saved: Vec::new(),
-        }
-    }
 }
 
 impl Layerwise {
@@ -209,55 +364,46 @@ impl WorkerConnector {
         if lw.max_bytes > 0 && layer_bytes > 0 {
             depth = depth.min((lw.max_bytes / layer_bytes).max(1) as usize);
         }
-        let mut step = lock(&lw.step);
-        self.settle_layer_loads(&mut step);
-        step.loads = loads;
-        step.depth = depth;
-        step.in_order = Arc::new(tokio::sync::Semaphore::new(1));
-        step.layer_loads = (0..lw.layers()).map(|_| LayerLoad::Idle).collect();
-        for (l, kv) in layouts.iter().enumerate().take(depth) {
-            self.start_layer_load(lw, &mut step, l, kv);
-        }
-        Ok(())
-    }
-
-    fn start_layer_load(&self, lw: &Layerwise, step: &mut LayerStep, l: usize, kv: &Arc<KvLayout>) {
-        if !matches!(step.layer_loads.get(l), Some(LayerLoad::Idle)) {
-            return;
-        }
         let batch = if lw.max_blocks == 0 {
             usize::MAX
         } else {
             lw.max_blocks
         };
-        let jobs: Vec<(String, Blocks)> = step
-            .loads
-            .iter()
-            .map(|(req, blocks)| (req.clone(), lw.keys(l, blocks)))
-            .collect();
-        let shared = self.shared.clone();
-        let kv = kv.clone();
-        let staged = lock(&self.staged).clone();
-        let in_order = step.in_order.clone();
-        step.layer_loads[l] = LayerLoad::Running(self.runtime.spawn(async move {
-            // Layers are started in order and the semaphore is fair: they load in order.
-            let _turn = in_order.acquire_owned().await;
-            let mut failed = Vec::new();
-            for (req, keys) in jobs {
-                for chunk in keys.chunks(batch) {
-                    failed.extend(
-                        load_fully(&shared, &kv, staged.as_deref(), &req, chunk.to_vec()).await,
-                    );
-                }
-            }
-            failed
-        }));
+        let job = LoaderJob {
+            shared: self.shared.clone(),
+            staged: lock(&self.staged).clone(),
+            layers: (0..lw.layers())
+                .map(|l| {
+                    loads
+                        .iter()
+                        .map(|(req, blocks)| (req.clone(), lw.keys(l, blocks)))
+                        .collect()
+                })
+                .collect(),
+            layouts,
+            batch,
+        };
+        let mut step = lock(&lw.step);
+        self.settle_layer_loads(&mut step);
+        let lane = Arc::new(LoadLane::new(lw.layers(), depth));
+        let loader = self.runtime.spawn(run_loader(lane.clone(), job));
+        step.depth = depth;
+        step.loads = Some(StepLoads {
+            lane,
+            loader,
+            blocks: loads
+                .iter()
+                .flat_map(|(_, b)| b.iter().map(|(id, _)| *id))
+                .collect(),
+            waited: vec![false; lw.layers()],
+        });
+        Ok(())
     }
 
     /// vLLM's `wait_for_layer_load`: returns once `layer_name`'s KV of this step's loads is in
-    /// the cache (failed blocks are reported by `get_block_ids_with_load_errors`), and starts
-    /// the loads of the layers after it. A no-op outside layerwise mode and for layers kvpool
-    /// did not register.
+    /// the cache (failed blocks are reported by `get_block_ids_with_load_errors`), and lets the
+    /// loads of the layers after it start. A no-op outside layerwise mode and for layers
+    /// kvpool did not register.
     pub fn wait_for_layer_load(&self, layer_name: &str) -> Result<()> {
         let Some(lw) = &self.layerwise else {
             return Ok(());
@@ -265,29 +411,19 @@ impl WorkerConnector {
         let Some((l, _)) = lw.layer(layer_name)? else {
             return Ok(());
         };
-        let layouts = lw.layouts()?;
-        let handle = {
+        let lane = {
             let mut step = lock(&lw.step);
-            if step.layer_loads.is_empty() {
+            let depth = step.depth;
+            let Some(loads) = step.loads.as_mut() else {
+                return Ok(());
+            };
+            if std::mem::replace(&mut loads.waited[l], true) {
                 return Ok(());
             }
-            let end = (l + 1 + step.depth).min(lw.layers());
-            for (next, kv) in layouts.iter().enumerate().take(end) {
-                self.start_layer_load(lw, &mut step, next, kv);
-            }
-            match std::mem::replace(&mut step.layer_loads[l], LayerLoad::Waited) {
-                LayerLoad::Running(h) => h,
-                _ => return Ok(()),
-            }
+            loads.lane.open(l + 1 + depth);
+            loads.lane.clone()
         };
-        let failed = self.runtime.block_on(handle).unwrap_or_else(|e| {
-            tracing::error!(layer = layer_name, error = %e, "a layer load task died");
-            let step = lock(&lw.step);
-            step.loads
-                .iter()
-                .flat_map(|(_, b)| b.iter().map(|(id, _)| *id))
-                .collect()
-        });
+        let failed = lane.wait(l);
         self.shared.progress().load_errors.extend(failed);
         Ok(())
     }
@@ -383,28 +519,20 @@ impl WorkerConnector {
         Ok(())
     }
 
-    /// Ends the step's loads: every load still running is waited for (it writes the cache),
-    /// and the blocks of every layer the forward did not wait for count as failed.
+    /// Ends the step's loads: the loader starts no further layer and is waited for (a layer
+    /// it started still writes the cache), and the blocks of every layer the forward did not
+    /// wait for count as failed.
     fn settle_layer_loads(&self, step: &mut LayerStep) {
-        let mut unwaited = false;
-        for load in std::mem::take(&mut step.layer_loads) {
-            match load {
-                LayerLoad::Waited => {}
-                LayerLoad::Idle => unwaited = true,
-                LayerLoad::Running(h) => {
-                    unwaited = true;
-                    let _ = self.runtime.block_on(h);
-                }
-            }
+        let Some(loads) = step.loads.take() else {
+            return;
+        };
+        loads.lane.stop();
+        if let Err(e) = self.runtime.block_on(loads.loader) {
+            tracing::error!(error = %e, "the layer loader died");
         }
-        if unwaited {
+        if loads.waited.iter().any(|w| !w) {
             tracing::warn!("layerwise: the forward did not wait for every layer's load; recomputing its blocks");
-            let blocks = step
-                .loads
-                .iter()
-                .flat_map(|(_, b)| b.iter().map(|(id, _)| *id));
-            self.shared.progress().load_errors.extend(blocks);
+            self.shared.progress().load_errors.extend(loads.blocks);
         }
-        step.loads.clear();
     }
 }
