@@ -45,7 +45,9 @@ fn hashes() -> String {
 }
 
 impl Rig {
-    fn new(layerwise: bool) -> Rig {
+    /// `staged`: through pinned staging (`stage_host_kv`), two copies per byte, as device KV
+    /// moves.
+    fn new(layerwise: bool, staged: bool) -> Rig {
         let rpc_dir = tempfile::tempdir().unwrap();
         std::env::set_var("VLLM_RPC_BASE_PATH", rpc_dir.path());
         let config = Config::from_extra_config(serde_json::json!({
@@ -53,6 +55,7 @@ impl Rig {
             "memory": {"capacity": "1GiB"},
             "use_layerwise": layerwise,
             "layerwise_prefetch_layers": 2,
+            "stage_host_kv": staged,
         }))
         .unwrap();
         let mut layout = step::layout("layerwise-bench");
@@ -150,9 +153,10 @@ fn busy(d: Duration) {
     }
 }
 
-fn layerwise(_c: &mut Criterion) {
-    let whole = Rig::new(false);
-    let layered = Rig::new(true);
+/// Runs both paths at the balance point; `staged` moves the KV through pinned staging.
+fn compare(staged: bool) {
+    let whole = Rig::new(false, staged);
+    let layered = Rig::new(true, staged);
     // Calibration: the transfer alone (a whole-block step with no compute) sets the compute.
     let transfer = median((0..11).map(|_| whole.step(Duration::ZERO)).collect());
     let per_layer = transfer / LAYERS as u32;
@@ -180,10 +184,11 @@ fn layerwise(_c: &mut Criterion) {
     let (w, lw) = (median(w), median(lw));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "layerwise, 32 layers x 64 blocks (128 MiB), compute {:.1} ms, transfer {:.1} ms \
+        "layerwise{}, 32 layers x 64 blocks (128 MiB), compute {:.1} ms, transfer {:.1} ms \
          (medians of 21 rounds): whole-block step {:.1} ms = {:.2} x (compute + transfer); \
          layerwise step {:.1} ms = {:.2} x max(compute, transfer) (target <= 1.15); layerwise \
          is {:.2}x faster (its transfer alone, one object per layer: {:.1} ms)",
+        if staged { " through staging" } else { "" },
         ms(compute),
         ms(median(transfers)),
         ms(w),
@@ -193,6 +198,11 @@ fn layerwise(_c: &mut Criterion) {
         w.as_secs_f64() / lw.as_secs_f64(),
         ms(median(layer_transfers)),
     );
+}
+
+fn layerwise(_c: &mut Criterion) {
+    compare(false);
+    compare(true);
 }
 
 criterion_group!(benches, layerwise);

@@ -505,7 +505,7 @@ impl WorkerConnector {
             tracing::warn!("load planned for a worker that does not load; ignored");
         }
         if self.layerwise.is_some() {
-            return self.start_layer_loads(loads);
+            return self.start_layer_loads(loads, compute);
         }
         let kvs = self.kv_layouts()?;
         let staged = lock(&self.staged).clone();

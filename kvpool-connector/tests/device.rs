@@ -133,12 +133,20 @@ fn open_backend(config: &Config) -> Arc<dyn KvBackend> {
 
 /// A worker over `backend` with its own runtime.
 fn worker_on(config: &Config, backend: Arc<dyn KvBackend>) -> WorkerConnector {
+    worker_with_layout(config, layout(), backend)
+}
+
+fn worker_with_layout(
+    config: &Config,
+    layout: EngineLayout,
+    backend: Arc<dyn KvBackend>,
+) -> WorkerConnector {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    WorkerConnector::with_backend(config, layout(), backend, runtime).unwrap()
+    WorkerConnector::with_backend(config, layout, backend, runtime).unwrap()
 }
 
 struct Rig {
@@ -230,10 +238,14 @@ impl Rig {
     }
 
     fn with_backend(config: &Config, perm: [usize; 5], spy: Arc<Spy>) -> Rig {
+        Rig::with_layout(config, layout(), perm, spy)
+    }
+
+    fn with_layout(config: &Config, layout: EngineLayout, perm: [usize; 5], spy: Arc<Spy>) -> Rig {
         let fake = FakeEngine::new(Device::Cuda { ordinal: 0 }, LAYERS * BLOCKS * PAGE);
         *spy.device.lock().unwrap() = Some(fake.clone());
         fake.expect_stream(STREAM);
-        let worker = worker_on(config, spy.clone());
+        let worker = worker_with_layout(config, layout, spy.clone());
         worker.use_copy_engine(Arc::new(fake.clone()));
         let descs = tensors(fake.addr(0), perm, Device::Cuda { ordinal: 0 });
         // SAFETY: the fake device's memory lives as long as `fake`, which the rig holds.
@@ -254,6 +266,25 @@ impl Rig {
             self.fake
                 .compute_write(at, vec![element(pattern, l, h, n, c)]);
         }
+    }
+
+    /// Queues a forward that writes `pattern` into layer `layer` of `block`.
+    fn compute_layer(&self, perm: [usize; 5], block: usize, layer: usize, pattern: u8) {
+        for (at, _, [l, h, n, c]) in offsets(perm, block) {
+            if l == layer {
+                self.fake
+                    .compute_write(at, vec![element(pattern, l, h, n, c)]);
+            }
+        }
+    }
+
+    /// Layer `layer` of `block`'s KV in canonical order, read from the device now.
+    fn read_layer(&self, perm: [usize; 5], block: usize, layer: usize) -> Vec<u8> {
+        offsets(perm, block)
+            .into_iter()
+            .filter(|(_, _, [l, ..])| *l == layer)
+            .map(|(at, _, _)| self.fake.read(at, 1)[0])
+            .collect()
     }
 
     /// `block`'s KV in canonical order, read from the device now.
@@ -706,4 +737,128 @@ fn wrong_devices_and_small_staging_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("npu:0") && err.contains("cuda:0"), "{err}");
+}
+
+fn layer_key(layer: u32, i: u8) -> BlockKey {
+    let ns = kvpool::Namespace::current("/models/device-test", 0, 0, 0, 0, 0, "default")
+        .unwrap()
+        .with_layer(layer)
+        .unwrap();
+    BlockKey::new(Arc::new(ns), hash(i))
+}
+
+#[test]
+fn layerwise_saves_each_layer_after_its_forward_and_a_layer_is_on_the_device_when_its_wait_returns()
+{
+    let layout = EngineLayout {
+        stage_layers: vec![LAYERS as u32],
+        ..layout()
+    };
+    let layerwise = |port: u32| {
+        rpc_dir();
+        Config::from_extra_config(serde_json::json!({
+            "backend": "memory",
+            "lookup_rpc_port": port,
+            "device_staging_bytes": 8 * VALUE,
+            "use_layerwise": true,
+            "layerwise_prefetch_layers": 1,
+        }))
+        .unwrap()
+    };
+    for seed in 1..5u64 {
+        let port = 280 + 2 * seed as u32;
+        let config = layerwise(port);
+        let spy = Arc::new(Spy {
+            inner: open_backend(&config),
+            device: Mutex::new(None),
+            registered: Mutex::new(Vec::new()),
+        });
+        let a = Rig::with_layout(&config, layout.clone(), LBNHC, spy.clone());
+        for b in 0..4 {
+            a.fill(LBNHC, b, 1);
+        }
+        // The forward writes one layer after another, each layer's save handed over after its
+        // writes; copies and compute run late, at random.
+        let driver = a.fake.drive(seed, Duration::from_micros(300));
+        a.worker
+            .bind_connector_metadata(&save_meta("a", &[0, 1, 2, 3], &[1, 2, 3, 4]))
+            .unwrap();
+        for l in 0..LAYERS {
+            for b in 0..4 {
+                a.compute_layer(LBNHC, b, l, 50 + b as u8);
+            }
+            a.worker
+                .save_kv_layer(&format!("layers.{l}"), STREAM)
+                .unwrap();
+        }
+        a.worker.wait_for_save(STREAM).unwrap();
+        a.worker.clear_connector_metadata();
+        wait_until("layer saves stored", || {
+            a.worker.saves_in_flight() == 0 && a.worker.staged_puts_in_flight() == 0
+        });
+        drop(driver);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for l in 0..LAYERS {
+            for b in 0..4u8 {
+                let stored = rt
+                    .block_on(spy.inner.get_bytes(&layer_key(l as u32, b + 1)))
+                    .unwrap()
+                    .map(|v| v.to_vec());
+                assert_eq!(
+                    stored.as_deref(),
+                    Some(&value_of(50 + b)[l * PAGE..(l + 1) * PAGE]),
+                    "seed {seed}: layer {l} of block {b} saved before its forward wrote it"
+                );
+            }
+        }
+
+        // Another instance loads them; its layer 1 of block 2 (hash 3) is lost.
+        rt.block_on(spy.inner.remove(&[layer_key(1, 3)])).unwrap();
+        let b = Rig::with_layout(&layerwise(port + 1), layout.clone(), LBNHC, spy.clone());
+        // A layer's value is one page: the staging holds a slot per page.
+        let slots = b.worker.free_staging_slots();
+        assert_eq!(slots, Some(8 * LAYERS));
+        for blk in 20..24 {
+            b.fill(LBNHC, blk, 7);
+        }
+        // vLLM zeroes the new blocks on the compute stream before the step's loads.
+        for blk in 20..24 {
+            b.compute(LBNHC, blk, 0);
+        }
+        let _driver = b.fake.drive(seed + 100, Duration::from_micros(300));
+        b.worker
+            .bind_connector_metadata(&load_meta("b", &[20, 21, 22, 23], &[1, 2, 3, 4], false))
+            .unwrap();
+        b.worker.start_load_kv(STREAM).unwrap();
+        for l in 0..LAYERS {
+            b.worker
+                .wait_for_layer_load(&format!("layers.{l}"))
+                .unwrap();
+            // At the moment the wait returns, the layer's bytes are on the device.
+            for (i, blk) in (20..24).enumerate() {
+                if l == 1 && blk == 22 {
+                    continue;
+                }
+                assert_eq!(
+                    b.read_layer(LBNHC, blk, l),
+                    value_of(50 + i as u8)[l * PAGE..(l + 1) * PAGE],
+                    "seed {seed}: layer {l} of block {blk} not in place when its wait returned"
+                );
+            }
+        }
+        b.worker.wait_for_save(STREAM).unwrap();
+        b.worker.clear_connector_metadata();
+        assert_eq!(
+            b.worker.get_block_ids_with_load_errors(),
+            vec![22],
+            "seed {seed}: exactly the block with the lost layer fails"
+        );
+        assert_eq!(
+            b.worker.free_staging_slots(),
+            slots,
+            "seed {seed}: a slot leaked"
+        );
+    }
 }

@@ -339,8 +339,13 @@ impl WorkerConnector {
             .ok_or_else(|| Error::invalid_argument("`use_layerwise` is off"))
     }
 
-    /// `start_load_kv` in layerwise mode: starts the first layers' loads and returns.
-    pub(super) fn start_layer_loads(&self, plans: Vec<LoadPlan>) -> Result<()> {
+    /// `start_load_kv` in layerwise mode: starts the first layers' loads and returns. Copies to
+    /// the device run after the work queued on `compute` (vLLM may be zeroing the new blocks).
+    pub(super) fn start_layer_loads(
+        &self,
+        plans: Vec<LoadPlan>,
+        compute: StreamHandle,
+    ) -> Result<()> {
         let lw = self.layerwise()?;
         let mut loads = Vec::with_capacity(plans.len());
         for plan in plans {
@@ -369,9 +374,13 @@ impl WorkerConnector {
         } else {
             lw.max_blocks
         };
+        let staged = lock(&self.staged).clone();
+        if let Some(staged) = &staged {
+            staged.engine.order_after(compute)?;
+        }
         let job = LoaderJob {
             shared: self.shared.clone(),
-            staged: lock(&self.staged).clone(),
+            staged,
             layers: (0..lw.layers())
                 .map(|l| {
                     loads
