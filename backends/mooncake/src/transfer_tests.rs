@@ -87,3 +87,75 @@ fn a_closed_idle_connection_is_replaced_transparently() {
         assert!(connections.load(Ordering::SeqCst) >= 3);
     });
 }
+
+/// A pipelined batch of small and large reads, a write between them and a rejected request
+/// last: the owner answers every one in order, byte for byte, and ends the session at the
+/// rejection; the write lands in the segment.
+#[test]
+fn the_owner_answers_a_pipelined_batch_in_order_byte_for_byte() {
+    use crate::transfer::{serve_session, LocalSegment};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let region = MemRegion::alloc(1 << 20);
+    let pattern: Vec<u8> = (0..region.len()).map(|i| (i * 7 % 251) as u8).collect();
+    region.write(0, &pattern).unwrap();
+    let segment = LocalSegment::new(region.clone());
+    let base = segment.base();
+    let request = |size: usize, at: usize, op: u8| {
+        let mut h = (size as u64).to_le_bytes().to_vec();
+        h.extend_from_slice(&(base + at as u64).to_le_bytes());
+        h.push(op | 0x80);
+        h.extend_from_slice(&[0u8; 7]);
+        h
+    };
+    let ok = (0x4d43_5456u64 << 32).to_le_bytes();
+    let rejected = ((0x4d43_5456u64 << 32) | 1).to_le_bytes();
+    // (size, offset) of each read: below, at and far above the copy threshold.
+    let reads = [
+        (100, 10),
+        (4096, 5000),
+        (65536, 70000),
+        (300 << 10, 200 << 10),
+        (1, 0),
+    ];
+    let mut batch = Vec::new();
+    let mut expected = Vec::new();
+    for (i, &(size, at)) in reads.iter().enumerate() {
+        batch.extend(request(size, at, 0));
+        expected.extend_from_slice(&ok);
+        expected.extend_from_slice(&pattern[at..at + size]);
+        if i == 2 {
+            // A write of 10 bytes in the middle of the batch.
+            batch.extend(request(10, 900_000, 1));
+            batch.extend_from_slice(&[0xee; 10]);
+            expected.extend_from_slice(&ok);
+        }
+    }
+    // Past the segment's end: rejected, and the session ends.
+    batch.extend(request(8, (1 << 20) - 4, 0));
+    expected.extend_from_slice(&rejected);
+    batch.extend(request(100, 10, 0));
+
+    let answer = rt.block_on(async {
+        let (mut client, owner) = tokio::io::duplex(64 << 10);
+        let served = tokio::spawn(async move { serve_session(owner, &segment).await });
+        let writer = async {
+            client.write_all(&batch).await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            answer
+        };
+        let answer = writer.await;
+        served.await.unwrap().unwrap();
+        answer
+    });
+    assert_eq!(answer.len(), expected.len());
+    assert!(
+        answer == expected,
+        "the answers differ from the segment's bytes"
+    );
+    assert_eq!(region.read(900_000, 10).unwrap(), vec![0xee; 10]);
+}
