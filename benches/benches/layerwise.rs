@@ -186,7 +186,9 @@ impl Rig {
         self.worker.bind_connector_metadata(&meta).unwrap();
         self.worker.start_load_kv(StreamHandle(0)).unwrap();
         for l in 0..LAYERS {
-            self.worker.wait_for_layer_load(&layer_name(l)).unwrap();
+            self.worker
+                .wait_for_layer_load(&layer_name(l), StreamHandle(0))
+                .unwrap();
             forward.run(compute);
         }
         self.worker.wait_for_save(StreamHandle(0)).unwrap();

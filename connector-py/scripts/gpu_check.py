@@ -174,7 +174,7 @@ def layerwise(layout: str, port: int) -> bool:
         worker.bind_connector_metadata(json.dumps({"preempted": [], **meta}).encode())
         worker.start_load_kv(current_stream(DEVICE))
         for l, name in enumerate(views):
-            worker.wait_for_layer_load(name)
+            worker.wait_for_layer_load(name, current_stream(DEVICE))
             per_layer(l, name)
             worker.save_kv_layer(name, current_stream(DEVICE))
         worker.wait_for_save(current_stream(DEVICE))

@@ -413,10 +413,16 @@ impl Worker {
             .map_err(to_py)
     }
 
-    /// Layerwise: returns once `layer_name`'s KV of this step's loads is in the cache.
-    fn wait_for_layer_load(&self, py: Python<'_>, layer_name: &str) -> PyResult<()> {
-        py.allow_threads(|| self.inner.wait_for_layer_load(layer_name))
-            .map_err(to_py)
+    /// Layerwise: returns once `layer_name`'s KV of this step's loads is in the cache, or on
+    /// a device once work queued on `stream` after the call waits for the copies that put it
+    /// there.
+    #[pyo3(signature = (layer_name, stream=0))]
+    fn wait_for_layer_load(&self, py: Python<'_>, layer_name: &str, stream: u64) -> PyResult<()> {
+        py.allow_threads(|| {
+            self.inner
+                .wait_for_layer_load(layer_name, StreamHandle(stream))
+        })
+        .map_err(to_py)
     }
 
     /// Layerwise: starts saving `layer_name`'s KV after the work queued on `stream`.

@@ -886,7 +886,7 @@ impl LayerWorker {
         for l in 0..LAYERS {
             let name = format!("model.layers.{l}.attn");
             if !skip_wait.contains(&l) {
-                c.wait_for_layer_load(&name).unwrap();
+                c.wait_for_layer_load(&name, StreamHandle(0)).unwrap();
             }
             c.save_kv_layer(&name, StreamHandle(0)).unwrap();
         }

@@ -827,34 +827,71 @@ fn layerwise_saves_each_layer_after_its_forward_and_a_layer_is_on_the_device_whe
         for blk in 20..24 {
             b.compute(LBNHC, blk, 0);
         }
-        let _driver = b.fake.drive(seed + 100, Duration::from_micros(300));
+        let before = b.fake.events().len();
         b.worker
             .bind_connector_metadata(&load_meta("b", &[20, 21, 22, 23], &[1, 2, 3, 4], false))
             .unwrap();
         b.worker.start_load_kv(STREAM).unwrap();
+        // Each layer's attention is queued after its wait: here one marker write per layer.
+        let marker = |l: usize| offsets(LBNHC, 63)[l * PAGE].0;
         for l in 0..LAYERS {
             b.worker
-                .wait_for_layer_load(&format!("layers.{l}"))
+                .wait_for_layer_load(&format!("layers.{l}"), STREAM)
                 .unwrap();
-            // At the moment the wait returns, the layer's bytes are on the device.
-            for (i, blk) in (20..24).enumerate() {
-                if l == 1 && blk == 22 {
-                    continue;
-                }
-                assert_eq!(
-                    b.read_layer(LBNHC, blk, l),
-                    value_of(50 + i as u8)[l * PAGE..(l + 1) * PAGE],
-                    "seed {seed}: layer {l} of block {blk} not in place when its wait returned"
-                );
-            }
+            b.fake.compute_write(marker(l), vec![0xaa]);
         }
         b.worker.wait_for_save(STREAM).unwrap();
         b.worker.clear_connector_metadata();
+        // Every wait returned with nothing run on the device: the host never waited for it.
+        assert_eq!(b.fake.events().len(), before, "seed {seed}");
+        assert_eq!(
+            b.fake.edges(),
+            (1, LAYERS),
+            "one order_after for the loads, one stream wait per layer"
+        );
+        let driver = b.fake.drive(seed + 100, Duration::from_micros(300));
+        wait_until("device idle", || b.fake.compute_pending() == 0);
         assert_eq!(
             b.worker.get_block_ids_with_load_errors(),
             vec![22],
             "seed {seed}: exactly the block with the lost layer fails"
         );
+        drop(driver);
+        // Every copy of a layer to the loaded blocks ran before that layer's attention, and
+        // after the zeroing.
+        let events = b.fake.events()[before..].to_vec();
+        let s = strides(LBNHC);
+        let ran_at = |what: &FakeEvent| events.iter().position(|e| e == what).unwrap();
+        for l in 0..LAYERS {
+            let attention = ran_at(&FakeEvent::Computed(marker(l)));
+            for (i, e) in events.iter().enumerate() {
+                let FakeEvent::ToDevice(offs) = e else {
+                    continue;
+                };
+                for &off in offs {
+                    let (layer, block) = (off / s[0], off % s[0] / s[1]);
+                    if layer == l && (20..24).contains(&block) {
+                        assert!(
+                            i < attention,
+                            "seed {seed}: a copy to layer {l} of block {block} ran after the \
+                             layer's attention: {events:?}"
+                        );
+                    }
+                }
+            }
+        }
+        for (i, blk) in (20..24).enumerate() {
+            if blk == 22 {
+                continue;
+            }
+            for l in 0..LAYERS {
+                assert_eq!(
+                    b.read_layer(LBNHC, blk, l),
+                    value_of(50 + i as u8)[l * PAGE..(l + 1) * PAGE],
+                    "seed {seed}: layer {l} of block {blk}"
+                );
+            }
+        }
         assert_eq!(
             b.worker.free_staging_slots(),
             slots,

@@ -405,7 +405,7 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
         """Layerwise: waits for this layer's loads. Otherwise loads complete in start_load_kv
         (sync) or before the request is scheduled (async)."""
         if self._layerwise and self._worker is not None:
-            self._worker.wait_for_layer_load(layer_name)
+            self._worker.wait_for_layer_load(layer_name, current_stream(self._device))
 
     def save_kv_layer(
         self,

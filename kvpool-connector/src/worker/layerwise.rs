@@ -12,7 +12,9 @@
 //! the bytes in flight. Within that task two layers' loads overlap ([`LAYERS_IN_FLIGHT`]); no
 //! load is handed between tasks or threads on the critical path. A layer's load is waited for
 //! by exactly that layer's `wait_for_layer_load`. Through staging, a layer's backend read
-//! overlaps the copies to the device of the layer before it.
+//! overlaps the copies to the device of the layer before it, and the wait does not block the
+//! host on those copies: the compute stream waits for them, as it does for whole-block sync
+//! loads.
 //! A block any of whose layers failed to load is reported like a whole-block failure, and vLLM
 //! recomputes it; a layer whose load the forward never waited for fails all of its blocks, so
 //! a request never keeps KV of a layer that had not arrived.
@@ -28,9 +30,9 @@ use kvpool_core::size::ByteSize;
 use tokio::task::JoinHandle;
 
 use super::events::SaveEvents;
-use super::staged::{self, Staged};
+use super::staged::{self, Staged, Waiter};
 use super::{direct, lock, save_keys, save_reads, Blocks, Shared, WorkerConnector};
-use crate::device::StreamHandle;
+use crate::device::{Fence, StreamHandle};
 use crate::layout::KvLayout;
 use crate::meta::{decode_hashes, LoadPlan};
 
@@ -79,10 +81,28 @@ struct LaneState {
     open_to: usize,
     /// The step has ended: the loader starts no further layer.
     stop: bool,
-    /// Per layer: its load has ended.
+    /// Per layer: its load has ended (its copies to the device may still run).
     arrived: Vec<bool>,
-    /// Per layer, once arrived: the blocks whose load failed.
-    failed: Vec<Vec<u32>>,
+    /// Per layer, once arrived: the blocks whose load failed, and its copies to the device.
+    arrivals: Vec<Arrival>,
+}
+
+/// What a layer's load left for the forward.
+#[derive(Debug, Default)]
+struct Arrival {
+    /// Blocks that failed (misses, backend errors, copies that could not be queued).
+    failed: Vec<u32>,
+    /// Staged: the copies to the device still in flight.
+    copies: Option<LayerCopies>,
+}
+
+/// A layer's copies to the device, queued and not known to be done.
+#[derive(Debug)]
+struct LayerCopies {
+    /// Completes after every one of them.
+    fence: Arc<dyn Fence>,
+    /// Resolve to the blocks whose copy failed.
+    waiters: Vec<Waiter>,
 }
 
 impl LoadLane {
@@ -92,7 +112,7 @@ impl LoadLane {
                 open_to,
                 stop: false,
                 arrived: vec![false; layers],
-                failed: vec![Vec::new(); layers],
+                arrivals: (0..layers).map(|_| Arrival::default()).collect(),
             }),
             arrival: Condvar::new(),
             window: tokio::sync::Notify::new(),
@@ -133,22 +153,32 @@ impl LoadLane {
         }
     }
 
-    /// Records that `layer` has arrived, with the blocks that failed.
-    fn arrive(&self, layer: usize, failed: Vec<u32>) {
+    /// Records that `layer` has arrived.
+    fn arrive(&self, layer: usize, arrival: Arrival) {
         let mut state = lock(&self.state);
         if !std::mem::replace(&mut state.arrived[layer], true) {
-            state.failed[layer] = failed;
+            state.arrivals[layer] = arrival;
             self.arrival.notify_all();
         }
     }
 
-    /// Waits for `layer` to arrive; returns its failed blocks.
-    fn wait(&self, layer: usize) -> Vec<u32> {
+    /// Waits for `layer` to arrive and takes what it left.
+    fn wait(&self, layer: usize) -> Arrival {
         let mut state = lock(&self.state);
         while !state.arrived[layer] {
             state = self.arrival.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        std::mem::take(&mut state.failed[layer])
+        std::mem::take(&mut state.arrivals[layer])
+    }
+
+    /// The copies of every arrived layer nobody took.
+    fn unclaimed_copies(&self) -> Vec<Waiter> {
+        lock(&self.state)
+            .arrivals
+            .iter_mut()
+            .filter_map(|a| a.copies.take())
+            .flat_map(|c| c.waiters)
+            .collect()
     }
 }
 
@@ -163,7 +193,14 @@ impl Drop for ArriveAll<'_> {
     fn drop(&mut self) {
         let layers = lock(&self.lane.state).arrived.len();
         for layer in 0..layers {
-            self.lane.arrive(layer, self.blocks.clone());
+            let failed = self.blocks.clone();
+            self.lane.arrive(
+                layer,
+                Arrival {
+                    failed,
+                    copies: None,
+                },
+            );
         }
     }
 }
@@ -191,33 +228,20 @@ async fn run_loader(lane: Arc<LoadLane>, job: LoaderJob) {
         blocks: all,
     };
     let mut running = FuturesOrdered::new();
-    let mut copies = Vec::new();
     for (l, reqs) in job.layers.iter().enumerate() {
         if running.len() >= LAYERS_IN_FLIGHT {
-            if let Some(Some(copy)) = running.next().await {
-                copies.push(copy);
-            }
+            running.next().await;
         }
         running.push_back(load_layer(&lane, &job, l, reqs));
     }
-    while let Some(copy) = running.next().await {
-        copies.extend(copy);
-    }
-    for c in copies {
-        let _ = c.await;
-    }
+    while running.next().await.is_some() {}
 }
 
-/// Loads layer `l` once the window lets it start. Direct: the layer has arrived on return.
-/// Staged: returns the task that settles its copies to the device and then marks it arrived.
-async fn load_layer(
-    lane: &Arc<LoadLane>,
-    job: &LoaderJob,
-    l: usize,
-    reqs: &[(String, Blocks)],
-) -> Option<JoinHandle<()>> {
+/// Loads layer `l` once the window lets it start, and marks it arrived: direct, with its bytes
+/// in place; staged, once its copies to the device are queued.
+async fn load_layer(lane: &LoadLane, job: &LoaderJob, l: usize, reqs: &[(String, Blocks)]) {
     if !lane.may_start(l).await {
-        return None;
+        return;
     }
     let kv = &job.layouts[l];
     let mut failed = Vec::new();
@@ -227,8 +251,14 @@ async fn load_layer(
                 failed.extend(direct::load(&job.shared, kv, req, chunk.to_vec()).await);
             }
         }
-        lane.arrive(l, failed);
-        return None;
+        lane.arrive(
+            l,
+            Arrival {
+                failed,
+                copies: None,
+            },
+        );
+        return;
     };
     let mut waiters = Vec::new();
     for (req, keys) in reqs {
@@ -238,13 +268,16 @@ async fn load_layer(
             waiters.extend(w);
         }
     }
-    // The layer arrives when its copies to the device have; meanwhile the next layers' backend
-    // reads run.
-    let lane = lane.clone();
-    Some(tokio::spawn(async move {
-        failed.extend(staged::settle(waiters).await);
-        lane.arrive(l, failed);
-    }))
+    let copies = match st.engine.fence() {
+        Ok(fence) => Some(LayerCopies { fence, waiters }),
+        Err(e) => {
+            // No fence for the forward to wait on: the layer arrives once its copies are done.
+            tracing::warn!(layer = l, error = %e, "no fence for a layer's copies; waiting for them");
+            failed.extend(staged::settle(waiters).await);
+            None
+        }
+    };
+    lane.arrive(l, Arrival { failed, copies });
 }
 
 /// One step's loads.
@@ -438,10 +471,12 @@ impl WorkerConnector {
     }
 
     /// vLLM's `wait_for_layer_load`: returns once `layer_name`'s KV of this step's loads is in
-    /// the cache (failed blocks are reported by `get_block_ids_with_load_errors`), and lets the
+    /// the cache, or, on a device, once the copies that put it there are queued and work
+    /// queued on `compute` after this call waits for them (failed blocks are reported by
+    /// `get_block_ids_with_load_errors`, copy failures once the copies are done); and lets the
     /// loads of the layers after it start. A no-op outside layerwise mode and for layers
     /// kvpool did not register.
-    pub fn wait_for_layer_load(&self, layer_name: &str) -> Result<()> {
+    pub fn wait_for_layer_load(&self, layer_name: &str, compute: StreamHandle) -> Result<()> {
         let Some(lw) = &self.layerwise else {
             return Ok(());
         };
@@ -460,7 +495,22 @@ impl WorkerConnector {
             loads.lane.open(l + 1 + depth);
             loads.lane.clone()
         };
-        let failed = lane.wait(l);
+        let Arrival { mut failed, copies } = lane.wait(l);
+        if let Some(LayerCopies { fence, waiters }) = copies {
+            let staged = lock(&self.staged).clone();
+            let waited = staged
+                .as_ref()
+                .map(|st| st.engine.stream_wait(compute, &*fence));
+            match waited {
+                Some(Ok(())) => lock(&self.sync_waiters).extend(waiters),
+                other => {
+                    if let Some(Err(e)) = other {
+                        tracing::warn!(layer = layer_name, error = %e, "the compute stream cannot wait for a layer's copies; waiting here");
+                    }
+                    failed.extend(self.runtime.block_on(staged::settle(waiters)));
+                }
+            }
+        }
         self.shared.progress().load_errors.extend(failed);
         Ok(())
     }
@@ -566,6 +616,12 @@ impl WorkerConnector {
         loads.lane.stop();
         if let Err(e) = self.runtime.block_on(loads.loader) {
             tracing::error!(error = %e, "the layer loader died");
+        }
+        // Copies of layers the forward never waited for still write their blocks: done before
+        // vLLM recomputes them.
+        let unclaimed = loads.lane.unclaimed_copies();
+        if !unclaimed.is_empty() {
+            self.runtime.block_on(staged::settle(unclaimed));
         }
         if loads.waited.iter().any(|w| !w) {
             tracing::warn!("layerwise: the forward did not wait for every layer's load; recomputing its blocks");
