@@ -12,7 +12,7 @@ mod tally;
 
 use events::{EventLog, SaveEvents};
 use layerwise::Layerwise;
-use tally::{load_keys, save_keys, LoadTally, SaveTally};
+use tally::{load_keys, save_hashes, save_keys, save_share, LoadTally, SaveTally};
 
 pub use blocks::Transfer;
 pub use events::{PoolEvent, StoredBlock};
@@ -652,11 +652,12 @@ impl WorkerConnector {
             self.spawn_save(
                 req_id.clone(),
                 async move {
+                    let hashes = save_hashes(&plan)?;
                     let events = match &shared.events {
-                        Some(_) => Some(Arc::new(SaveEvents::from_plan(&plan, block_size)?)),
+                        Some(_) => Some(Arc::new(SaveEvents::new(&plan, &hashes, block_size)?)),
                         None => None,
                     };
-                    let keys = save_keys(&shared, &plan)?;
+                    let keys = save_share(&shared, &plan, &hashes)?;
                     let staged = staged.as_deref();
                     save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
                 },

@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use kvpool_core::error::Result;
 use kvpool_core::key::BlockHash;
 
-use crate::meta::{decode_hashes, SavePlan};
+use super::tally::save_hashes;
+use crate::meta::SavePlan;
 
 /// Events kept between two collections. vLLM collects after every step, so this is reached
 /// only by an engine that never collects; later events are then dropped (and counted), which
@@ -91,9 +92,19 @@ pub(super) struct SaveEvents {
 }
 
 impl SaveEvents {
-    /// The plan's event details; `block_size` is its group's.
+    /// The plan's event details; `block_size` is its group's. Decodes the plan's hashes: a
+    /// caller that has them already passes them to [`SaveEvents::new`].
     pub(super) fn from_plan(plan: &SavePlan, block_size: usize) -> Result<SaveEvents> {
-        let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
+        Self::new(plan, &save_hashes(plan)?, block_size)
+    }
+
+    /// The plan's event details, given its decoded `hashes` (see [`save_hashes`]);
+    /// `block_size` is its group's.
+    pub(super) fn new(
+        plan: &SavePlan,
+        hashes: &[BlockHash],
+        block_size: usize,
+    ) -> Result<SaveEvents> {
         let parent = match &plan.parent {
             Some(hex) => Some(BlockHash::from_hex(hex)?),
             None => None,
@@ -102,7 +113,7 @@ impl SaveEvents {
         Ok(SaveEvents {
             group: plan.group,
             block_size: u32::try_from(block_size).unwrap_or(u32::MAX),
-            hashes,
+            hashes: hashes.to_vec(),
             index,
             parent,
             token_ids: plan.token_ids.clone(),
@@ -190,6 +201,20 @@ mod tests {
             panic!("a stored event");
         };
         assert!(third.token_ids.is_empty());
+    }
+
+    #[test]
+    fn hashes_decoded_by_the_caller_give_the_plans_events_and_bad_ones_an_error() {
+        let p = plan(2, 3, Some(9), 12);
+        let own = SaveEvents::from_plan(&p, 4).unwrap();
+        let given = SaveEvents::new(&p, &save_hashes(&p).unwrap(), 4).unwrap();
+        for n in 1..=4 {
+            assert_eq!(own.stored(&hash(n)), given.stored(&hash(n)));
+        }
+        let mut bad = p.clone();
+        bad.hashes.pop();
+        assert!(save_hashes(&bad).is_err());
+        assert!(SaveEvents::from_plan(&bad, 4).is_err());
     }
 
     #[test]

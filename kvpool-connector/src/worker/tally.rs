@@ -33,16 +33,26 @@ pub(super) fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Vec<(usize, 
     Ok(by_group)
 }
 
+/// A save plan's block hashes, decoded: an error unless there is one per block.
+pub(super) fn save_hashes(plan: &SavePlan) -> Result<Vec<BlockHash>> {
+    decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)
+}
+
 /// This rank's share of a save plan: ranks holding identical KV split the blocks between them.
+/// Decodes the plan's hashes: a caller that has them already uses [`save_share`].
 pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
-    let hashes = decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)?;
+    save_share(shared, plan, &save_hashes(plan)?)
+}
+
+/// [`save_keys`] given the plan's decoded `hashes` (see [`save_hashes`]).
+pub(super) fn save_share(shared: &Shared, plan: &SavePlan, hashes: &[BlockHash]) -> Result<Blocks> {
     let keys = shared.group_keys(plan.group as usize, &plan.req_id)?;
     let step = keys.put_step().max(1) as usize;
     let mine = shared.tp_rank as usize % step;
     Ok(plan
         .block_ids
         .iter()
-        .zip(&hashes)
+        .zip(hashes)
         .enumerate()
         .filter(|(i, _)| (plan.first_block as usize + i) % step == mine)
         .map(|(_, (&block, hash))| (block, keys.own_key(*hash)))
