@@ -16,11 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kvpool::{BlockHash, Config, MemRegion};
-use kvpool_benches::step::{self, median, LAYERS, PAGE, STEP_BLOCKS};
-use kvpool_connector::{LoadPlan, SavePlan, StepMeta, StreamHandle, WorkerConnector};
+use kvpool::{Config, MemRegion};
+use kvpool_benches::step::{
+    self, hashes_hex, load_meta, median, save_meta, save_plan, LAYERS, PAGE, STEP_BLOCKS,
+};
+use kvpool_connector::{StreamHandle, WorkerConnector};
 
 const CACHE_BLOCKS: usize = 256;
+/// The tag of this bench's block hashes.
+const TAG: u8 = 0x5a;
 
 struct Rig {
     worker: WorkerConnector,
@@ -30,19 +34,6 @@ struct Rig {
     /// KV events on: plans carry tokens, and events and stats are collected every step.
     observed: bool,
     _rpc_dir: tempfile::TempDir,
-}
-
-fn hashes(start: u64, n: usize) -> (Vec<BlockHash>, String) {
-    let hs: Vec<BlockHash> = (0..n as u64)
-        .map(|i| {
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&(start + i).to_le_bytes());
-            h[8] = 0x5a;
-            BlockHash(h)
-        })
-        .collect();
-    let hex = hs.iter().map(|h| h.to_hex()).collect();
-    (hs, hex)
 }
 
 fn block_ids(offset: usize) -> Vec<u32> {
@@ -92,27 +83,16 @@ impl Rig {
 
     /// Saves 64 new blocks and waits for the backend to hold them.
     fn save_step(&mut self) -> Duration {
-        let (_, hex) = hashes(self.next_hash, STEP_BLOCKS);
+        let hex = hashes_hex(TAG, self.next_hash, STEP_BLOCKS);
         self.next_hash += STEP_BLOCKS as u64;
-        let mut plan = SavePlan {
-            req_id: "r".into(),
-            block_ids: block_ids(0),
-            first_block: 0,
-            hashes: hex,
-            group: 0,
-            ..SavePlan::default()
-        };
+        let mut plan = save_plan("r", block_ids(0), hex);
         if self.observed {
             // What the scheduler adds for events: the parent and every block's tokens.
             plan.first_block = 1;
-            plan.parent = Some(hashes(u64::MAX / 2, 1).1);
+            plan.parent = Some(hashes_hex(TAG, u64::MAX / 2, 1));
             plan.token_ids = (0..(STEP_BLOCKS * step::TOKENS) as u32).collect();
         }
-        let meta = StepMeta {
-            saves: vec![plan],
-            ..StepMeta::default()
-        }
-        .encode();
+        let meta = save_meta(plan);
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
         self.worker.wait_for_save(StreamHandle(0)).unwrap();
@@ -143,18 +123,8 @@ impl Rig {
 
     /// Loads the 64 blocks saved last into other blocks of the cache.
     fn load_step(&mut self) -> Duration {
-        let (_, hex) = hashes(self.next_hash - STEP_BLOCKS as u64, STEP_BLOCKS);
-        let meta = StepMeta {
-            loads: vec![LoadPlan {
-                req_id: "l".into(),
-                block_ids: block_ids(1),
-                hashes: hex,
-                is_async: false,
-                groups: vec![],
-            }],
-            ..StepMeta::default()
-        }
-        .encode();
+        let hex = hashes_hex(TAG, self.next_hash - STEP_BLOCKS as u64, STEP_BLOCKS);
+        let meta = load_meta("l", block_ids(1), hex);
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
         self.worker.start_load_kv(StreamHandle(0)).unwrap();

@@ -29,14 +29,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvpool::size::ByteSize;
-use kvpool::{
-    BlockHash, BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome,
-};
+use kvpool::{BlockKey, Config, IoVec, IoVecMut, KvBackend, MemRegion, Namespace, PutOutcome};
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
-use kvpool_benches::step::{self, median, LAYERS, PAGE, STEP_BLOCKS, VALUE};
+use kvpool_benches::step::{
+    self, block_hash, hashes_hex, load_meta, median, save_meta, save_plan, LAYERS, PAGE,
+    STEP_BLOCKS, VALUE,
+};
 use kvpool_benches::{announce_ready_and_wait_for_stdin, SegmentOwner};
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
-use kvpool_connector::{LoadPlan, SavePlan, StepMeta, StreamHandle, WorkerConnector};
+use kvpool_connector::{StreamHandle, WorkerConnector};
 use rand::RngCore;
 use serde_json::json;
 
@@ -151,9 +152,7 @@ impl Raw {
     }
 
     fn key(&self, i: u64) -> BlockKey {
-        let mut h = [0u8; 32];
-        h[..8].copy_from_slice(&i.to_le_bytes());
-        BlockKey::new(self.ns.clone(), BlockHash(h))
+        BlockKey::new(self.ns.clone(), block_hash(0, i))
     }
 
     fn put_step(&mut self, paged: bool) -> Duration {
@@ -194,17 +193,6 @@ impl Raw {
         }
         took
     }
-}
-
-fn hex_hashes(tag: u8, start: u64, n: usize) -> String {
-    (0..n as u64)
-        .map(|i| {
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&(start + i).to_le_bytes());
-            h[8] = tag;
-            BlockHash(h).to_hex()
-        })
-        .collect()
 }
 
 /// Saves read the even blocks, loads write the odd ones.
@@ -264,18 +252,11 @@ impl Rig {
 
     /// Saves the even blocks under 64 new hashes and waits until the backend holds them.
     fn save_step(&mut self) -> Duration {
-        let meta = StepMeta {
-            saves: vec![SavePlan {
-                req_id: "s".into(),
-                block_ids: block_ids(false),
-                first_block: 0,
-                hashes: hex_hashes(self.tag, self.next, STEP_BLOCKS),
-                group: 0,
-                ..SavePlan::default()
-            }],
-            ..StepMeta::default()
-        }
-        .encode();
+        let meta = save_meta(save_plan(
+            "s",
+            block_ids(false),
+            hashes_hex(self.tag, self.next, STEP_BLOCKS),
+        ));
         self.next += STEP_BLOCKS as u64;
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
@@ -294,17 +275,7 @@ impl Rig {
 
     /// Loads the first 64 hashes saved into the odd blocks (a sync load).
     fn load_step(&mut self) -> Duration {
-        let meta = StepMeta {
-            loads: vec![LoadPlan {
-                req_id: "l".into(),
-                block_ids: block_ids(true),
-                hashes: hex_hashes(self.tag, 0, STEP_BLOCKS),
-                is_async: false,
-                groups: vec![],
-            }],
-            ..StepMeta::default()
-        }
-        .encode();
+        let meta = load_meta("l", block_ids(true), hashes_hex(self.tag, 0, STEP_BLOCKS));
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
         self.worker.start_load_kv(StreamHandle(0)).unwrap();

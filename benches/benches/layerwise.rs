@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvpool::size::ByteSize;
-use kvpool::{BlockHash, Config, KvBackend, MemRegion};
+use kvpool::{Config, KvBackend, MemRegion};
 use kvpool_backend_mooncake::{MooncakeBackend, MooncakeConfig};
-use kvpool_benches::step::{self, median, ELEM, PAGE, STEP_BLOCKS};
+use kvpool_benches::step::{
+    self, hashes_hex, load_meta, median, save_meta, save_plan, ELEM, PAGE, STEP_BLOCKS,
+};
 use kvpool_benches::{announce_ready_and_wait_for_stdin, SegmentOwner};
 use kvpool_conformance::fixtures::mooncake::MooncakeMaster;
-use kvpool_connector::{
-    Device, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc, WorkerConnector,
-};
+use kvpool_connector::{Device, StreamHandle, TensorDesc, WorkerConnector};
 
 const LAYERS: usize = 32;
 const CACHE_BLOCKS: usize = 2 * STEP_BLOCKS + 8;
@@ -78,15 +78,9 @@ struct Rig {
     _rpc_dir: tempfile::TempDir,
 }
 
+/// The prefix's hashes.
 fn hashes() -> String {
-    (0..STEP_BLOCKS as u64)
-        .map(|i| {
-            let mut h = [0u8; 32];
-            h[..8].copy_from_slice(&i.to_le_bytes());
-            h[8] = 0x1a;
-            BlockHash(h).to_hex()
-        })
-        .collect()
+    hashes_hex(0x1a, 0, STEP_BLOCKS)
 }
 
 impl Rig {
@@ -146,16 +140,7 @@ impl Rig {
     }
 
     fn save_prefix(&self) {
-        let meta = StepMeta {
-            saves: vec![SavePlan {
-                req_id: "s".into(),
-                block_ids: (0..STEP_BLOCKS as u32).collect(),
-                hashes: hashes(),
-                ..SavePlan::default()
-            }],
-            ..StepMeta::default()
-        }
-        .encode();
+        let meta = save_meta(save_plan("s", (0..STEP_BLOCKS as u32).collect(), hashes()));
         self.worker.bind_connector_metadata(&meta).unwrap();
         for l in 0..LAYERS {
             self.worker
@@ -171,17 +156,11 @@ impl Rig {
 
     /// One step: load the prefix into other blocks and run the forward; returns the step time.
     fn step(&self, compute: Duration, forward: Forward) -> Duration {
-        let meta = StepMeta {
-            loads: vec![LoadPlan {
-                req_id: "l".into(),
-                block_ids: (STEP_BLOCKS as u32..2 * STEP_BLOCKS as u32).collect(),
-                hashes: hashes(),
-                is_async: false,
-                groups: vec![],
-            }],
-            ..StepMeta::default()
-        }
-        .encode();
+        let meta = load_meta(
+            "l",
+            (STEP_BLOCKS as u32..2 * STEP_BLOCKS as u32).collect(),
+            hashes(),
+        );
         let started = Instant::now();
         self.worker.bind_connector_metadata(&meta).unwrap();
         self.worker.start_load_kv(StreamHandle(0)).unwrap();

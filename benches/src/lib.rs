@@ -57,7 +57,10 @@ pub fn announce_ready_and_wait_for_stdin() {
 pub mod step {
     use std::time::Duration;
 
-    use kvpool_connector::{Device, EngineLayout, KvRole, TensorDesc};
+    use kvpool::BlockHash;
+    use kvpool_connector::{
+        Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, TensorDesc,
+    };
 
     pub const LAYERS: usize = 16;
     pub const HEADS: usize = 8;
@@ -109,6 +112,58 @@ pub mod step {
                 device: Device::Host,
             })
             .collect()
+    }
+
+    /// The benches' block hash number `i`: `i` little-endian in the first 8 bytes, then `tag`
+    /// (which keeps one rig's hashes apart from another's), then zeros.
+    pub fn block_hash(tag: u8, i: u64) -> BlockHash {
+        let mut h = [0u8; 32];
+        h[..8].copy_from_slice(&i.to_le_bytes());
+        h[8] = tag;
+        BlockHash(h)
+    }
+
+    /// Hashes `start..start + n` of [`block_hash`] in a plan's wire form: hex, concatenated.
+    pub fn hashes_hex(tag: u8, start: u64, n: usize) -> String {
+        (start..start + n as u64)
+            .map(|i| block_hash(tag, i).to_hex())
+            .collect()
+    }
+
+    /// A save of `block_ids` under `hashes` (hex, as [`hashes_hex`] builds them) from the
+    /// request's first block on, in KV-cache group 0, without the KV events' extras.
+    pub fn save_plan(req_id: &str, block_ids: Vec<u32>, hashes: String) -> SavePlan {
+        SavePlan {
+            req_id: req_id.into(),
+            block_ids,
+            hashes,
+            ..SavePlan::default()
+        }
+    }
+
+    /// The wire form of a step that saves `plan` and does nothing else.
+    pub fn save_meta(plan: SavePlan) -> Vec<u8> {
+        StepMeta {
+            saves: vec![plan],
+            ..StepMeta::default()
+        }
+        .encode()
+    }
+
+    /// The wire form of a step that only loads, synchronously, `hashes` (hex) into
+    /// `block_ids` for request `req_id`, every block in KV-cache group 0.
+    pub fn load_meta(req_id: &str, block_ids: Vec<u32>, hashes: String) -> Vec<u8> {
+        StepMeta {
+            loads: vec![LoadPlan {
+                req_id: req_id.into(),
+                block_ids,
+                hashes,
+                is_async: false,
+                groups: vec![],
+            }],
+            ..StepMeta::default()
+        }
+        .encode()
     }
 
     /// The median of `v`.
