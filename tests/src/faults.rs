@@ -178,6 +178,28 @@ impl Env {
             keep: Vec::new(),
         }
     }
+
+    /// Sets [`Env::server`].
+    pub fn with_server(mut self, server: impl ServerControl + 'static) -> Self {
+        self.server = Some(Box::new(server));
+        self
+    }
+
+    /// Sets [`Env::corrupt`] to `flip`, whose futures are boxed here.
+    pub fn with_corrupt<F, Fut>(mut self, mut flip: F) -> Self
+    where
+        F: FnMut(Arc<dyn KvBackend>, Vec<BlockKey>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Arc<dyn KvBackend>, String>> + Send + 'static,
+    {
+        self.corrupt = Some(Box::new(move |backend, keys| Box::pin(flip(backend, keys))));
+        self
+    }
+
+    /// Adds `thing` to [`Env::keep`].
+    pub fn keeping(mut self, thing: impl std::any::Any + Send) -> Self {
+        self.keep.push(Box::new(thing));
+        self
+    }
 }
 
 impl std::fmt::Debug for Env {

@@ -4,6 +4,8 @@
 //!
 //! Prints the table at the end; `KVPOOL_FAULT_MATRIX_OUT=path` also writes it to a file.
 
+use std::fmt::Display;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -39,6 +41,46 @@ fn unique(what: &str) -> String {
     format!("{what}-{:016x}", rand::random::<u64>())
 }
 
+/// A cell's setup: run against `env`, or, where it could not be made, say why.
+fn setup(env: Result<Env, String>) -> Setup {
+    match env {
+        Ok(env) => Setup::Run(env),
+        Err(why) => na(why),
+    }
+}
+
+/// For `map_err` in a setup: the error as `{what}: {e}`.
+fn failed<E: Display>(what: impl Display) -> impl FnOnce(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// The backend `open` gave, shared, or `{what}: {e}`.
+fn opened(
+    open: kvpool_core::Result<impl KvBackend>,
+    what: &str,
+) -> Result<Arc<dyn KvBackend>, String> {
+    Ok(Arc::new(open.map_err(failed(what))?))
+}
+
+/// A backend behind a server: every fault but a full disk (`no_disk` says why not) runs
+/// against a fresh `env()`.
+fn served<F, Fut>(name: &'static str, no_disk: &'static str, env: F) -> FaultSubject
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Env, String>> + Send + 'static,
+{
+    FaultSubject::new(name, TIMEOUT, move |f| {
+        // Not started unless awaited.
+        let env = env();
+        async move {
+            match f {
+                Fault::DiskFull => na(no_disk),
+                _ => setup(env.await),
+            }
+        }
+    })
+}
+
 fn main() -> std::process::ExitCode {
     faults::run_matrix(vec![
         FaultSubject::new("memory", TIMEOUT, |f| async move {
@@ -50,50 +92,42 @@ fn main() -> std::process::ExitCode {
                 _ => SERVERLESS,
             })
         }),
-        FaultSubject::new("redis", TIMEOUT, |f| async move {
-            match f {
-                Fault::DiskFull => na("redis holds values in memory (persistence off); \
-                                       maxmemory is tested in backends/redis/tests/servers.rs"),
-                _ => redis_env().await,
-            }
-        }),
-        FaultSubject::new("mooncake", TIMEOUT, |f| async move {
-            match f {
-                Fault::DiskFull => na("values live in RAM segments (SSD offload is off)"),
-                _ => mooncake_env().await,
-            }
-        }),
+        served(
+            "redis",
+            "redis holds values in memory (persistence off); maxmemory is tested in \
+             backends/redis/tests/servers.rs",
+            redis_env,
+        ),
+        served(
+            "mooncake",
+            "values live in RAM segments (SSD offload is off)",
+            mooncake_env,
+        ),
         FaultSubject::new("rocksdb-ssd", TIMEOUT, |f| async move {
             match f {
-                Fault::Corrupt => rocksdb_corrupt_env(),
-                Fault::DiskFull => rocksdb_disk_full_env(),
+                Fault::Corrupt => setup(rocksdb_corrupt_env()),
+                Fault::DiskFull => setup(rocksdb_disk_full_env()),
                 _ => na(format!(
                     "{SERVERLESS}; a writer SIGKILLed 20 times is backends/rocksdb-ssd/tests/crash.rs"
                 )),
             }
         }),
-        FaultSubject::new("object (s3, moto)", TIMEOUT, |f| async move {
-            match f {
-                Fault::DiskFull => na("moto keeps objects in memory"),
-                _ => s3_env().await,
-            }
-        }),
+        served("object (s3, moto)", "moto keeps objects in memory", s3_env),
         FaultSubject::new("object (file://)", TIMEOUT, |f| async move {
             match f {
-                Fault::Corrupt => object_file_env(None).await,
+                Fault::Corrupt => setup(object_file_env(None).await),
                 Fault::DiskFull => match Tmpfs::mount(8 << 20) {
-                    Ok(fs) => object_file_env(Some(fs)).await,
+                    Ok(fs) => setup(object_file_env(Some(fs)).await),
                     Err(e) => na(e),
                 },
                 _ => na(SERVERLESS),
             }
         }),
-        FaultSubject::new("tiered (memory → redis)", TIMEOUT, |f| async move {
-            match f {
-                Fault::DiskFull => na("neither tier has a disk"),
-                _ => tiered_env().await,
-            }
-        }),
+        served(
+            "tiered (memory → redis)",
+            "neither tier has a disk",
+            tiered_env,
+        ),
     ])
 }
 
@@ -108,6 +142,13 @@ fn redis_config(server: &RedisServer, prefix: &str) -> RedisConfig {
         retries: 2,
         ..RedisConfig::default()
     }
+}
+
+/// The redis keys of `keys` under `prefix`.
+fn redis_names(prefix: &str, keys: &[BlockKey]) -> Vec<String> {
+    keys.iter()
+        .map(|k| format!("{prefix}{}", k.to_key_string()))
+        .collect()
 }
 
 /// Flips one bit in the middle of each value, past the checksummed header, with
@@ -137,24 +178,20 @@ fn redis_inline(port: u16, command: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-async fn redis_env() -> Setup {
+async fn redis_env() -> Result<Env, String> {
     let server = RedisServer::plain();
     let prefix = format!("{}:", unique("faults"));
-    let backend = match RedisBackend::connect(redis_config(&server, &prefix)).await {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to connect: {e}")),
-    };
+    let backend = opened(
+        RedisBackend::connect(redis_config(&server, &prefix)).await,
+        "FAILED to connect",
+    )?;
     let port = server.port();
-    let mut env = Env::new(backend);
-    env.corrupt = Some(Box::new(move |backend, keys| {
-        let names: Vec<_> = keys
-            .iter()
-            .map(|k| format!("{prefix}{}", k.to_key_string()))
-            .collect();
-        Box::pin(async move { redis_flip(port, &names).map(|()| backend) })
-    }));
-    env.server = Some(Box::new(server));
-    Setup::Run(env)
+    Ok(Env::new(backend)
+        .with_corrupt(move |backend, keys| {
+            let names = redis_names(&prefix, &keys);
+            async move { redis_flip(port, &names).map(|()| backend) }
+        })
+        .with_server(server))
 }
 
 // ---- tiered: memory over redis ----
@@ -178,41 +215,36 @@ async fn tiered_open(url: &str, prefix: &str) -> kvpool_core::Result<Arc<dyn KvB
     Ok(Arc::new(TieredBackend::open(cfg).await?))
 }
 
-async fn tiered_env() -> Setup {
+async fn tiered_env() -> Result<Env, String> {
     let server = RedisServer::plain();
     let prefix = format!("{}:", unique("tiered"));
     let url = server.url();
-    let backend = match tiered_open(&url, &prefix).await {
-        Ok(b) => b,
-        Err(e) => return na(format!("FAILED to open: {e}")),
-    };
+    let backend = tiered_open(&url, &prefix)
+        .await
+        .map_err(failed("FAILED to open"))?;
     let port = server.port();
-    let mut env = Env::new(backend);
     // The memory tier would serve the intact copy; a new process (an empty memory tier)
     // reads the damaged one from redis.
-    env.corrupt = Some(Box::new(move |backend, keys| {
-        let names: Vec<_> = keys
-            .iter()
-            .map(|k| format!("{prefix}{}", k.to_key_string()))
-            .collect();
-        let (url, prefix) = (url.clone(), prefix.clone());
-        Box::pin(async move {
-            // Close flushes the write-back queue: every value is in redis after it.
-            backend.close().await.map_err(|e| e.to_string())?;
-            drop(backend);
-            redis_flip(port, &names)?;
-            tiered_open(&url, &prefix).await.map_err(|e| e.to_string())
+    Ok(Env::new(backend)
+        .with_corrupt(move |backend, keys| {
+            let names = redis_names(&prefix, &keys);
+            let (url, prefix) = (url.clone(), prefix.clone());
+            async move {
+                // Close flushes the write-back queue: every value is in redis after it.
+                backend.close().await.map_err(|e| e.to_string())?;
+                drop(backend);
+                redis_flip(port, &names)?;
+                tiered_open(&url, &prefix).await.map_err(|e| e.to_string())
+            }
         })
-    }));
-    env.server = Some(Box::new(server));
-    Setup::Run(env)
+        .with_server(server))
 }
 
 // ---- mooncake ----
 
 /// A master, a segment owner and a pure client in this process; the client is the
 /// backend under test, so every value crosses the data plane.
-async fn mooncake_env() -> Setup {
+async fn mooncake_env() -> Result<Env, String> {
     let master = MooncakeMaster::start();
     let config = |segment: u64| MooncakeConfig {
         master_server_address: master.address(),
@@ -227,22 +259,20 @@ async fn mooncake_env() -> Setup {
         checksum: true,
         ..MooncakeConfig::default()
     };
-    let owner = match MooncakeBackend::open(config(64 << 20)).await {
-        Ok(b) => b,
-        Err(e) => return na(format!("FAILED to open the owner: {e}")),
-    };
-    let client = match MooncakeBackend::open(config(0)).await {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to open the client: {e}")),
-    };
+    let owner = MooncakeBackend::open(config(64 << 20))
+        .await
+        .map_err(failed("FAILED to open the owner"))?;
+    let client = opened(
+        MooncakeBackend::open(config(0)).await,
+        "FAILED to open the client",
+    )?;
     let metrics_port = master.metrics_port();
-    let mut env = Env::new(client);
-    env.corrupt = Some(Box::new(move |backend, keys| {
-        Box::pin(async move { mooncake_flip(metrics_port, &keys).map(|()| backend) })
-    }));
-    env.server = Some(Box::new(master));
-    env.keep.push(Box::new(owner));
-    Setup::Run(env)
+    Ok(Env::new(client)
+        .with_corrupt(move |backend, keys| async move {
+            mooncake_flip(metrics_port, &keys).map(|()| backend)
+        })
+        .with_server(master)
+        .keeping(owner))
 }
 
 /// Asks the master's HTTP service where each value's replica lives and flips a byte
@@ -319,22 +349,18 @@ fn rocksdb_config(path: &Path) -> RocksDbSsdConfig {
     }
 }
 
-fn rocksdb_corrupt_env() -> Setup {
-    let dir = match tempfile::tempdir() {
-        Ok(d) => d,
-        Err(e) => return na(format!("FAILED: a temporary directory: {e}")),
-    };
+fn rocksdb_corrupt_env() -> Result<Env, String> {
+    let dir = tempfile::tempdir().map_err(failed("FAILED: a temporary directory"))?;
     let path = dir.path().to_path_buf();
-    let backend = match RocksDbSsdBackend::open(rocksdb_config(&path)) {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to open: {e}")),
-    };
-    let mut env = Env::new(backend);
+    let backend = opened(
+        RocksDbSsdBackend::open(rocksdb_config(&path)),
+        "FAILED to open",
+    )?;
     // Through RocksDB itself, so its own block checksums stay valid and only kvpool's
     // value checksum can tell.
-    env.corrupt = Some(Box::new(move |backend, keys| {
+    let env = Env::new(backend).with_corrupt(move |backend, keys| {
         let path = path.clone();
-        Box::pin(async move {
+        async move {
             backend.close().await.map_err(|e| e.to_string())?;
             drop(backend);
             {
@@ -353,20 +379,16 @@ fn rocksdb_corrupt_env() -> Setup {
             }
             let b = RocksDbSsdBackend::open(rocksdb_config(&path)).map_err(|e| e.to_string())?;
             Ok(Arc::new(b) as Arc<dyn KvBackend>)
-        })
-    }));
-    env.keep.push(Box::new(dir));
-    Setup::Run(env)
+        }
+    });
+    Ok(env.keeping(dir))
 }
 
 /// A tmpfs of a few MiB with a filler file in it: the backend's filesystem fills long
 /// before the backend's own capacity (1 GiB) would, as when a disk is shared or smaller
 /// than configured. Freeing space removes the filler.
-fn rocksdb_disk_full_env() -> Setup {
-    let fs = match Tmpfs::mount(24 << 20) {
-        Ok(fs) => fs,
-        Err(e) => return na(e),
-    };
+fn rocksdb_disk_full_env() -> Result<Env, String> {
+    let fs = Tmpfs::mount(24 << 20)?;
     let db = fs.path().join("db");
     // 64 MiB: more than the filesystem, and small enough that RocksDB's memtables
     // (capacity / 32) leave room to work in it.
@@ -374,14 +396,10 @@ fn rocksdb_disk_full_env() -> Setup {
         capacity: ByteSize(64 << 20),
         ..rocksdb_config(&db)
     };
-    let backend = match RocksDbSsdBackend::open(cfg) {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to open on the tmpfs: {e}")),
-    };
+    let backend = opened(RocksDbSsdBackend::open(cfg), "FAILED to open on the tmpfs")?;
     let mut env = Env::new(backend);
     env.free_disk = Some(fs.filler_remover());
-    env.keep.push(Box::new(fs));
-    Setup::Run(env)
+    Ok(env.keeping(fs))
 }
 
 /// A tmpfs mounted on a fresh directory, unmounted on drop; holds a filler file of a
@@ -476,14 +494,14 @@ impl ServerControl for MotoWithBucket {
     }
 }
 
-async fn s3_env() -> Setup {
+async fn s3_env() -> Result<Env, String> {
     let moto = MotoServer::start();
     let bucket = unique("faults");
     moto.create_bucket(&bucket);
-    let backend = match ObjectBackend::open(s3_config(&moto, &bucket)).await {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to open: {e}")),
-    };
+    let backend = opened(
+        ObjectBackend::open(s3_config(&moto, &bucket)).await,
+        "FAILED to open",
+    )?;
     let raw = object_store::aws::AmazonS3Builder::new()
         .with_endpoint(moto.endpoint())
         .with_bucket_name(&bucket)
@@ -491,15 +509,12 @@ async fn s3_env() -> Setup {
         .with_allow_http(true)
         .with_access_key_id(moto::ACCESS_KEY_ID)
         .with_secret_access_key(moto::SECRET_ACCESS_KEY)
-        .build();
-    let raw = match raw {
-        Ok(r) => Arc::new(r),
-        Err(e) => return na(format!("FAILED: a raw S3 client: {e}")),
-    };
-    let mut env = Env::new(backend);
-    env.corrupt = Some(Box::new(move |backend, keys| {
+        .build()
+        .map_err(failed("FAILED: a raw S3 client"))?;
+    let raw = Arc::new(raw);
+    let env = Env::new(backend).with_corrupt(move |backend, keys| {
         let raw = raw.clone();
-        Box::pin(async move {
+        async move {
             use object_store::{ObjectStoreExt, PutPayload};
             for k in keys {
                 let name = object_store::path::Path::from("pool").join(k.to_key_string());
@@ -512,38 +527,31 @@ async fn s3_env() -> Setup {
                     .map_err(|e| e.to_string())?;
             }
             Ok(backend)
-        })
-    }));
-    env.server = Some(Box::new(MotoWithBucket { moto, bucket }));
-    Setup::Run(env)
+        }
+    });
+    Ok(env.with_server(MotoWithBucket { moto, bucket }))
 }
 
 /// A `file://` store in a temporary directory, or on `fs` (a small tmpfs) when given.
-async fn object_file_env(fs: Option<Tmpfs>) -> Setup {
+async fn object_file_env(fs: Option<Tmpfs>) -> Result<Env, String> {
     let (dir, keep): (PathBuf, Box<dyn std::any::Any + Send>) = match fs {
         Some(fs) => (fs.path().join("objects"), Box::new(fs)),
-        None => match tempfile::tempdir() {
-            Ok(d) => (d.path().to_path_buf(), Box::new(d)),
-            Err(e) => return na(format!("FAILED: a temporary directory: {e}")),
-        },
+        None => {
+            let d = tempfile::tempdir().map_err(failed("FAILED: a temporary directory"))?;
+            (d.path().to_path_buf(), Box::new(d))
+        }
     };
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        return na(format!("FAILED: {}: {e}", dir.display()));
-    }
+    std::fs::create_dir_all(&dir).map_err(failed(format!("FAILED: {}", dir.display())))?;
     let cfg = ObjectConfig {
         url: Some(format!("file://{}", dir.display())),
         request_timeout_ms: TIMEOUT.as_millis() as u64,
         ..ObjectConfig::default()
     };
-    let backend = match ObjectBackend::open(cfg).await {
-        Ok(b) => Arc::new(b) as Arc<dyn KvBackend>,
-        Err(e) => return na(format!("FAILED to open: {e}")),
-    };
-    let mut env = Env::new(backend);
+    let backend = opened(ObjectBackend::open(cfg).await, "FAILED to open")?;
     let files = dir.clone();
-    env.corrupt = Some(Box::new(move |backend, keys| {
+    let mut env = Env::new(backend).with_corrupt(move |backend, keys| {
         let files = files.clone();
-        Box::pin(async move {
+        async move {
             for k in keys {
                 let hash = k.hash().to_hex();
                 let path = walk(&files)
@@ -555,13 +563,13 @@ async fn object_file_env(fs: Option<Tmpfs>) -> Setup {
                 std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
             }
             Ok(backend)
-        })
-    }));
+        }
+    });
     if let Some(fs) = keep.downcast_ref::<Tmpfs>() {
         env.free_disk = Some(fs.filler_remover());
     }
     env.keep.push(keep);
-    Setup::Run(env)
+    Ok(env)
 }
 
 /// Every file under `dir`.
