@@ -12,7 +12,7 @@ mod tally;
 
 use events::{EventLog, SaveEvents};
 use layerwise::Layerwise;
-use tally::{load_keys, save_hashes, save_keys, save_share, LoadTally, SaveTally};
+use tally::{load_keys, save_hashes, save_share, LoadTally, SaveTally};
 
 pub use blocks::Transfer;
 pub use events::{PoolEvent, StoredBlock};

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use kvpool_core::error::Result;
 use kvpool_core::key::BlockHash;
 
+#[cfg(test)]
 use super::tally::save_hashes;
 use crate::meta::SavePlan;
 
@@ -92,13 +93,14 @@ pub(super) struct SaveEvents {
 }
 
 impl SaveEvents {
-    /// The plan's event details; `block_size` is its group's. Decodes the plan's hashes: a
-    /// caller that has them already passes them to [`SaveEvents::new`].
+    /// The plan's event details, decoding its hashes; `block_size` is its group's.
+    #[cfg(test)]
     pub(super) fn from_plan(plan: &SavePlan, block_size: usize) -> Result<SaveEvents> {
         Self::new(plan, &save_hashes(plan)?, block_size)
     }
 
-    /// The plan's event details, given its decoded `hashes` (see [`save_hashes`]);
+    /// The plan's event details, given its decoded `hashes` (see
+    /// [`save_hashes`](super::tally::save_hashes));
     /// `block_size` is its group's.
     pub(super) fn new(
         plan: &SavePlan,

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use super::events::SaveEvents;
 use super::staged::{self, Staged, Waiter};
-use super::{direct, lock, save_keys, save_reads, Blocks, Shared, WorkerConnector};
+use super::{direct, lock, save_hashes, save_reads, save_share, Blocks, Shared, WorkerConnector};
 use crate::device::{Fence, StreamHandle};
 use crate::layout::KvLayout;
 use crate::meta::{decode_hashes, LoadPlan};
@@ -541,9 +541,10 @@ impl WorkerConnector {
             let block_size = self.layout.block_size;
             let mut saves = Vec::with_capacity(plans.len());
             for plan in plans {
-                let share = save_keys(&self.shared, &plan)?;
+                let hashes = save_hashes(&plan)?;
+                let share = save_share(&self.shared, &plan, &hashes)?;
                 let events = match &self.shared.events {
-                    Some(_) => Some(Arc::new(SaveEvents::from_plan(&plan, block_size)?)),
+                    Some(_) => Some(Arc::new(SaveEvents::new(&plan, &hashes, block_size)?)),
                     None => None,
                 };
                 saves.push(StepSave {

@@ -38,13 +38,8 @@ pub(super) fn save_hashes(plan: &SavePlan) -> Result<Vec<BlockHash>> {
     decode_hashes(&plan.hashes, plan.block_ids.len(), &plan.req_id)
 }
 
-/// This rank's share of a save plan: ranks holding identical KV split the blocks between them.
-/// Decodes the plan's hashes: a caller that has them already uses [`save_share`].
-pub(super) fn save_keys(shared: &Shared, plan: &SavePlan) -> Result<Blocks> {
-    save_share(shared, plan, &save_hashes(plan)?)
-}
-
-/// [`save_keys`] given the plan's decoded `hashes` (see [`save_hashes`]).
+/// This rank's share of a save plan, given its decoded `hashes` (see [`save_hashes`]): ranks
+/// holding identical KV split the blocks between them.
 pub(super) fn save_share(shared: &Shared, plan: &SavePlan, hashes: &[BlockHash]) -> Result<Blocks> {
     let keys = shared.group_keys(plan.group as usize, &plan.req_id)?;
     let step = keys.put_step().max(1) as usize;
