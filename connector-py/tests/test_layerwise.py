@@ -51,6 +51,44 @@ def test_layers_saved_one_by_one_load_byte_identical_in_another_instance(
     b.shutdown()
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_layerwise_over_a_real_mooncake_master(rpc_base_path, staged):
+    """The default backend: instance A contributes a segment and saves layer by layer, pure
+    client B loads every layer of A's blocks over the tcp transfer engine."""
+    from servers import mooncake_master
+
+    with mooncake_master() as master:
+        def mooncake(segment):
+            return {
+                "backend": "mooncake",
+                "use_layerwise": True,
+                "stage_host_kv": staged,
+                "mooncake": {
+                    "metadata_server": "P2PHANDSHAKE",
+                    "protocol": "tcp",
+                    "device_name": "",
+                    "master_server_address": master.address,
+                    "global_segment_size": segment,
+                },
+            }
+
+        a = Instance({**mooncake("256MB"), "lookup_rpc_port": "95"})
+        b = Instance({**mooncake("0"), "lookup_rpc_port": "96"})
+        tokens = prompt(96)  # 6 full blocks
+        a.run(a.request("a-1", tokens))
+        a.drain_saves()
+        req = b.request("b-1", tokens)
+        assert b.sched_connector.get_num_new_matched_tokens(req, 0) == (95, False)
+        history = b.run(req)
+        blocks, computed = loaded_blocks(b, "b-1", history)
+        assert computed == 95
+        b.assert_blocks_hold(blocks, tokens, 6)
+        assert not any(kvo.invalid_block_ids for _, kvo in history)
+        assert_scheduler_empty(b.sched)
+        b.shutdown()
+        a.shutdown()
+
+
 def test_a_lost_layer_fails_its_blocks_which_are_recomputed(rpc_base_path, shared_redis):
     backend = {
         "backend": "redis",
