@@ -81,6 +81,19 @@ MambaSpec, mamba_cache_mode "align"), observed with this harness:
   ceil(T / bs) - 1 gets expected_state(layer, tokens, T), which depends on the
   layer, on T and on ALL of tokens[:T]. Mamba layers do not call the connector's
   per-layer hooks (vLLM only wraps attention with @maybe_transfer_kv_layer).
+- Prefill checkpoints (make_mamba_hybrid_kv_cache_config(num_prefill_checkpoint_
+  blocks=1, prefill_checkpoint_alignment=1), what vLLM's Mamba2 mixer declares):
+  the final prefill chunk is not split at the last cacheable boundary C =
+  floor((prompt - 1) / bs) * bs; the state after C goes into a reserved block at
+  table column cdiv(T, bs) - 2 (WorkerRig writes it there, placed by vLLM's own
+  compute_mamba_prefill_checkpoints). Only the state at C is retained by default
+  (cache_config.prefix_cache_retention_interval = 0).
+- SchedulerOutput.kv_connector_block_state.boundary_state_offloads hands the
+  connector {req_id: [(group, block_id, tokens)]}: the exact block holding the
+  state after `tokens` (the checkpoint, retained step ends; with a hash unit finer
+  than the Mamba block also a copy-on-write copy of the prompt's partial tail,
+  which WorkerRig fills from SchedulerOutput.kv_cache_block_copies). vLLM sets
+  the field to None after build_connector_meta: read it there.
 
 kv_format "kv_pair": {layer_name: (k_cache, v_cache)}, each a contiguous
 [num_blocks, block_size, num_kv_heads, head_size] tensor: the Ascend-NPU shape that
@@ -150,7 +163,10 @@ from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.worker.kv_connector_model_runner_mixin import (
     KVConnectorModelRunnerMixin,
 )
-from vllm.v1.worker.utils import allocate_kv_cache
+from vllm.model_executor.layers.mamba.checkpoint import (
+    compute_mamba_prefill_checkpoints,
+)
+from vllm.v1.worker.utils import allocate_kv_cache, copy_kv_cache_blocks_inplace
 
 TINY_OPT = Path(__file__).resolve().parent / "data" / "tiny-opt"
 
@@ -413,6 +429,8 @@ def make_mamba_hybrid_kv_cache_config(
     *,
     state_shapes: tuple[tuple[int, ...], ...] = ((3, 64), (4, 16, 16)),
     mamba_block_size: int | None = None,
+    num_prefill_checkpoint_blocks: int = 0,
+    prefill_checkpoint_alignment: int | None = None,
     allow_unified: bool = False,
 ) -> KVCacheConfig:
     """Full attention + one MambaSpec group (mamba_cache_mode "align").
@@ -424,6 +442,12 @@ def make_mamba_hybrid_kv_cache_config(
     attention page so the planner can use one page size, as vLLM pads real hybrid
     models. WorkerRig runs it (kv_format "fused" only): Mamba layers get a fake
     state update, see WorkerRig.expected_state and the harness notes.
+
+    `num_prefill_checkpoint_blocks=1, prefill_checkpoint_alignment=1` is what vLLM
+    0.33's Mamba2 mixer declares (MambaMixer2.get_kv_cache_spec): the prompt's last
+    cacheable boundary state is exported from inside the final prefill chunk into a
+    reserved block (column cdiv(T, bs) - 2) instead of the scheduler splitting the
+    chunk there; WorkerRig then writes that state too.
     """
     cc = vllm_config.cache_config
     assert cc.mamba_cache_mode == "align", (
@@ -443,6 +467,8 @@ def make_mamba_hybrid_kv_cache_config(
         dtypes=tuple(mc.dtype for _ in state_shapes),
         page_size_padded=attn.page_size_bytes,
         mamba_cache_mode=cc.mamba_cache_mode,
+        num_prefill_checkpoint_blocks=num_prefill_checkpoint_blocks,
+        prefill_checkpoint_alignment=prefill_checkpoint_alignment,
     )
     assert mamba.state_content_size_bytes <= attn.page_size_bytes, (
         "state larger than an attention page; shrink state_shapes"
@@ -659,7 +685,12 @@ class WorkerRig:
     after T = num_computed + num_scheduled tokens into the block at index
     ceil(T / bs) - 1 of its Mamba table (where align mode keeps it):
     expected_state(layer, tokens, T); read it back with read_state. `mamba_groups`
-    lists the Mamba group ids, `attention_groups` the others.
+    lists the Mamba group ids, `attention_groups` the others. A MambaSpec with
+    prefill checkpoint blocks also gets, where vLLM's own
+    compute_mamba_prefill_checkpoints places one, the state at the checkpoint
+    position in its block column. Before each step the rig applies the scheduler's
+    copy-on-write block copies (SchedulerOutput.kv_cache_block_copies), as vLLM's
+    model runner does before the forward.
     """
 
     def __init__(
@@ -878,6 +909,14 @@ class WorkerRig:
         for req_id in so.finished_req_ids:
             self._block_table.pop(req_id, None)
             self._tokens.pop(req_id, None)
+        if so.kv_cache_block_copies:
+            # As GPUModelRunner._update_states: CoW copies run before the forward.
+            tensors = [
+                t
+                for v in self.kv_caches.values()
+                for t in (v if isinstance(v, tuple) else (v,))
+            ]
+            copy_kv_cache_blocks_inplace(tensors, self.num_blocks, so.kv_cache_block_copies)
         work = []
         for r in so.scheduled_new_reqs:
             assert len(r.block_ids) == self.num_groups, r.block_ids
@@ -980,6 +1019,25 @@ class WorkerRig:
                     )
                     toks = [self._token_at(req_id, p) for p in range(end)]
                     writes.append((table[idx], toks, end))
+                    spec = self.group_specs[gid]
+                    if spec.num_prefill_checkpoint_blocks > 0:
+                        # Where vLLM's Mamba backends export a prefill checkpoint.
+                        offsets, cols = compute_mamba_prefill_checkpoints(
+                            [end],
+                            [count],
+                            hash_block_size=self.kv_cache_config.hash_block_size,
+                            mamba_block_size=bs,
+                            checkpoint_alignment=spec.prefill_checkpoint_alignment,
+                            drop_eagle_block=False,
+                            cache_hit_alignment_tokens=(
+                                self.kv_cache_config.cache_hit_alignment_tokens
+                            ),
+                        )
+                        # A chunk that does not end the prefill has no block reserved
+                        # there (vLLM's state index is then the null block): nothing kept.
+                        if cols[0] >= 0 and table[cols[0]] != 0:
+                            pos = start + offsets[0]
+                            writes.append((table[cols[0]], toks[:pos], pos))
                 all_slots.append(torch.tensor([], dtype=torch.int64))
                 all_writes.append(writes)
                 continue
