@@ -192,6 +192,90 @@ pub fn longest_common_hit(
     }
 }
 
+/// Why a boundary state vLLM hands over (see [`boundary_state_block`]) is not saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoundarySkip {
+    /// The group index names no KV-cache group of the engine layout.
+    NoSuchGroup {
+        /// The number of groups.
+        groups: usize,
+    },
+    /// The group is not a Mamba state group (vLLM hands over only Mamba "align" states).
+    NotMamba,
+    /// A boundary of 0 tokens (or fewer) holds no state.
+    Empty,
+    /// The boundary is not on one of the group's block boundaries: kvpool keys a state by the
+    /// block ending at it (a sub-block boundary of vLLM's `prefix_match_unit`).
+    OffBlock {
+        /// The group's block size.
+        block_size: usize,
+    },
+    /// The boundary is on a block boundary of this group but not of every group: no hit ends
+    /// there, so no lookup would read it.
+    Unaligned {
+        /// Tokens every hit is a multiple of.
+        alignment: usize,
+    },
+}
+
+impl std::fmt::Display for BoundarySkip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BoundarySkip::NoSuchGroup { groups } => {
+                write!(f, "the engine has {groups} KV-cache groups")
+            }
+            BoundarySkip::NotMamba => f.write_str("the group is not a Mamba state group"),
+            BoundarySkip::Empty => f.write_str("a boundary of no tokens holds no state"),
+            BoundarySkip::OffBlock { block_size } => write!(
+                f,
+                "not on a boundary of the group's {block_size}-token blocks, where kvpool's \
+                 hits end"
+            ),
+            BoundarySkip::Unaligned { alignment } => write!(
+                f,
+                "not a multiple of {alignment} tokens, where every hit ends"
+            ),
+        }
+    }
+}
+
+/// The block of `groups[group]` whose key a boundary state is saved under: vLLM 0.33 hands a
+/// connector exact Mamba "align" state blocks with the number of tokens each holds the state
+/// after (`boundary_state_offloads`). A hit of `n` tokens reads the state block ending at `n`
+/// (index `n / block_size - 1`), so a state after `boundary_tokens` goes under that block's
+/// key, and only where a hit can end: on a block boundary of every group.
+///
+/// # Errors
+/// Why the state is not saved (a value, never a panic, whatever the input).
+pub fn boundary_state_block(
+    groups: &[KvCacheGroup],
+    group: i64,
+    boundary_tokens: i64,
+) -> std::result::Result<usize, BoundarySkip> {
+    let g = usize::try_from(group)
+        .ok()
+        .and_then(|g| groups.get(g))
+        .ok_or(BoundarySkip::NoSuchGroup {
+            groups: groups.len(),
+        })?;
+    if g.kind != GroupKind::Mamba {
+        return Err(BoundarySkip::NotMamba);
+    }
+    let tokens = usize::try_from(boundary_tokens)
+        .ok()
+        .filter(|&t| t > 0)
+        .ok_or(BoundarySkip::Empty)?;
+    let bs = g.block_size.max(1);
+    if tokens % bs != 0 {
+        return Err(BoundarySkip::OffBlock { block_size: bs });
+    }
+    let alignment = alignment_tokens(groups);
+    if tokens % alignment != 0 {
+        return Err(BoundarySkip::Unaligned { alignment });
+    }
+    Ok(tokens / bs - 1)
+}
+
 /// The least common multiple of the groups' block sizes: a hit ends on a block boundary of
 /// every group.
 pub fn alignment_tokens(groups: &[KvCacheGroup]) -> usize {
@@ -352,6 +436,58 @@ mod tests {
             1,
             "only whole blocks"
         );
+    }
+
+    #[test]
+    fn a_boundary_state_is_saved_as_the_block_ending_at_it_where_a_hit_can_end() {
+        let groups = [KvCacheGroup::full_attention(16), mamba(16)];
+        assert_eq!(boundary_state_block(&groups, 1, 144), Ok(8));
+        assert_eq!(boundary_state_block(&groups, 1, 16), Ok(0));
+        assert_eq!(
+            boundary_state_block(&groups, 1, 150),
+            Err(BoundarySkip::OffBlock { block_size: 16 })
+        );
+        assert_eq!(
+            boundary_state_block(&groups, 1, 0),
+            Err(BoundarySkip::Empty)
+        );
+        assert_eq!(
+            boundary_state_block(&groups, 1, -16),
+            Err(BoundarySkip::Empty)
+        );
+        assert_eq!(
+            boundary_state_block(&groups, 0, 144),
+            Err(BoundarySkip::NotMamba)
+        );
+        for bad in [2, -1, i64::MAX] {
+            assert_eq!(
+                boundary_state_block(&groups, bad, 144),
+                Err(BoundarySkip::NoSuchGroup { groups: 2 })
+            );
+        }
+        let swa_groups = [KvCacheGroup::full_attention(16), swa(32, 16)];
+        assert_eq!(
+            boundary_state_block(&swa_groups, 1, 32),
+            Err(BoundarySkip::NotMamba)
+        );
+
+        // 64-token Mamba blocks, 16-token attention blocks: a sub-block boundary (vLLM's
+        // finer prefix_match_unit) has no key of kvpool's.
+        let coarse = [KvCacheGroup::full_attention(16), mamba(64)];
+        assert_eq!(boundary_state_block(&coarse, 1, 128), Ok(1));
+        assert_eq!(
+            boundary_state_block(&coarse, 1, 144),
+            Err(BoundarySkip::OffBlock { block_size: 64 })
+        );
+        // Mamba blocks smaller than the attention blocks: only common boundaries.
+        let fine = [KvCacheGroup::full_attention(32), mamba(16)];
+        assert_eq!(boundary_state_block(&fine, 1, 64), Ok(3));
+        assert_eq!(
+            boundary_state_block(&fine, 1, 48),
+            Err(BoundarySkip::Unaligned { alignment: 32 })
+        );
+        let message = BoundarySkip::OffBlock { block_size: 64 }.to_string();
+        assert!(message.contains("64-token blocks"), "{message}");
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub use device::{Device, StreamHandle};
 pub use groups::{GroupKind, KvCacheGroup};
 pub use layout::{KvLayout, TensorDesc};
 pub use meta::{LoadPlan, SavePlan, StepMeta};
-pub use scheduler::{CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput};
+pub use scheduler::{
+    BoundaryState, CachedRequest, NewRequest, RequestInfo, SchedulerConnector, StepInput,
+};
 pub use worker::{
     FinishedTransfers, PoolEvent, StoredBlock, Transfer, TransferRecord, WorkerConnector,
 };

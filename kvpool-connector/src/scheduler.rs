@@ -62,6 +62,26 @@ pub struct CachedRequest {
     pub block_hashes: Vec<BlockHash>,
 }
 
+/// A state block vLLM hands the connector in a step: vLLM 0.33's
+/// `SchedulerOutput.kv_connector_block_state.boundary_state_offloads`, one entry
+/// `(group_id, block_id, boundary_tokens)` of a request. Only Mamba "align" groups have them:
+/// block `block_id` holds the request's state after exactly `boundary_tokens` tokens once the
+/// step's forward (and the copy-on-write copies vLLM queues before it) ran. That is not always
+/// a block at the end of the step: vLLM's Mamba2 and GDN layers export the prompt's last
+/// cacheable boundary from inside the final prefill chunk into a reserved block (a prefill
+/// checkpoint). vLLM keeps the block only until the step ends (it may free or hand it on at
+/// the next schedule), so it is read within the step, as every Mamba save is. The values are
+/// as vLLM gave them; [`SchedulerConnector::build_connector_meta`] checks them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundaryState {
+    pub req_id: String,
+    /// vLLM's KV-cache group index.
+    pub group: i64,
+    pub block_id: i64,
+    /// The tokens of the request the state is after.
+    pub boundary_tokens: i64,
+}
+
 /// The parts of vLLM's `SchedulerOutput` the connector reads.
 #[derive(Debug, Clone, Default)]
 pub struct StepInput {
@@ -69,6 +89,8 @@ pub struct StepInput {
     pub cached_requests: Vec<CachedRequest>,
     pub finished_req_ids: Vec<String>,
     pub preempted_req_ids: Vec<String>,
+    /// Boundary states vLLM hands over in this step (Mamba "align" groups).
+    pub boundary_states: Vec<BoundaryState>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +113,8 @@ struct Tracker {
     /// Per KV-cache group.
     block_ids: Vec<Vec<u32>>,
     prompt_len: usize,
+    /// Tokens computed once the last step planned for the request ends.
+    computed: usize,
     /// The request's tokens so far, kept only for KV events (their `token_ids`).
     token_ids: Vec<u32>,
     /// Per KV-cache group: blocks handed to the workers for saving (or found in the pool).
@@ -370,6 +394,115 @@ impl SchedulerConnector {
         Some(plan)
     }
 
+    /// An empty save plan of `req_id`'s blocks of group `g` from block `first` on, with the
+    /// details KV events need.
+    fn save_plan(&self, req_id: &str, t: &Tracker, g: usize, first: usize) -> SavePlan {
+        let mut plan = SavePlan {
+            req_id: req_id.to_string(),
+            first_block: first as u32,
+            group: g as u32,
+            ..SavePlan::default()
+        };
+        if self.kv_events {
+            let hash_bs = self.layout.hash_block_size();
+            plan.parent = first
+                .checked_sub(1)
+                .and_then(|p| self.groups[g].key_hash(&t.hashes, hash_bs, p))
+                .map(|h| h.to_hex());
+            plan.lora_name = t.lora_name.clone();
+        }
+        plan
+    }
+
+    /// The save of a boundary state vLLM handed over (see [`BoundaryState`]): its exact block
+    /// under the key of the block ending at its boundary, replacing this step's save of that
+    /// block (a step ending there) if any. Not saved, and logged: a request this connector
+    /// does not track (finished, preempted, resumed), vLLM's null block, a boundary past the
+    /// prompt (as vLLM's `MooncakeStoreConnector`: the other groups are saved only up to it,
+    /// unless `save_decode_cache`, which saves decode states at step ends) or past the tokens
+    /// computed by this step, and one no hit of kvpool's ends on.
+    fn boundary_save(&self, state: &mut State, saves: &mut Vec<SavePlan>, offer: &BoundaryState) {
+        let req = offer.req_id.as_str();
+        let skip = |why: &dyn std::fmt::Display| {
+            tracing::debug!(
+                req,
+                group = offer.group,
+                block = offer.block_id,
+                boundary = offer.boundary_tokens,
+                "boundary state not saved: {why}"
+            );
+        };
+        let warn = |why: &dyn std::fmt::Display| {
+            tracing::warn!(
+                req,
+                group = offer.group,
+                block = offer.block_id,
+                boundary = offer.boundary_tokens,
+                "boundary state from vLLM not saved: {why}"
+            );
+        };
+        let index =
+            match groups::boundary_state_block(&self.groups, offer.group, offer.boundary_tokens) {
+                Ok(i) => i,
+                Err(
+                    e @ (groups::BoundarySkip::OffBlock { .. }
+                    | groups::BoundarySkip::Unaligned { .. }),
+                ) => return skip(&e),
+                Err(e) => return warn(&e),
+            };
+        let (g, boundary) = (offer.group as usize, offer.boundary_tokens as usize);
+        let block_id = match u32::try_from(offer.block_id) {
+            Ok(0) => return warn(&"it is vLLM's null block"),
+            Ok(b) => b,
+            Err(_) => return warn(&"the block id is not one of vLLM's"),
+        };
+        let Some(t) = state.trackers.get_mut(req) else {
+            return skip(&"the request is not tracked (finished, preempted or resumed)");
+        };
+        if boundary > t.prompt_len {
+            return skip(&format_args!("past the prompt's {} tokens", t.prompt_len));
+        }
+        if boundary > t.computed {
+            return warn(&format_args!(
+                "past the {} tokens computed by this step",
+                t.computed
+            ));
+        }
+        let hash_bs = self.layout.hash_block_size();
+        let Some(hash) = self.groups[g].key_hash(&t.hashes, hash_bs, index) else {
+            return warn(&format_args!("no block hash covers {boundary} tokens"));
+        };
+        let mut plan = self.save_plan(req, t, g, index);
+        plan.block_ids.push(block_id);
+        plan.hashes.push_str(&hash.to_hex());
+        if self.kv_events {
+            let bs = self.groups[g].block_size;
+            if let Some(tokens) = t.token_ids.get(index * bs..(index + 1) * bs) {
+                plan.token_ids.extend_from_slice(tokens);
+            }
+        }
+        // Later positional saves of the group start past this block.
+        t.saved_blocks[g] = t.saved_blocks[g].max(index + 1);
+        let same_block = |p: &SavePlan| {
+            p.req_id == req && p.group as usize == g && p.first_block as usize == index
+        };
+        if let Some(old) = saves.iter().find(|p| same_block(p)) {
+            if old.block_ids != plan.block_ids {
+                tracing::debug!(
+                    req,
+                    group = g,
+                    index,
+                    step_end = ?old.block_ids,
+                    handed_over = block_id,
+                    "boundary state replaces this step's save of the block"
+                );
+            }
+        }
+        saves.retain(|p| !same_block(p));
+        saves.push(plan);
+        state.saving.insert(offer.req_id.clone());
+    }
+
     /// The blocks of every group completed since the last save plan, in runs of non-null
     /// blocks. Mamba groups save only the state block ending exactly at `token_len`: a block
     /// holds the state after its last token only at the end of the step that computed it.
@@ -410,22 +543,7 @@ impl SchedulerConnector {
                     plans.extend(run.take());
                     continue;
                 }
-                let plan = run.get_or_insert_with(|| {
-                    let mut plan = SavePlan {
-                        req_id: req_id.to_string(),
-                        first_block: i as u32,
-                        group: g as u32,
-                        ..SavePlan::default()
-                    };
-                    if self.kv_events {
-                        plan.parent = i
-                            .checked_sub(1)
-                            .and_then(|p| group.key_hash(&t.hashes, hash_bs, p))
-                            .map(|h| h.to_hex());
-                        plan.lora_name = t.lora_name.clone();
-                    }
-                    plan
-                });
+                let plan = run.get_or_insert_with(|| self.save_plan(req_id, t, g, i));
                 // `blocks` is bounded by the hashes, so every block here has one.
                 let Some(hash) = group.key_hash(&t.hashes, hash_bs, i) else {
                     break;
@@ -495,10 +613,12 @@ impl SchedulerConnector {
                     }
                 }
             }
+            let token_len = req.num_computed_tokens + req.num_scheduled_tokens;
             let mut tracker = Tracker {
                 hashes,
                 block_ids,
                 prompt_len: req.prompt_token_ids.len(),
+                computed: token_len,
                 token_ids: if self.kv_events {
                     req.prompt_token_ids.clone()
                 } else {
@@ -512,7 +632,6 @@ impl SchedulerConnector {
                 lora_name: req.lora_name,
                 cache_salt: req.cache_salt,
             };
-            let token_len = req.num_computed_tokens + req.num_scheduled_tokens;
             let saves = self.save_plans(&req.req_id, &mut tracker, token_len);
             if !saves.is_empty() {
                 state.saving.insert(req.req_id.clone());
@@ -530,6 +649,7 @@ impl SchedulerConnector {
                 continue;
             };
             let new_block_ids = self.per_group(req.new_block_ids);
+            tracker.computed = token_len;
             if req.resumed_from_preemption {
                 tracker.block_ids = new_block_ids;
                 tracker.saved_blocks.iter_mut().for_each(|n| *n = 0);
@@ -565,6 +685,12 @@ impl SchedulerConnector {
             if !saves.is_empty() {
                 state.saving.insert(req_id);
                 meta.saves.extend(saves);
+            }
+        }
+
+        if self.saves {
+            for offer in &step.boundary_states {
+                self.boundary_save(&mut state, &mut meta.saves, offer);
             }
         }
 
@@ -708,5 +834,212 @@ impl SchedulerConnector {
         ids.extend(state.load_failed.iter());
         ids.extend(state.forget.iter());
         ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+    use crate::KvRole;
+    use kvpool_core::hash::token_block_hashes;
+
+    const BS: usize = 16;
+
+    /// A scheduler half of a full-attention + Mamba model (16-token attention blocks).
+    fn mamba_scheduler(mamba_block: usize, role: KvRole) -> SchedulerConnector {
+        let json = serde_json::json!({"backend": "memory", "lookup_rpc_port": 7});
+        let config = Config::from_extra_config(json).unwrap();
+        let layout = EngineLayout {
+            model: "/models/m".into(),
+            block_size: BS,
+            tp_size: 1,
+            tp_rank: 0,
+            pp_size: 1,
+            pp_rank: 0,
+            dp_rank: 0,
+            num_kv_heads: 2,
+            use_mla: false,
+            role,
+            groups: vec![
+                KvCacheGroup::full_attention(BS),
+                KvCacheGroup {
+                    kind: GroupKind::Mamba,
+                    block_size: mamba_block,
+                },
+            ],
+            kv_events: false,
+            stage_layers: vec![],
+        };
+        SchedulerConnector::new(&config, layout).unwrap()
+    }
+
+    fn tokens(n: u32) -> Vec<u32> {
+        (0..n).map(|i| i * 37 % 40000 + 5).collect()
+    }
+
+    fn offer(req: &str, group: i64, block: i64, boundary: i64) -> BoundaryState {
+        BoundaryState {
+            req_id: req.into(),
+            group,
+            block_id: block,
+            boundary_tokens: boundary,
+        }
+    }
+
+    /// Request "a" scheduled for the first time: `computed..computed + scheduled` of `prompt`,
+    /// with `mamba` as its Mamba block table.
+    fn first_step(prompt: &[u32], scheduled: usize, mamba: Vec<u32>) -> NewRequest {
+        NewRequest {
+            req_id: "a".into(),
+            prompt_token_ids: prompt.to_vec(),
+            block_ids: vec![(1..=prompt.len().div_ceil(BS) as u32).collect(), mamba],
+            num_computed_tokens: 0,
+            num_scheduled_tokens: scheduled,
+            ..NewRequest::default()
+        }
+    }
+
+    /// The step's saves of group `g`: (first block, block ids, hashes).
+    fn saves_of(meta: &[u8], g: u32) -> Vec<(u32, Vec<u32>, Vec<BlockHash>)> {
+        let meta = StepMeta::decode(meta).unwrap();
+        meta.saves
+            .iter()
+            .filter(|p| p.group == g)
+            .map(|p| {
+                let hashes = crate::meta::decode_hashes(&p.hashes, p.block_ids.len(), "a");
+                (p.first_block, p.block_ids.clone(), hashes.unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_handed_over_state_is_saved_under_the_key_of_the_block_ending_at_it() {
+        let sched = mamba_scheduler(BS, KvRole::Both);
+        let prompt = tokens(160);
+        let hashes = token_block_hashes(&prompt, NonZeroUsize::new(BS).unwrap(), None, None);
+        // One 160-token step: the state after 160 tokens is at the step's end (block 12, index
+        // 9); vLLM's prefill checkpoint puts the one after 144 into block 11 (index 8).
+        let mut mamba = vec![0; 8];
+        mamba.extend([11, 12]);
+        let meta = sched.build_connector_meta(StepInput {
+            new_requests: vec![first_step(&prompt, 160, mamba)],
+            boundary_states: vec![offer("a", 1, 11, 144), offer("a", 1, 12, 160)],
+            ..StepInput::default()
+        });
+        assert_eq!(saves_of(&meta, 0).len(), 1);
+        assert_eq!(saves_of(&meta, 0)[0].1, (1..=10).collect::<Vec<u32>>());
+        let mut mamba_saves = saves_of(&meta, 1);
+        mamba_saves.sort();
+        assert_eq!(
+            mamba_saves,
+            vec![
+                (8, vec![11], vec![hashes[8]]),
+                (9, vec![12], vec![hashes[9]])
+            ],
+            "the step's end and the checkpoint, each once"
+        );
+        // Freeing the request's blocks waits for the saves.
+        assert!(sched.request_finished_all_groups("a", &[vec![1], vec![11, 12]]));
+        sched.update_connector_output(&["a".into()], &[], &[], &[]);
+        assert_eq!(sched.tracked_requests(), 0);
+    }
+
+    #[test]
+    fn the_handed_over_block_replaces_a_positional_save_of_the_same_state() {
+        let sched = mamba_scheduler(BS, KvRole::Both);
+        let prompt = tokens(160);
+        // A chunk ending at 64: the table says block 13 holds the state there, vLLM hands over
+        // block 14 for it. vLLM's block is the one saved.
+        let meta = sched.build_connector_meta(StepInput {
+            new_requests: vec![first_step(&prompt, 64, vec![0, 0, 0, 13])],
+            boundary_states: vec![offer("a", 1, 14, 64)],
+            ..StepInput::default()
+        });
+        let saves = saves_of(&meta, 1);
+        assert_eq!(saves.len(), 1);
+        assert_eq!((saves[0].0, saves[0].1.clone()), (3, vec![14]));
+        // A later step saves only the state at its own end.
+        let meta = sched.build_connector_meta(StepInput {
+            cached_requests: vec![CachedRequest {
+                req_id: "a".into(),
+                new_block_ids: vec![vec![], vec![15]],
+                num_computed_tokens: 64,
+                num_scheduled_tokens: 16,
+                ..CachedRequest::default()
+            }],
+            ..StepInput::default()
+        });
+        let saves = saves_of(&meta, 1);
+        assert_eq!(saves.len(), 1);
+        assert_eq!((saves[0].0, saves[0].1.clone()), (4, vec![15]));
+        sched.request_finished_all_groups("a", &[vec![1], vec![15]]);
+    }
+
+    #[test]
+    fn states_no_hit_could_use_or_that_are_not_the_requests_are_not_saved() {
+        let sched = mamba_scheduler(BS, KvRole::Both);
+        let prompt = tokens(150);
+        // A 64-token chunk of a 150-token prompt; its own step end (64) is saved.
+        let new = first_step(&prompt, 64, vec![0, 0, 0, 13]);
+        let offers = vec![
+            offer("a", 1, 0, 48),       // vLLM's null block
+            offer("a", 1, 20, 160),     // past the prompt (150 tokens)
+            offer("a", 1, 21, 96),      // past what this step computed (64)
+            offer("a", 1, 22, 40),      // not on a block boundary
+            offer("a", 0, 23, 32),      // not a Mamba group
+            offer("a", 2, 24, 32),      // no such group
+            offer("a", -1, 25, 32),     // nor this
+            offer("a", 1, 26, 0),       // no tokens
+            offer("a", 1, 27, -16),     // nor this
+            offer("a", 1, -5, 32),      // not a block id
+            offer("a", 1, 1 << 40, 32), // nor this
+            offer("b", 1, 28, 32),      // a request not tracked
+        ];
+        let meta = sched.build_connector_meta(StepInput {
+            new_requests: vec![new],
+            boundary_states: offers,
+            ..StepInput::default()
+        });
+        let saves = saves_of(&meta, 1);
+        assert_eq!(saves.len(), 1, "{saves:?}");
+        assert_eq!((saves[0].0, saves[0].1.clone()), (3, vec![13]));
+        assert_eq!(saves_of(&meta, 0).len(), 1);
+        sched.request_finished_all_groups("a", &[vec![1], vec![13]]);
+        sched.update_connector_output(&["a".into()], &[], &[], &[]);
+        assert_eq!(sched.tracked_requests(), 0);
+    }
+
+    #[test]
+    fn sub_block_states_are_not_saved_and_instances_that_do_not_save_ignore_them() {
+        // 64-token Mamba blocks: vLLM's finer hashes hand over a state inside a block (144).
+        let sched = mamba_scheduler(64, KvRole::Both);
+        let prompt = tokens(160);
+        let meta = sched.build_connector_meta(StepInput {
+            new_requests: vec![first_step(&prompt, 144, vec![0, 11, 12])],
+            boundary_states: vec![offer("a", 1, 13, 144), offer("a", 1, 11, 128)],
+            ..StepInput::default()
+        });
+        let hashes = token_block_hashes(&prompt, NonZeroUsize::new(BS).unwrap(), None, None);
+        let key = KvCacheGroup {
+            kind: GroupKind::Mamba,
+            block_size: 64,
+        }
+        .key_hash(&hashes, BS, 1)
+        .unwrap();
+        assert_eq!(saves_of(&meta, 1), vec![(1, vec![11], vec![key])]);
+        sched.request_finished_all_groups("a", &[vec![], vec![]]);
+
+        // A consumer that does not save takes nothing from vLLM's hand-offs.
+        let consumer = mamba_scheduler(BS, KvRole::Consumer);
+        let meta = consumer.build_connector_meta(StepInput {
+            new_requests: vec![first_step(&prompt, 160, vec![0; 10])],
+            boundary_states: vec![offer("a", 1, 11, 144)],
+            ..StepInput::default()
+        });
+        assert!(StepMeta::decode(&meta).unwrap().saves.is_empty());
+        consumer.request_finished_all_groups("a", &[vec![], vec![]]);
+        assert_eq!(consumer.tracked_requests(), 0);
     }
 }
