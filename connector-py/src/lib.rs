@@ -15,8 +15,9 @@ use kvpool::hash::{token_block_hashes, vllm_block_hashes, VllmHashAlgo};
 use kvpool::key::KeyFormat;
 use kvpool::{BlockHash, BlockKey, Error, KvBackend, KvBackendExt, PutOutcome};
 use kvpool_connector::{
-    CachedRequest, Device, EngineLayout, NewRequest, PoolEvent, RequestInfo, SchedulerConnector,
-    StepInput, StreamHandle, TensorDesc, Transfer as BlockTransfer, WorkerConnector,
+    BoundaryState, CachedRequest, Device, EngineLayout, NewRequest, PoolEvent, RequestInfo,
+    SchedulerConnector, StepInput, StreamHandle, TensorDesc, Transfer as BlockTransfer,
+    WorkerConnector,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -246,7 +247,9 @@ impl Scheduler {
     /// `new_requests`: (req_id, prompt_token_ids, block_hashes, block_ids per group,
     /// num_computed, num_scheduled, lora_name, cache_salt); `cached_requests`: (req_id,
     /// resumed, new_block_ids per group, num_computed, num_scheduled, all_token_ids,
-    /// block_hashes).
+    /// block_hashes); `boundary_states`: vLLM's boundary-state hand-offs as (req_id,
+    /// group_id, block_id, boundary_tokens), checked in Rust.
+    #[pyo3(signature = (new_requests, cached_requests, finished_req_ids, preempted_req_ids, boundary_states=Vec::new()))]
     fn build_connector_meta<'py>(
         &self,
         py: Python<'py>,
@@ -254,10 +257,20 @@ impl Scheduler {
         cached_requests: Vec<CachedReqTuple>,
         finished_req_ids: Vec<String>,
         preempted_req_ids: Vec<String>,
+        boundary_states: Vec<(String, i64, i64, i64)>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let mut step = StepInput {
             finished_req_ids,
             preempted_req_ids,
+            boundary_states: boundary_states
+                .into_iter()
+                .map(|(req_id, group, block_id, boundary_tokens)| BoundaryState {
+                    req_id,
+                    group,
+                    block_id,
+                    boundary_tokens,
+                })
+                .collect(),
             ..StepInput::default()
         };
         for (req_id, prompt, hashes, block_ids, computed, scheduled, lora, salt) in new_requests {

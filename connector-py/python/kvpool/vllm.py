@@ -169,6 +169,19 @@ def _lora_name(request: Any) -> Optional[str]:
     return None if lora is None else lora.lora_name
 
 
+def _boundary_states(scheduler_output: "SchedulerOutput") -> list:
+    """vLLM's exact Mamba state blocks handed to the connector in this step
+    (``kv_connector_block_state.boundary_state_offloads``) as (req_id, group_id, block_id,
+    boundary_tokens); Rust decides which are saved."""
+    block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+    offloads = getattr(block_state, "boundary_state_offloads", None) or {}
+    return [
+        (req_id, int(group), int(block), int(tokens))
+        for req_id, entries in offloads.items()
+        for group, block, tokens in entries
+    ]
+
+
 def _per_group(block_ids: Any) -> list:
     """vLLM's per-group block ids (a tuple of lists) as plain lists."""
     return [list(ids) for ids in block_ids] if block_ids else []
@@ -318,6 +331,7 @@ class KvPoolConnector(KVConnectorBase_V1, SupportsHMA):
             cached_requests,
             list(scheduler_output.finished_req_ids),
             list(scheduler_output.preempted_req_ids or ()),
+            _boundary_states(scheduler_output),
         )
         return KvPoolConnectorMetadata(payload)
 
