@@ -16,6 +16,20 @@ def layer_keys(redis):
     return [line for line in reply.split("\r\n") if "@group:" in line]
 
 
+def hits_and_loads_every_layer(b, tokens, n_blocks):
+    """Instance `b` finds all but the last token of `tokens` in the pool, loads them with no
+    failed block, and then holds the right KV in every layer of its first `n_blocks` blocks."""
+    req = b.request("b-1", tokens)
+    hit = len(tokens) - 1
+    assert b.sched_connector.get_num_new_matched_tokens(req, 0) == (hit, False)
+    history = b.run(req)
+    blocks, computed = loaded_blocks(b, "b-1", history)
+    assert computed == hit
+    b.assert_blocks_hold(blocks, tokens, n_blocks)
+    assert not any(kvo.invalid_block_ids for _, kvo in history)
+    assert_scheduler_empty(b.sched)
+
+
 @pytest.mark.parametrize("staged", [False, True])
 def test_layers_saved_one_by_one_load_byte_identical_in_another_instance(
     rpc_base_path, shared_redis, staged
@@ -39,14 +53,7 @@ def test_layers_saved_one_by_one_load_byte_identical_in_another_instance(
     assert all("@pp_rank:0@" in k for k in stored)
 
     b = Instance({**backend, "lookup_rpc_port": "92"})
-    req = b.request("b-1", tokens)
-    assert b.sched_connector.get_num_new_matched_tokens(req, 0) == (79, False)
-    history = b.run(req)
-    blocks, computed = loaded_blocks(b, "b-1", history)
-    assert computed == 79
-    b.assert_blocks_hold(blocks, tokens, 5)
-    assert not any(kvo.invalid_block_ids for _, kvo in history)
-    assert_scheduler_empty(b.sched)
+    hits_and_loads_every_layer(b, tokens, 5)
     a.shutdown()
     b.shutdown()
 
@@ -77,14 +84,7 @@ def test_layerwise_over_a_real_mooncake_master(rpc_base_path, staged):
         tokens = prompt(96)  # 6 full blocks
         a.run(a.request("a-1", tokens))
         a.drain_saves()
-        req = b.request("b-1", tokens)
-        assert b.sched_connector.get_num_new_matched_tokens(req, 0) == (95, False)
-        history = b.run(req)
-        blocks, computed = loaded_blocks(b, "b-1", history)
-        assert computed == 95
-        b.assert_blocks_hold(blocks, tokens, 6)
-        assert not any(kvo.invalid_block_ids for _, kvo in history)
-        assert_scheduler_empty(b.sched)
+        hits_and_loads_every_layer(b, tokens, 6)
         b.shutdown()
         a.shutdown()
 
