@@ -208,44 +208,60 @@ impl Drop for ArriveAll<'_> {
     }
 }
 
+/// `blocks` keyed in a layer's namespace.
+fn layer_keys(namespace: &Arc<Namespace>, blocks: &[(u32, BlockHash)]) -> Blocks {
+    blocks
+        .iter()
+        .map(|(b, h)| (*b, BlockKey::new(namespace.clone(), *h)))
+        .collect()
+}
+
 /// What the loader of one step needs.
 struct LoaderJob {
     shared: Arc<Shared>,
     staged: Option<Arc<Staged>>,
     layouts: Vec<Arc<KvLayout>>,
-    /// Per layer, per request: the request and its blocks' keys.
-    layers: Vec<Vec<(String, Blocks)>>,
+    /// Per request: the request and its blocks with their hashes.
+    loads: Vec<(String, Vec<(u32, BlockHash)>)>,
+    /// Per layer: this rank's namespace (a layer's keys are built when it loads, off the
+    /// forward's thread).
+    namespaces: Vec<Arc<Namespace>>,
     /// Blocks per transfer batch.
     batch: usize,
 }
 
 /// Loads the layers of `job` in order, each once `lane` lets it start.
 async fn run_loader(lane: Arc<LoadLane>, job: LoaderJob) {
-    let all: Vec<u32> = job.layers.first().map_or_else(Vec::new, |reqs| {
-        reqs.iter()
-            .flat_map(|(_, keys)| keys.iter().map(|(b, _)| *b))
-            .collect()
-    });
+    let all: Vec<u32> = job
+        .loads
+        .iter()
+        .flat_map(|(_, blocks)| blocks.iter().map(|(b, _)| *b))
+        .collect();
     let _guard = ArriveAll {
         lane: &lane,
         blocks: all,
     };
     let mut running = FuturesOrdered::new();
-    for (l, reqs) in job.layers.iter().enumerate() {
+    for l in 0..job.layouts.len() {
         if running.len() >= LAYERS_IN_FLIGHT {
             running.next().await;
         }
-        running.push_back(load_layer(&lane, &job, l, reqs));
+        running.push_back(load_layer(&lane, &job, l));
     }
     while running.next().await.is_some() {}
 }
 
 /// Loads layer `l` once the window lets it start, and marks it arrived: direct, with its bytes
 /// in place; staged, once its copies to the device are queued.
-async fn load_layer(lane: &LoadLane, job: &LoaderJob, l: usize, reqs: &[(String, Blocks)]) {
+async fn load_layer(lane: &LoadLane, job: &LoaderJob, l: usize) {
     if !lane.may_start(l).await {
         return;
     }
+    let reqs: Vec<(&str, Blocks)> = job
+        .loads
+        .iter()
+        .map(|(req, blocks)| (req.as_str(), layer_keys(&job.namespaces[l], blocks)))
+        .collect();
     let kv = &job.layouts[l];
     let mut failed = Vec::new();
     let Some(st) = &job.staged else {
@@ -389,10 +405,7 @@ impl Layerwise {
     }
 
     fn keys(&self, layer: usize, blocks: &[(u32, BlockHash)]) -> Blocks {
-        blocks
-            .iter()
-            .map(|(b, h)| (*b, BlockKey::new(self.own[layer].clone(), *h)))
-            .collect()
+        layer_keys(&self.own[layer], blocks)
     }
 }
 
@@ -426,9 +439,12 @@ impl WorkerConnector {
             ));
         }
         let layouts = lw.layouts()?;
-        let blocks: usize = loads.iter().map(|(_, b): &(String, Vec<_>)| b.len()).sum();
+        let block_ids: Vec<u32> = loads
+            .iter()
+            .flat_map(|(_, b): &(String, Vec<(u32, BlockHash)>)| b.iter().map(|(id, _)| *id))
+            .collect();
         let layer_bytes =
-            (blocks * layouts.iter().map(|k| k.value_len()).max().unwrap_or(0)) as u64;
+            (block_ids.len() * layouts.iter().map(|k| k.value_len()).max().unwrap_or(0)) as u64;
         let mut depth = lw.prefetch;
         if lw.max_bytes > 0 && layer_bytes > 0 {
             depth = depth.min((lw.max_bytes / layer_bytes).max(1) as usize);
@@ -445,14 +461,8 @@ impl WorkerConnector {
         let job = LoaderJob {
             shared: self.shared.clone(),
             staged,
-            layers: (0..lw.layers())
-                .map(|l| {
-                    loads
-                        .iter()
-                        .map(|(req, blocks)| (req.clone(), lw.keys(l, blocks)))
-                        .collect()
-                })
-                .collect(),
+            loads,
+            namespaces: lw.own.clone(),
             layouts,
             batch,
         };
@@ -464,10 +474,7 @@ impl WorkerConnector {
         step.loads = Some(StepLoads {
             lane,
             loader,
-            blocks: loads
-                .iter()
-                .flat_map(|(_, b)| b.iter().map(|(id, _)| *id))
-                .collect(),
+            blocks: block_ids,
             waited: vec![false; lw.layers()],
         });
         Ok(())
