@@ -565,18 +565,10 @@ impl Worker {
         self.inner.group_put_steps()
     }
 
-    /// Blocks until the saves in flight are done or `timeout_s` passes; True when done.
+    /// Blocks until the saves in flight are done, their backend writes from staging included,
+    /// or `timeout_s` passes; True when done.
     fn wait_for_saves(&self, py: Python<'_>, timeout_s: f64) -> bool {
-        py.allow_threads(|| {
-            let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
-            while self.inner.saves_in_flight() > 0 {
-                if std::time::Instant::now() >= deadline {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            true
-        })
+        py.allow_threads(|| self.inner.wait_for_saves(seconds(timeout_s)))
     }
 
     fn saves_in_flight(&self) -> usize {
@@ -589,12 +581,18 @@ impl Worker {
 
     #[pyo3(signature = (timeout_s=30.0))]
     fn shutdown(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
-        py.allow_threads(|| {
-            self.inner
-                .shutdown(Duration::from_secs_f64(timeout_s.max(0.0)))
-        })
-        .map_err(to_py)
+        py.allow_threads(|| self.inner.shutdown(seconds(timeout_s)))
+            .map_err(to_py)
     }
+}
+
+/// A timeout in seconds from Python: negative or NaN is no wait, too large to represent waits
+/// without end (rather than panicking).
+fn seconds(timeout_s: f64) -> Duration {
+    if timeout_s.is_nan() || timeout_s <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::MAX)
 }
 
 fn block_size(n: usize) -> PyResult<NonZeroUsize> {
@@ -706,7 +704,7 @@ impl Transfer {
     /// Waits up to `timeout_s`; the block ids that failed, or None if still running.
     #[pyo3(signature = (timeout_s=60.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> Option<Vec<u32>> {
-        py.allow_threads(|| self.inner.wait(Duration::from_secs_f64(timeout_s.max(0.0))))
+        py.allow_threads(|| self.inner.wait(seconds(timeout_s)))
     }
 }
 

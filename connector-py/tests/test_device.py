@@ -88,6 +88,9 @@ def test_the_staged_path_serves_async_loads_through_the_real_scheduler(rpc_base_
     assert first.num_computed_tokens == 95
     inst.assert_blocks_hold(list(first.block_ids[0]), tokens, 6)
     assert worker.free_staging_slots() == slots
+    # Timeouts from Python never panic: no wait, and a wait without end.
+    assert worker.wait_for_saves(float("nan"))
+    assert worker.wait_for_saves(float("inf"))
     inst.shutdown()
 
 

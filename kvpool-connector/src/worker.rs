@@ -94,6 +94,13 @@ struct Progress {
     load_errors: HashSet<u32>,
 }
 
+impl Progress {
+    /// No save reads blocks and no backend write from staging is running.
+    fn saves_settled(&self) -> bool {
+        self.inflight.is_empty() && self.staged_puts == 0
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     backend: Arc<dyn KvBackend>,
@@ -722,23 +729,26 @@ impl WorkerConnector {
     }
 
     /// Blocks until every save in flight for `req_ids` is done (their blocks are about to be
-    /// reused), or `timeout` passes.
+    /// reused), or `timeout` passes. Backend writes from staging may still be running: they
+    /// no longer read the requests' blocks.
     pub fn wait_for_requests(&self, req_ids: &[String], timeout: Duration) -> bool {
-        let shared = self.shared.clone();
-        let pending = |p: &Progress| req_ids.iter().any(|id| p.inflight.contains_key(id));
-        self.runtime.block_on(async {
-            tokio::time::timeout(timeout, async {
-                loop {
-                    let notified = shared.saves_done.notified();
-                    if !pending(&shared.progress()) {
-                        return;
-                    }
-                    notified.await;
-                }
-            })
-            .await
-            .is_ok()
+        self.wait_for_progress(timeout, |p| {
+            !req_ids.iter().any(|id| p.inflight.contains_key(id))
         })
+    }
+
+    /// Blocks until no save is in flight, backend writes from staging included, or `timeout`
+    /// passes; true when none is. Once it returns true, every block saved so far is in the
+    /// backend (or its failure was counted).
+    pub fn wait_for_saves(&self, timeout: Duration) -> bool {
+        self.wait_for_progress(timeout, Progress::saves_settled)
+    }
+
+    fn wait_for_progress(&self, timeout: Duration, done: impl Fn(&Progress) -> bool) -> bool {
+        let reached = progress_reaches(&self.shared, done);
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, reached).await })
+            .is_ok()
     }
 
     /// vLLM's `handle_preemptions`, called with the step's metadata before it is bound:
@@ -844,22 +854,7 @@ impl WorkerConnector {
     /// Waits for every save in flight, backend writes from staging included (up to
     /// `timeout`), and closes the backend.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
-        let ids: Vec<String> = self.shared.progress().inflight.keys().cloned().collect();
-        let drained = self.wait_for_requests(&ids, timeout)
-            && self.runtime.block_on(async {
-                let shared = &self.shared;
-                tokio::time::timeout(timeout, async {
-                    loop {
-                        let notified = shared.saves_done.notified();
-                        if shared.progress().staged_puts == 0 {
-                            return;
-                        }
-                        notified.await;
-                    }
-                })
-                .await
-                .is_ok()
-            });
+        let drained = self.wait_for_saves(timeout);
         if !drained {
             tracing::warn!("kvpool shutdown: saves still running after {timeout:?}");
         }
@@ -967,19 +962,22 @@ fn layer_lookup_namespaces(
 
 /// Clears the pool after the saves in flight (a save finishing after the reset would bring
 /// back a block the reset meant to drop).
-async fn reset(shared: &Shared) -> Result<bool> {
-    let drained = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let notified = shared.saves_done.notified();
-            {
-                let p = shared.progress();
-                if p.inflight.is_empty() && p.staged_puts == 0 {
-                    return;
-                }
-            }
-            notified.await;
+/// Resolves once the worker's save progress satisfies `done`.
+async fn progress_reaches(shared: &Shared, done: impl Fn(&Progress) -> bool) {
+    loop {
+        let notified = shared.saves_done.notified();
+        if done(&shared.progress()) {
+            return;
         }
-    })
+        notified.await;
+    }
+}
+
+async fn reset(shared: &Shared) -> Result<bool> {
+    let drained = tokio::time::timeout(
+        Duration::from_secs(60),
+        progress_reaches(shared, Progress::saves_settled),
+    )
     .await;
     if drained.is_err() {
         tracing::warn!("kvpool reset: saves still running after 60 s; clearing anyway");

@@ -71,9 +71,20 @@ struct Spy {
     inner: Arc<dyn KvBackend>,
     device: Mutex<Option<FakeEngine>>,
     registered: Mutex<Vec<(usize, usize)>>,
+    /// A test holding it for writing holds every `put` until it lets go.
+    put_gate: tokio::sync::RwLock<()>,
 }
 
 impl Spy {
+    fn new(inner: Arc<dyn KvBackend>) -> Arc<Spy> {
+        Arc::new(Spy {
+            inner,
+            device: Mutex::new(None),
+            registered: Mutex::new(Vec::new()),
+            put_gate: tokio::sync::RwLock::new(()),
+        })
+    }
+
     fn check(&self, ptr: usize, len: usize, what: &str) {
         if let Some(fake) = &*self.device.lock().unwrap() {
             assert!(
@@ -109,6 +120,7 @@ impl KvBackend for Spy {
                 self.check(s.as_ptr() as usize, s.len(), "put");
             }
         }
+        let _open = self.put_gate.read().await;
         self.inner.put(items).await
     }
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
@@ -228,13 +240,7 @@ fn value_of(pattern: u8) -> Vec<u8> {
 impl Rig {
     fn new(port: u32, perm: [usize; 5], staging_slots: usize) -> Rig {
         let config = config(port, staging_slots, false);
-        let inner = open_backend(&config);
-        let spy = Arc::new(Spy {
-            inner,
-            device: Mutex::new(None),
-            registered: Mutex::new(Vec::new()),
-        });
-        Rig::with_backend(&config, perm, spy)
+        Rig::with_backend(&config, perm, Spy::new(open_backend(&config)))
     }
 
     fn with_backend(config: &Config, perm: [usize; 5], spy: Arc<Spy>) -> Rig {
@@ -540,6 +546,31 @@ fn a_finished_request_is_reported_sent_after_its_device_reads_and_preemption_wai
 }
 
 #[test]
+fn wait_for_saves_returns_only_once_the_backend_writes_from_staging_are_stored() {
+    // A staged save frees its blocks once they are copied to staging; the backend write runs
+    // on. A caller of wait_for_saves (a test, an operator draining an instance) expects the
+    // blocks to be in the pool when it returns true, not merely copied out.
+    let rig = Rig::new(225, BLHNC, 8);
+    rig.fill(BLHNC, 2, 17);
+    let held = rig.spy.put_gate.blocking_write();
+    let _driver = rig.fake.drive(3, Duration::from_micros(100));
+    rig.worker
+        .bind_connector_metadata(&save_meta("a", &[2], &[52]))
+        .unwrap();
+    rig.worker.wait_for_save(STREAM).unwrap();
+    rig.worker.clear_connector_metadata();
+    wait_until("copied to staging", || {
+        rig.worker.saves_in_flight() == 0 && rig.worker.staged_puts_in_flight() == 1
+    });
+    assert!(!rig.worker.wait_for_saves(Duration::from_millis(50)));
+    assert_eq!(rig.stored(52), None);
+    drop(held);
+    assert!(rig.worker.wait_for_saves(Duration::from_secs(10)));
+    assert_eq!(rig.stored(52), Some(value_of(17)));
+    assert_eq!(rig.worker.staged_puts_in_flight(), 0);
+}
+
+#[test]
 fn a_failed_copy_fails_exactly_its_blocks_and_the_request_still_completes() {
     let rig = Rig::new(230, BLHNC, 4); // chunks of 2 blocks
     for b in 0..4 {
@@ -624,11 +655,7 @@ fn instances_with_different_layouts_share_blocks_through_one_pool() {
     // head-major layout vLLM's CPU backend uses loads, and gets the same KV.
     let config = config(250, 8, false);
     let pool = open_backend(&config);
-    let spy = Arc::new(Spy {
-        inner: pool.clone(),
-        device: Mutex::new(None),
-        registered: Mutex::new(Vec::new()),
-    });
+    let spy = Spy::new(pool.clone());
     let gpu = Rig::with_backend(&config, LBNHC, spy);
     gpu.fill(LBNHC, 6, 123);
     save_now(&gpu, "a", &[6], &[66]);
@@ -768,11 +795,7 @@ fn layerwise_saves_each_layer_after_its_forward_and_a_layer_is_on_the_device_whe
     for seed in 1..5u64 {
         let port = 280 + 2 * seed as u32;
         let config = layerwise(port);
-        let spy = Arc::new(Spy {
-            inner: open_backend(&config),
-            device: Mutex::new(None),
-            registered: Mutex::new(Vec::new()),
-        });
+        let spy = Spy::new(open_backend(&config));
         let a = Rig::with_layout(&config, layout.clone(), LBNHC, spy.clone());
         for b in 0..4 {
             a.fill(LBNHC, b, 1);
