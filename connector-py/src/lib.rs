@@ -708,8 +708,44 @@ impl Transfer {
     }
 }
 
+/// The log filter without `KVPOOL_LOG`: kvpool's own start-up and reset lines (a handful per
+/// process) and every warning.
+const DEFAULT_LOG_FILTER: &str = "warn,kvpool=info";
+
+/// Writes kvpool's log events to stderr, filtered by `KVPOOL_LOG` (tracing's env-filter
+/// syntax, e.g. `debug` or `warn,kvpool_connector=debug`).
+///
+/// Events are written by the thread that emits them, never through Python's `logging`: a
+/// Tokio worker that had to take the GIL to log could deadlock against a Python thread that
+/// holds the GIL while it waits for that worker. A process that already installed a tracing
+/// subscriber keeps its own.
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let requested = std::env::var("KVPOOL_LOG").ok();
+    let (filter, rejected) = match requested.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some(e)),
+        None => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    };
+    let installed = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .is_ok();
+    if let (true, Some(e)) = (installed, rejected) {
+        tracing::warn!(
+            target: "kvpool",
+            "KVPOOL_LOG={:?} is not a valid log filter ({e}); using {DEFAULT_LOG_FILTER:?}",
+            requested.unwrap_or_default()
+        );
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    init_logging();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("KvPoolError", m.py().get_type::<KvPoolError>())?;
     m.add_class::<Pool>()?;
