@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
-use crate::device::{self, CopyEngine, StreamHandle};
+use crate::device::{self, CopyEngine, Direction, StreamHandle};
 use crate::groups::{self, GroupKind, KvCacheGroup};
 use crate::layout::{KvLayout, TensorDesc};
 use crate::lookup::{socket_path_from_env, LookupHandler, LookupServer};
@@ -517,7 +517,7 @@ impl WorkerConnector {
         let kvs = self.kv_layouts()?;
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
+            staged.engine.order_after(Direction::ToDevice, compute)?;
         }
         let mut sync_jobs = Vec::new();
         let hybrid = self.layout.is_hybrid();
@@ -604,7 +604,7 @@ impl WorkerConnector {
             if !waiters.is_empty() {
                 // Copies complete in submission order: one fence after them all covers every
                 // sync load, and the forward waits for it on the device, not here.
-                let fence = staged.engine.fence()?;
+                let fence = staged.engine.fence(Direction::ToDevice)?;
                 staged.engine.stream_wait(compute, &*fence)?;
                 lock(&self.sync_waiters).extend(waiters);
             }
@@ -630,7 +630,7 @@ impl WorkerConnector {
         let groups = self.layout.kv_cache_groups();
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
+            staged.engine.order_after(Direction::ToHost, compute)?;
         }
         // Saves of blocks vLLM may free or rewrite while the request runs (sliding window,
         // Mamba state): this step waits until they no longer read the cache.

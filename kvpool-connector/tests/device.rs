@@ -15,7 +15,7 @@ use kvpool::error::Result;
 use kvpool::key::BlockHash;
 use kvpool::KvBackendExt;
 use kvpool::{BackendInfo, BlockKey, Config, GetOutcome, IoVec, KvBackend, MemRegion, PutOutcome};
-use kvpool_connector::device::{FakeEngine, FakeEvent};
+use kvpool_connector::device::{Direction, FakeEngine, FakeEvent};
 use kvpool_connector::{
     Device, EngineLayout, KvRole, LoadPlan, SavePlan, StepMeta, StreamHandle, TensorDesc,
     WorkerConnector,
@@ -920,5 +920,140 @@ fn layerwise_saves_each_layer_after_its_forward_and_a_layer_is_on_the_device_whe
             slots,
             "seed {seed}: a slot leaked"
         );
+    }
+}
+
+/// Runs the fake device until it is idle when dropped, so a test that holds the device and
+/// fails ends instead of hanging in the worker's shutdown.
+struct RunsTheDeviceOnDrop(FakeEngine);
+
+impl Drop for RunsTheDeviceOnDrop {
+    fn drop(&mut self) {
+        let mut idle = 0;
+        while idle < 50 {
+            if self.0.run_compute() + self.0.run_copies(usize::MAX) == 0 {
+                idle += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                idle = 0;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_layer_load_is_never_queued_behind_a_layer_save_that_waits_for_the_forward() {
+    // A prefix hit prefilled past its end loads some blocks and saves others in one step,
+    // layer by layer. Each layer's save waits for the forward to write that layer; were a later
+    // layer's load queued behind it on the same copy stream, it could not start before the
+    // forward reached that save, while the forward waits for the load: the overlap is gone.
+    let layout = EngineLayout {
+        stage_layers: vec![LAYERS as u32],
+        ..layout()
+    };
+    rpc_dir();
+    let config = Config::from_extra_config(serde_json::json!({
+        "backend": "memory",
+        "lookup_rpc_port": 300,
+        "device_staging_bytes": 8 * VALUE,
+        "use_layerwise": true,
+        "layerwise_prefetch_layers": 1,
+    }))
+    .unwrap();
+    let spy = Spy::new(open_backend(&config));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for i in 1..=2u8 {
+        for l in 0..LAYERS {
+            let layer = value_of(60 + i)[l * PAGE..(l + 1) * PAGE].to_vec();
+            rt.block_on(spy.inner.put_bytes(layer_key(l as u32, i), layer.into()))
+                .unwrap();
+        }
+    }
+    let rig = Rig::with_layout(&config, layout, LBNHC, spy.clone());
+    // Dropped first: a failed assertion below leaves copies the worker's runtime waits for.
+    let _drain = RunsTheDeviceOnDrop(rig.fake.clone());
+    for blk in [20, 21] {
+        rig.fill(LBNHC, blk, 7);
+        rig.compute(LBNHC, blk, 0); // vLLM's zeroing, before the step
+    }
+    let zeroing = rig.fake.compute_pending();
+    let mut step = StepMeta::decode(&save_meta("s", &[30, 31], &[11, 12])).unwrap();
+    step.loads = StepMeta::decode(&load_meta("l", &[20, 21], &[1, 2], false))
+        .unwrap()
+        .loads;
+    rig.worker.bind_connector_metadata(&step.encode()).unwrap();
+    rig.worker.start_load_kv(STREAM).unwrap();
+    for l in 0..LAYERS {
+        rig.worker
+            .wait_for_layer_load(&format!("layers.{l}"), STREAM)
+            .unwrap();
+        for (i, blk) in [30, 31].into_iter().enumerate() {
+            rig.compute_layer(LBNHC, blk, l, 80 + i as u8);
+        }
+        rig.worker
+            .save_kv_layer(&format!("layers.{l}"), STREAM)
+            .unwrap();
+    }
+    // Only the zeroing runs: the forward is held at layer 0, waiting for its load.
+    assert_eq!(rig.fake.run_compute(), zeroing);
+    let s = strides(LBNHC);
+    let loaded_layers = |events: &[FakeEvent]| {
+        let mut layers: Vec<usize> = events
+            .iter()
+            .filter_map(|e| match e {
+                FakeEvent::ToDevice(offs) => Some(offs.iter().map(|o| o / s[0])),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    };
+    // Every layer's load runs while the forward has not even started: none waits for a save.
+    wait_until("every layer loaded with the forward held", || {
+        rig.fake.run_stream(Direction::ToDevice, usize::MAX);
+        loaded_layers(&rig.fake.events()) == (0..LAYERS).collect::<Vec<_>>()
+    });
+    assert!(
+        !rig.fake
+            .events()
+            .iter()
+            .any(|e| matches!(e, FakeEvent::ToHost(_))),
+        "a save read KV before the forward wrote it"
+    );
+    assert_eq!(rig.fake.compute_pending(), LAYERS * (1 + 2 * PAGE));
+
+    // The step completes; the saves hold the forward's bytes, the loads the pool's.
+    let driver = rig.fake.drive(9, Duration::from_micros(200));
+    rig.worker.wait_for_save(STREAM).unwrap();
+    rig.worker.clear_connector_metadata();
+    wait_until("device idle", || rig.fake.compute_pending() == 0);
+    assert!(rig.worker.wait_for_saves(Duration::from_secs(10)));
+    drop(driver);
+    assert!(rig.worker.get_block_ids_with_load_errors().is_empty());
+    for (i, blk) in [20, 21].into_iter().enumerate() {
+        for l in 0..LAYERS {
+            assert_eq!(
+                rig.read_layer(LBNHC, blk, l),
+                value_of(61 + i as u8)[l * PAGE..(l + 1) * PAGE],
+                "layer {l} of block {blk}"
+            );
+        }
+    }
+    for (i, hash) in [11u8, 12].into_iter().enumerate() {
+        for l in 0..LAYERS {
+            let stored = rt
+                .block_on(spy.inner.get_bytes(&layer_key(l as u32, hash)))
+                .unwrap()
+                .map(|v| v.to_vec());
+            assert_eq!(
+                stored.as_deref(),
+                Some(&value_of(80 + i as u8)[l * PAGE..(l + 1) * PAGE]),
+                "layer {l} of the block saved under {hash}"
+            );
+        }
     }
 }

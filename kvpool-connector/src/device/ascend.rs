@@ -1,12 +1,12 @@
 //! KV on Ascend NPUs, through AscendCL loaded at run time.
 //!
-//! The CUDA design (`device-path.md` §4.2) with AscendCL's calls (§5.1): one copy stream of
-//! the engine's own, `aclrtMemcpyAsync` per contiguous run, and events for every edge with the
+//! The CUDA design (`device-path.md` §4.2) with AscendCL's calls (§5.1): a copy stream of the
+//! engine's own per direction, `aclrtMemcpyAsync` per contiguous run, and events for every edge with the
 //! engine's compute stream (torch_npu's `current_stream().npu_stream`, a raw `aclrtStream`):
 //!
 //! - [`order_after`](CopyEngine::order_after): an event recorded on the compute stream, and
-//!   `aclrtStreamWaitEvent` on the copy stream;
-//! - [`fence`](CopyEngine::fence): an event recorded on the copy stream, polled with
+//!   `aclrtStreamWaitEvent` on the direction's copy stream;
+//! - [`fence`](CopyEngine::fence): an event recorded on the direction's copy stream, polled with
 //!   `aclrtQueryEventStatus` and waited for with `aclrtSynchronizeEvent`;
 //! - [`stream_wait`](CopyEngine::stream_wait): `aclrtStreamWaitEvent` on the compute stream for
 //!   the fence's event.
@@ -18,8 +18,8 @@
 //! interface are completed before they are destroyed" (newer CANN documentation allows
 //! destroying an event early, but kvpool does not rely on that). So an event some stream waits
 //! on is kept alive until a later event on the *waiting* stream has completed: the events
-//! [`order_after`](CopyEngine::order_after) makes the copy stream wait on are released once the
-//! next [`fence`](CopyEngine::fence) completes, and a fence's event that
+//! [`order_after`](CopyEngine::order_after) makes a copy stream wait on are released once the
+//! next [`fence`](CopyEngine::fence) of that stream completes, and a fence's event that
 //! [`stream_wait`](CopyEngine::stream_wait) made the compute stream wait on is released once an
 //! event recorded on the compute stream right after the wait completes. Completed entries are
 //! reaped at every call; whatever is left is waited for when the engine drops.
@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ascendcl_sys::{AclError, AscendCl, Event, HostRegisterType, MemcpyKind, RawStream, Stream};
 use kvpool_core::error::{Error, ErrorKind, Result};
 
-use super::{Copy, CopyEngine, Device, Fence, StreamHandle};
+use super::{Copy, CopyEngine, Device, Direction, Fence, StreamHandle};
 
 /// `ACL_ERROR_RT_FEATURE_NOT_SUPPORT`: host registration on a product without it (the
 /// Atlas inference series, per CANN's documentation).
@@ -115,8 +115,8 @@ impl Npu {
 /// Events kept alive until the streams waiting on them have passed the waits.
 #[derive(Debug, Default)]
 struct KeepAlive {
-    /// Events the copy stream waits on since the last fence.
-    waits: Vec<Arc<Event>>,
+    /// Events each copy stream (by [`Direction::index`]) waits on since its last fence.
+    waits: [Vec<Arc<Event>>; 2],
     /// Events released once `guard`, recorded on the waiting stream after the waits, completes.
     retiring: Vec<Retiring>,
 }
@@ -138,11 +138,12 @@ impl KeepAlive {
     }
 }
 
-/// Copies between NPU memory and pinned host memory on an AscendCL stream.
+/// Copies between NPU memory and pinned host memory on AscendCL streams.
 #[derive(Debug)]
 pub struct AscendEngine {
     npu: Arc<Npu>,
-    copy: Stream,
+    /// One stream per [`Direction`], by its index.
+    copy: [Stream; 2],
     keep: Mutex<KeepAlive>,
     /// Host ranges `aclrtHostRegister` accepted, by start address: only those are unregistered.
     registered: Mutex<HashSet<usize>>,
@@ -152,7 +153,7 @@ pub struct AscendEngine {
 
 impl AscendEngine {
     /// Opens NPU `device`: loads AscendCL, initialises it (sharing torch_npu's `aclInit`),
-    /// binds the calling thread to the device and creates the copy stream.
+    /// binds the calling thread to the device and creates the copy streams.
     ///
     /// # Errors
     /// `Unsupported` naming `npu:{device}` and CANN when `libascendcl.so` cannot be loaded or
@@ -202,10 +203,12 @@ impl AscendEngine {
         let npu = Arc::new(Npu { acl, device });
         npu.acl.init_shared().map_err(|e| npu.error("aclInit", e))?;
         npu.bind()?;
-        let copy = npu
-            .acl
-            .create_stream()
-            .map_err(|e| npu.error("creating the copy stream", e))?;
+        let stream = || {
+            npu.acl
+                .create_stream()
+                .map_err(|e| npu.error("creating a copy stream", e))
+        };
+        let copy = [stream()?, stream()?];
         Ok(AscendEngine {
             npu,
             copy,
@@ -232,12 +235,16 @@ impl AscendEngine {
             .map_err(|e| self.npu.error("creating an event", e))
     }
 
-    /// Queues `copies` on the copy stream.
+    /// Queues `copies` on the copy stream of their direction.
     ///
     /// # Safety
     /// As [`CopyEngine::to_host`].
     unsafe fn queue(&self, copies: &[Copy], kind: MemcpyKind) -> Result<()> {
         self.npu.bind()?;
+        let stream = match kind {
+            MemcpyKind::DeviceToHost => &self.copy[Direction::ToHost.index()],
+            _ => &self.copy[Direction::ToDevice.index()],
+        };
         for c in copies.iter().filter(|c| c.len > 0) {
             let (dst, src) = match kind {
                 MemcpyKind::DeviceToHost => (c.host as *mut u8, c.device as *const u8),
@@ -248,7 +255,7 @@ impl AscendEngine {
             unsafe {
                 self.npu
                     .acl
-                    .memcpy_async(dst.cast(), c.len, src.cast(), c.len, kind, &self.copy)
+                    .memcpy_async(dst.cast(), c.len, src.cast(), c.len, kind, stream)
             }
             .map_err(|e| {
                 self.npu
@@ -271,11 +278,13 @@ impl AscendEngine {
 
 impl Drop for AscendEngine {
     fn drop(&mut self) {
-        // Every event some stream waits on must outlive the wait, and the copy stream must be
-        // idle before it is destroyed: wait for both. Errors are a failed device; nothing
+        // Every event some stream waits on must outlive the wait, and the copy streams must be
+        // idle before they are destroyed: wait for all. Errors are a failed device; nothing
         // better can be done with them here.
         let _ = self.npu.bind();
-        let _ = self.copy.synchronize();
+        for stream in &self.copy {
+            let _ = stream.synchronize();
+        }
         let kept = std::mem::take(&mut *self.keep());
         for r in &kept.retiring {
             let _ = r.guard.synchronize();
@@ -376,7 +385,7 @@ impl CopyEngine for AscendEngine {
         })
     }
 
-    fn order_after(&self, compute: StreamHandle) -> Result<()> {
+    fn order_after(&self, direction: Direction, compute: StreamHandle) -> Result<()> {
         self.npu.bind()?;
         let event = self.event()?;
         // SAFETY: `compute` is the framework's current `aclrtStream` on this device (0 is the
@@ -386,14 +395,16 @@ impl CopyEngine for AscendEngine {
                 .error("recording an event on the compute stream", e)
                 .with_operation("order_after")
         })?;
-        self.copy.wait_event(&event).map_err(|e| {
-            self.npu
-                .error("making the copy stream wait for compute", e)
-                .with_operation("order_after")
-        })?;
+        self.copy[direction.index()]
+            .wait_event(&event)
+            .map_err(|e| {
+                self.npu
+                    .error("making the copy stream wait for compute", e)
+                    .with_operation("order_after")
+            })?;
         let mut keep = self.keep();
         keep.reap();
-        keep.waits.push(event);
+        keep.waits[direction.index()].push(event);
         Ok(())
     }
 
@@ -407,17 +418,17 @@ impl CopyEngine for AscendEngine {
         unsafe { self.queue(copies, MemcpyKind::HostToDevice) }
     }
 
-    fn fence(&self) -> Result<Arc<dyn Fence>> {
+    fn fence(&self, direction: Direction) -> Result<Arc<dyn Fence>> {
         self.npu.bind()?;
         let event = self.event()?;
-        event.record(&self.copy).map_err(|e| {
+        event.record(&self.copy[direction.index()]).map_err(|e| {
             self.npu
                 .error("recording a fence on the copy stream", e)
                 .with_operation("fence")
         })?;
         let mut keep = self.keep();
         keep.reap();
-        let waits = std::mem::take(&mut keep.waits);
+        let waits = std::mem::take(&mut keep.waits[direction.index()]);
         if !waits.is_empty() {
             // The copy stream passed those waits once this fence completes.
             keep.retiring.push(Retiring {
@@ -539,7 +550,7 @@ mod tests {
 
         let device: Vec<u8> = (0..=255).collect();
         let compute = StreamHandle(0x1000);
-        engine.order_after(compute).unwrap();
+        engine.order_after(Direction::ToHost, compute).unwrap();
         let copies = [
             Copy {
                 device: device.as_ptr() as u64,
@@ -560,7 +571,7 @@ mod tests {
         // SAFETY: the ranges lie in `device` and the pinned staging.
         unsafe { engine.to_host(&copies) }.unwrap();
         assert_eq!(count("stub_copies"), 2);
-        let fence = engine.fence().unwrap();
+        let fence = engine.fence(Direction::ToHost).unwrap();
         // The order_after event lives until this fence completes: reaped at the next call.
         assert!(fence.is_done().unwrap());
         fence.wait().unwrap();
@@ -588,7 +599,7 @@ mod tests {
             }];
             // SAFETY: `back` and the staging outlive the join below.
             unsafe { e.to_device(&copies) }.unwrap();
-            e.fence().unwrap().wait().unwrap();
+            e.fence(Direction::ToDevice).unwrap().wait().unwrap();
         })
         .join()
         .unwrap();
@@ -601,7 +612,7 @@ mod tests {
         // ACL_EVENT_SYNC, or the stub refuses), which outlives the fence until compute has
         // passed the wait.
         stub_call(&acl, "stub_hold", Some(1));
-        let pending = engine.fence().unwrap();
+        let pending = engine.fence(Direction::ToHost).unwrap();
         assert!(!pending.is_done().unwrap());
         engine.stream_wait(compute, &*pending).unwrap();
         assert_eq!(count("stub_waits"), 2);
@@ -609,11 +620,13 @@ mod tests {
         let live = count("stub_live_events");
         assert!(live >= 2, "{live}");
         stub_call(&acl, "stub_hold", Some(0));
-        engine.order_after(compute).unwrap();
+        engine.order_after(Direction::ToHost, compute).unwrap();
         // Reaped: only the new order_after event (and `fence`'s) remain.
         assert_eq!(count("stub_live_events"), 2);
 
-        let foreign = super::super::HostEngine::new().fence().unwrap();
+        let foreign = super::super::HostEngine::new()
+            .fence(Direction::ToHost)
+            .unwrap();
         let err = engine.stream_wait(compute, &*foreign).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 

@@ -1,9 +1,10 @@
 //! KV in CUDA GPU memory, through the CUDA driver API (`cudarc`, loaded at run time).
 //!
-//! The engine shares torch's context (the device's primary context) and copies on a
-//! non-blocking stream of its own, so copies overlap the model's kernels; two event edges
-//! order them: the copy stream waits for the compute stream before it reads or writes KV,
-//! and the compute stream waits for a sync load's fence before attention reads it.
+//! The engine shares torch's context (the device's primary context) and copies on two
+//! non-blocking streams of its own, one per direction, so copies overlap the model's kernels
+//! and saves never queue loads behind the forward; two event edges order them: a copy stream
+//! waits for the compute stream before it reads or writes KV, and the compute stream waits
+//! for a load's fence before attention reads it.
 //!
 //! Events are raw driver events created with `CU_EVENT_BLOCKING_SYNC` so a thread waiting for
 //! a fence sleeps instead of spinning a core, and `CU_EVENT_DISABLE_TIMING` because timing
@@ -17,7 +18,7 @@ use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 
 use kvpool_core::error::{Error, ErrorKind, Result};
 
-use super::{Copy, CopyEngine, Device, Fence, StreamHandle};
+use super::{Copy, CopyEngine, Device, Direction, Fence, StreamHandle};
 
 const EVENT_FLAGS: u32 = sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
     | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
@@ -41,12 +42,13 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// Copies between one GPU's memory and pinned host memory on a dedicated stream.
+/// Copies between one GPU's memory and pinned host memory on dedicated streams.
 #[derive(Debug)]
 pub struct CudaEngine {
     ordinal: u32,
     ctx: Arc<CudaContext>,
-    copy: Arc<CudaStream>,
+    /// One stream per [`Direction`], by its index.
+    copy: [Arc<CudaStream>; 2],
 }
 
 impl CudaEngine {
@@ -71,10 +73,16 @@ impl CudaEngine {
         // left on, the first stream would synchronize the whole context.
         // SAFETY: no cudarc allocation is made through this context.
         unsafe { ctx.disable_event_tracking() };
-        let copy = ctx
-            .new_stream()
-            .map_err(|e| driver_error("cuStreamCreate", e))?;
+        let stream = || {
+            ctx.new_stream()
+                .map_err(|e| driver_error("cuStreamCreate", e))
+        };
+        let copy = [stream()?, stream()?];
         Ok(CudaEngine { ordinal, ctx, copy })
+    }
+
+    fn stream(&self, direction: Direction) -> sys::CUstream {
+        self.copy[direction.index()].cu_stream()
     }
 
     fn bind(&self) -> Result<()> {
@@ -214,7 +222,7 @@ impl CopyEngine for CudaEngine {
         })
     }
 
-    fn order_after(&self, compute: StreamHandle) -> Result<()> {
+    fn order_after(&self, direction: Direction, compute: StreamHandle) -> Result<()> {
         self.bind()?;
         let event = self.new_event()?;
         // SAFETY: `compute` is a live stream of this context, handed over by torch for this
@@ -226,7 +234,7 @@ impl CopyEngine for CudaEngine {
             )?;
             check(
                 "cuStreamWaitEvent",
-                sys::cuStreamWaitEvent(self.copy.cu_stream(), event.0, 0),
+                sys::cuStreamWaitEvent(self.stream(direction), event.0, 0),
             )
         }
     }
@@ -240,7 +248,7 @@ impl CopyEngine for CudaEngine {
                     c.host as *mut c_void,
                     c.device,
                     c.len,
-                    self.copy.cu_stream(),
+                    self.stream(Direction::ToHost),
                 )
             })?;
         }
@@ -256,19 +264,19 @@ impl CopyEngine for CudaEngine {
                     c.device,
                     c.host as *const c_void,
                     c.len,
-                    self.copy.cu_stream(),
+                    self.stream(Direction::ToDevice),
                 )
             })?;
         }
         Ok(())
     }
 
-    fn fence(&self) -> Result<Arc<dyn Fence>> {
+    fn fence(&self, direction: Direction) -> Result<Arc<dyn Fence>> {
         self.bind()?;
         let event = self.new_event()?;
         // SAFETY: a live event on this engine's live stream.
         check("cuEventRecord", unsafe {
-            sys::cuEventRecord(event.0, self.copy.cu_stream())
+            sys::cuEventRecord(event.0, self.stream(direction))
         })?;
         Ok(Arc::new(CudaFence {
             event,

@@ -7,8 +7,9 @@
 //! - the compute stream is a queue of writes the test submits ([`FakeEngine::compute_write`]);
 //!   they happen when [`FakeEngine::run_compute`] runs them, in order, stopping at a wait for a
 //!   fence that is not done;
-//! - the copy stream is a queue of waits, copies and fence records; a copy runs only after the
-//!   compute work that was queued before the matching [`CopyEngine::order_after`] ran.
+//! - each direction's copy stream is a queue of waits, copies and fence records; a copy runs
+//!   only after the compute work that was queued before the matching
+//!   [`CopyEngine::order_after`] of its direction ran. The two streams run independently.
 //!
 //! Device memory is an allocation of the engine's own, never a `MemRegion`, so a backend that
 //! read it directly would be a bug the test can detect ([`FakeEngine::overlaps`]).
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use kvpool_core::error::{Error, ErrorKind, Result};
 
-use super::{Copy, CopyEngine, Device, Fence, StreamHandle};
+use super::{Copy, CopyEngine, Device, Direction, Fence, StreamHandle};
 
 #[derive(Debug)]
 enum ComputeOp {
@@ -64,13 +65,14 @@ struct State {
     compute: VecDeque<ComputeOp>,
     compute_submitted: u64,
     compute_done: u64,
-    copies: VecDeque<CopyOp>,
+    /// Each direction's copy stream, by [`Direction::index`].
+    copies: [VecDeque<CopyOp>; 2],
     fences: HashMap<u64, FenceState>,
     next_fence: u64,
     /// Copy ops still to fail, counted from the next one run.
     fail_copies: usize,
-    /// A copy failed since the last fence record: that fence fails.
-    failed_since_fence: Option<String>,
+    /// Per direction, a copy failed since the last fence record: that fence fails.
+    failed_since_fence: [Option<String>; 2],
     events: Vec<FakeEvent>,
     pinned: Vec<(usize, usize)>,
     stream: Option<StreamHandle>,
@@ -240,13 +242,25 @@ impl FakeEngine {
         self.inner.state().compute.len()
     }
 
-    /// Runs up to `max` copy-stream ops in order; stops at a wait for compute work that has not
-    /// run. Returns how many ran.
+    /// Runs up to `max` ops of each copy stream in order; a stream stops at a wait for compute
+    /// work that has not run. Returns how many ran.
     pub fn run_copies(&self, max: usize) -> usize {
+        Direction::ALL
+            .iter()
+            .map(|&d| self.run_stream(d, max))
+            .sum()
+    }
+
+    /// Runs up to `max` ops of `direction`'s copy stream in order; stops at a wait for compute
+    /// work that has not run. Returns how many ran.
+    pub fn run_stream(&self, direction: Direction, max: usize) -> usize {
+        let lane = direction.index();
         let mut s = self.inner.state();
         let mut ran = 0;
         while ran < max {
-            let Some(op) = s.copies.front() else { break };
+            let Some(op) = s.copies[lane].front() else {
+                break;
+            };
             match op {
                 CopyOp::WaitCompute(n) => {
                     if s.compute_done < *n {
@@ -258,7 +272,7 @@ impl FakeEngine {
                     let copies = copies.clone();
                     if s.fail_copies > 0 {
                         s.fail_copies -= 1;
-                        s.failed_since_fence = Some("injected copy failure".into());
+                        s.failed_since_fence[lane] = Some("injected copy failure".into());
                     } else {
                         let base = self.inner.base();
                         let mut offsets = Vec::with_capacity(copies.len());
@@ -291,7 +305,7 @@ impl FakeEngine {
                 }
                 CopyOp::Record(id) => {
                     let id = *id;
-                    let state = match s.failed_since_fence.take() {
+                    let state = match s.failed_since_fence[lane].take() {
                         Some(why) => FenceState::Failed(why),
                         None => FenceState::Done,
                     };
@@ -300,7 +314,7 @@ impl FakeEngine {
                     s.fences.insert(id, state);
                 }
             }
-            s.copies.pop_front();
+            s.copies[lane].pop_front();
             ran += 1;
         }
         drop(s);
@@ -337,7 +351,8 @@ impl FakeEngine {
 
     /// Starts a thread that runs compute and copy work one op at a time with random delays of
     /// up to `max_delay`, from `seed`, so completions land late and interleave with the
-    /// worker's next calls. Copies still never run before the compute work they wait for.
+    /// worker's next calls and with each other across the two copy streams. Copies still
+    /// never run before the compute work they wait for.
     pub fn drive(&self, seed: u64, max_delay: Duration) -> FakeDriver {
         let stop = Arc::new(AtomicBool::new(false));
         let me = self.clone();
@@ -354,7 +369,9 @@ impl FakeEngine {
                 if x % 3 == 0 {
                     me.run_compute();
                 }
-                me.run_copies(1 + (x % 2) as usize);
+                // The streams progress independently, as on a device.
+                let direction = Direction::ALL[(x >> 5) as usize % 2];
+                me.run_stream(direction, 1 + (x % 2) as usize);
             }
         });
         FakeDriver {
@@ -459,39 +476,35 @@ impl CopyEngine for FakeEngine {
         Ok(())
     }
 
-    fn order_after(&self, compute: StreamHandle) -> Result<()> {
+    fn order_after(&self, direction: Direction, compute: StreamHandle) -> Result<()> {
         let mut s = self.inner.state();
         self.check_stream(&s, compute)?;
         s.order_afters += 1;
         let n = s.compute_submitted;
-        s.copies.push_back(CopyOp::WaitCompute(n));
+        s.copies[direction.index()].push_back(CopyOp::WaitCompute(n));
         Ok(())
     }
 
     unsafe fn to_host(&self, copies: &[Copy]) -> Result<()> {
         self.check_copies(copies)?;
-        self.inner
-            .state()
-            .copies
+        self.inner.state().copies[Direction::ToHost.index()]
             .push_back(CopyOp::ToHost(copies.to_vec()));
         Ok(())
     }
 
     unsafe fn to_device(&self, copies: &[Copy]) -> Result<()> {
         self.check_copies(copies)?;
-        self.inner
-            .state()
-            .copies
+        self.inner.state().copies[Direction::ToDevice.index()]
             .push_back(CopyOp::ToDevice(copies.to_vec()));
         Ok(())
     }
 
-    fn fence(&self) -> Result<Arc<dyn Fence>> {
+    fn fence(&self, direction: Direction) -> Result<Arc<dyn Fence>> {
         let mut s = self.inner.state();
         let id = s.next_fence;
         s.next_fence += 1;
         s.fences.insert(id, FenceState::Pending);
-        s.copies.push_back(CopyOp::Record(id));
+        s.copies[direction.index()].push_back(CopyOp::Record(id));
         Ok(Arc::new(FakeFence {
             id,
             inner: self.inner.clone(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use kvpool_core::error::Result;
 
-use super::{Copy, CopyEngine, Device, Fence, StreamHandle};
+use super::{Copy, CopyEngine, Device, Direction, Fence, StreamHandle};
 
 /// Copies host KV to and from staging on the calling thread.
 #[derive(Debug, Default)]
@@ -52,7 +52,7 @@ impl CopyEngine for HostEngine {
 
     // Host KV is written by the CPU forward, which has returned before vLLM calls the
     // connector: there is nothing queued to wait for.
-    fn order_after(&self, _compute: StreamHandle) -> Result<()> {
+    fn order_after(&self, _direction: Direction, _compute: StreamHandle) -> Result<()> {
         Ok(())
     }
 
@@ -76,7 +76,7 @@ impl CopyEngine for HostEngine {
         Ok(())
     }
 
-    fn fence(&self) -> Result<Arc<dyn Fence>> {
+    fn fence(&self, _direction: Direction) -> Result<Arc<dyn Fence>> {
         Ok(Arc::new(Done))
     }
 

@@ -106,6 +106,33 @@ pub struct Copy {
     pub len: usize,
 }
 
+/// Which of an engine's two copy streams. Device → host copies (saves) and host → device
+/// copies (loads) run on streams of their own: a save, which waits for the forward that writes
+/// its KV, never holds up a load that the forward itself waits for (layer by layer, that would
+/// serialize the forward with the loads), and the two directions can use the device's separate
+/// copy engines at the same time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Device → host: [`CopyEngine::to_host`].
+    ToHost,
+    /// Host → device: [`CopyEngine::to_device`].
+    ToDevice,
+}
+
+impl Direction {
+    /// Both directions, in the order of [`index`](Self::index).
+    pub const ALL: [Direction; 2] = [Direction::ToHost, Direction::ToDevice];
+
+    /// 0 for `ToHost`, 1 for `ToDevice`: for engines that keep one stream per direction in
+    /// an array.
+    pub fn index(self) -> usize {
+        match self {
+            Direction::ToHost => 0,
+            Direction::ToDevice => 1,
+        }
+    }
+}
+
 /// The point on a copy stream after everything submitted before it.
 pub trait Fence: Send + Sync + fmt::Debug {
     /// Whether every copy before the fence has completed. An error is a failed copy.
@@ -117,11 +144,13 @@ pub trait Fence: Send + Sync + fmt::Debug {
     fn as_any(&self) -> &dyn Any;
 }
 
-/// Moves bytes between device memory and pinned host memory on a copy stream.
+/// Moves bytes between device memory and pinned host memory on two copy streams, one per
+/// [`Direction`].
 ///
-/// Copies are queued, not performed: they complete in submission order on the engine's copy
-/// stream, and a [`fence`](Self::fence) tells when. Implementations are thread-safe: the worker
-/// submits from its runtime's threads.
+/// Copies are queued, not performed: they complete in submission order on their direction's
+/// stream, and a [`fence`](Self::fence) of that direction tells when. The two streams are not
+/// ordered with each other. Implementations are thread-safe: the worker submits from its
+/// runtime's threads.
 pub trait CopyEngine: Send + Sync + fmt::Debug {
     /// The device this engine copies to and from.
     fn device(&self) -> Device;
@@ -146,11 +175,12 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
     /// `ptr` was pinned by this engine and no copy to or from it is in flight.
     unsafe fn unpin(&self, ptr: *mut u8) -> Result<()>;
 
-    /// Copies submitted after this call start only after everything already queued on
-    /// `compute` has finished. Does not block the host.
-    fn order_after(&self, compute: StreamHandle) -> Result<()>;
+    /// Copies in `direction` submitted after this call start only after everything already
+    /// queued on `compute` has finished; copies in the other direction are not held. Does not
+    /// block the host.
+    fn order_after(&self, direction: Direction, compute: StreamHandle) -> Result<()>;
 
-    /// Queues device → host copies.
+    /// Queues device → host copies on the [`Direction::ToHost`] stream.
     ///
     /// # Safety
     /// Every `device` range is device memory of this engine's device and every `host` range
@@ -158,14 +188,14 @@ pub trait CopyEngine: Send + Sync + fmt::Debug {
     /// later fence completes.
     unsafe fn to_host(&self, copies: &[Copy]) -> Result<()>;
 
-    /// Queues host → device copies.
+    /// Queues host → device copies on the [`Direction::ToDevice`] stream.
     ///
     /// # Safety
     /// As [`to_host`](Self::to_host), with the device ranges written.
     unsafe fn to_device(&self, copies: &[Copy]) -> Result<()>;
 
-    /// A fence after everything submitted so far.
-    fn fence(&self) -> Result<Arc<dyn Fence>>;
+    /// A fence after every copy in `direction` submitted so far.
+    fn fence(&self, direction: Direction) -> Result<Arc<dyn Fence>>;
 
     /// Work queued on `compute` after this call waits for `fence`. Does not block the host.
     fn stream_wait(&self, compute: StreamHandle, fence: &dyn Fence) -> Result<()>;

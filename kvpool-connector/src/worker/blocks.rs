@@ -11,7 +11,7 @@ use kvpool_core::key::BlockKey;
 
 use super::staged::Staged;
 use super::{load_fully, lock, save_reads, Blocks, WorkerConnector};
-use crate::device::StreamHandle;
+use crate::device::{Direction, StreamHandle};
 use crate::layout::KvLayout;
 
 /// A save or load in flight. Cloning shares it.
@@ -48,12 +48,13 @@ impl Transfer {
 type Prepared = (Arc<KvLayout>, Option<Arc<Staged>>, Blocks, Transfer);
 
 impl WorkerConnector {
-    /// Checks `blocks` against `keys` and the cache, and orders the copy stream after
-    /// `compute`.
+    /// Checks `blocks` against `keys` and the cache, and orders the copy stream of
+    /// `direction` after `compute`.
     fn prepare(
         &self,
         blocks: &[u32],
         keys: Vec<BlockKey>,
+        direction: Direction,
         compute: StreamHandle,
     ) -> Result<Prepared> {
         if blocks.len() != keys.len() {
@@ -69,7 +70,7 @@ impl WorkerConnector {
         }
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
+            staged.engine.order_after(direction, compute)?;
         }
         let pairs = blocks.iter().copied().zip(keys).collect();
         Ok((kv, staged, pairs, Transfer::default()))
@@ -87,7 +88,8 @@ impl WorkerConnector {
         keys: Vec<BlockKey>,
         compute: StreamHandle,
     ) -> Result<Transfer> {
-        let (kv, staged, pairs, transfer) = self.prepare(blocks, keys, compute)?;
+        let (kv, staged, pairs, transfer) =
+            self.prepare(blocks, keys, Direction::ToHost, compute)?;
         let done = transfer.clone();
         let shared = self.shared.clone();
         self.runtime.spawn(async move {
@@ -124,7 +126,8 @@ impl WorkerConnector {
         keys: Vec<BlockKey>,
         compute: StreamHandle,
     ) -> Result<Transfer> {
-        let (kv, staged, pairs, transfer) = self.prepare(blocks, keys, compute)?;
+        let (kv, staged, pairs, transfer) =
+            self.prepare(blocks, keys, Direction::ToDevice, compute)?;
         let done = transfer.clone();
         let shared = self.shared.clone();
         self.runtime.spawn(async move {

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use super::events::SaveEvents;
 use super::staged::{self, Staged, Waiter};
 use super::{direct, lock, save_hashes, save_reads, save_share, Blocks, Shared, WorkerConnector};
-use crate::device::{Fence, StreamHandle};
+use crate::device::{Direction, Fence, StreamHandle};
 use crate::layout::KvLayout;
 use crate::meta::{decode_hashes, LoadPlan};
 
@@ -287,7 +287,7 @@ async fn load_layer(lane: &LoadLane, job: &LoaderJob, l: usize) {
             waiters.extend(w);
         }
     }
-    let copies = match st.engine.fence() {
+    let copies = match st.engine.fence(Direction::ToDevice) {
         Ok(fence) => Some(LayerCopies { fence, waiters }),
         Err(e) => {
             // No fence for the forward to wait on: the layer arrives once its copies are done.
@@ -456,7 +456,7 @@ impl WorkerConnector {
         };
         let staged = lock(&self.staged).clone();
         if let Some(staged) = &staged {
-            staged.engine.order_after(compute)?;
+            staged.engine.order_after(Direction::ToDevice, compute)?;
         }
         let job = LoaderJob {
             shared: self.shared.clone(),
@@ -576,7 +576,7 @@ impl WorkerConnector {
                 continue;
             }
             if let (Some(staged), false) = (&staged, ordered) {
-                staged.engine.order_after(compute)?;
+                staged.engine.order_after(Direction::ToHost, compute)?;
                 ordered = true;
             }
             for save in saves {

@@ -15,7 +15,7 @@ use kvpool_core::error::{Error, ErrorKind, Result};
 
 use super::events::SaveEvents;
 use super::{Blocks, LoadTally, SaveTally, Shared};
-use crate::device::{CopyEngine, Fence};
+use crate::device::{CopyEngine, Direction, Fence};
 use crate::layout::KvLayout;
 use crate::staging::{Slots, Staging};
 
@@ -97,7 +97,8 @@ pub(super) async fn save(
         }
         // SAFETY: the copies read device KV of registered blocks vLLM keeps until this save is
         // reported, and write slots held by `slots` until the fence below has completed.
-        let copied = unsafe { staged.engine.to_host(&copies) }.and_then(|()| staged.engine.fence());
+        let copied = unsafe { staged.engine.to_host(&copies) }
+            .and_then(|()| staged.engine.fence(Direction::ToHost));
         let copied = match copied {
             Ok(fence) => fence_done(fence).await,
             Err(e) => Err(e),
@@ -188,7 +189,7 @@ pub(super) async fn load(
         // (async) or before the compute stream's wait on the fence (sync).
         let queued = planned
             .and_then(|()| unsafe { staged.engine.to_device(&copies) })
-            .and_then(|()| staged.engine.fence());
+            .and_then(|()| staged.engine.fence(Direction::ToDevice));
         let blocks: Vec<u32> = hits.iter().map(|&(_, b)| b).collect();
         match queued {
             Err(e) => tally.copy_failed(req_id, &blocks, &e),
