@@ -18,7 +18,8 @@ Checks, per vLLM 0.33 physical KV layout (one int8 allocation viewed per layer a
 5. the redis backend too, when ``redis-server`` is on PATH;
 6. layerwise (``use_layerwise``), driven as vLLM's attention hooks drive it: each layer's
    save is issued while the forward's writes to it are still queued and stores them; each
-   layer's load is in place when its ``wait_for_layer_load`` returns; a missing block fails.
+   layer's load is in place when its ``wait_for_layer_load`` returns; a missing block fails;
+   a step that both loads and saves (the two copy streams at once) gets both right.
 
 Speed, for a 64-block x 32-layer step (Llama-3.1-8B-like pages, 64 KiB per layer and block):
 kvpool save (device -> staging, fenced) and load against torch's own gather into pinned
@@ -214,6 +215,45 @@ def layerwise(layout: str, port: int) -> bool:
             ok = False
         if not all(arrived.get(l, False) for l in range(L)):
             say(f"  FAIL layerwise: a layer was not in place at its wait: {arrived}")
+            ok = False
+
+        # A prefix hit prefilled past its end: one step loads some blocks and saves others,
+        # each layer's save issued while its forward is still queued. Loads and saves copy on
+        # streams of their own; both must land whole.
+        T, dst2, back = [50, 51], [44, 45, 46], [60, 61]
+        t_hashes = [os.urandom(32) for _ in T]
+        newer = {b: [torch.randn(H, N, 2 * D, device=dev).to(torch.bfloat16) for _ in range(L)]
+                 for b in T}
+        arrived.clear()
+
+        def mixed(l, name):
+            sync()
+            arrived[l] = all(torch.equal(views[name][d], new[s][l])
+                             for s, d in zip(S[:3], dst2))
+            if DEVICE == "cuda":
+                torch.cuda._sleep(50_000_000)
+            for b in T:
+                views[name][b].copy_(newer[b][l])
+
+        loads = [{"req_id": "m", "block_ids": dst2, "is_async": False,
+                  "hashes": "".join(h.hex() for h in hashes[:3])}]
+        saves = [{"req_id": "m", "block_ids": T, "first_block": 0,
+                  "hashes": "".join(h.hex() for h in t_hashes)}]
+        step({"loads": loads, "saves": saves}, mixed)
+        if worker.get_block_ids_with_load_errors() or not worker.wait_for_saves(60.0):
+            say("  FAIL layerwise load and save in one step: a load failed or saves hung")
+            ok = False
+        if not all(arrived.get(l, False) for l in range(L)):
+            say(f"  FAIL layerwise load and save: a layer was not in place: {arrived}")
+            ok = False
+        loads = [{"req_id": "b", "block_ids": back, "is_async": False,
+                  "hashes": "".join(h.hex() for h in t_hashes)}]
+        step({"loads": loads, "saves": []}, lambda l, name: None)
+        sync()
+        saved = all(torch.equal(views[name][d], newer[t][l])
+                    for l, name in enumerate(views) for t, d in zip(T, back))
+        if worker.get_block_ids_with_load_errors() or not saved:
+            say("  FAIL layerwise load and save: a save issued beside loads stored wrong bytes")
             ok = False
     worker.shutdown(30.0)
     say(f"  {layout:6} layerwise: {'ok' if ok else 'FAILED'}")
