@@ -8,6 +8,7 @@ import time
 import msgspec
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 from vllm.config import KVEventsConfig
 from vllm.distributed.kv_events import (
     AllBlocksCleared,
@@ -31,10 +32,18 @@ class Subscriber:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        # PUB drops what it sends before a subscriber is connected: wait for the connection's
+        # handshake (not a fixed sleep, which a loaded machine can outlast), then briefly for
+        # the publisher's I/O thread to take in the subscription that follows it.
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(endpoint)
+        assert monitor.poll(10_000), f"no ZMQ handshake with {endpoint} in 10 s"
+        event = recv_monitor_message(monitor)
+        assert event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED, event
+        self.sock.disable_monitor()
+        monitor.close()
+        time.sleep(0.1)
         self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        # PUB drops what it sends before a subscriber is connected.
-        time.sleep(0.3)
 
     def events(self, settle: float = 0.5) -> list:
         out = []
