@@ -125,8 +125,7 @@ pub mod fuzzing {
                                 dst: IoVecMut::whole(&dst),
                             },
                         ];
-                        let stream = tokio::io::join(data, tokio::io::sink());
-                        let mut conn = tokio::io::BufReader::new(stream);
+                        let mut conn = tokio::io::join(data, tokio::io::sink());
                         let _ = pipeline(&mut conn, v2, "fuzz", &ops).await;
                     }
                 })

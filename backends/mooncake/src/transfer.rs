@@ -9,19 +9,25 @@
 //!
 //! Requests to one peer are pipelined on a connection: the owner serves a
 //! connection's requests in order, so a batch costs one round trip per lane
-//! instead of one per value.
+//! instead of one per value. Neither side copies a value through a buffer of
+//! its own: the owner `writev`s answers straight from its segment and the
+//! reader `readv`s them straight into the destinations, so the kernel's copies
+//! are the only ones (what a layerwise load of thousands of small values, on
+//! cores the forward also uses, is paced by).
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use kvpool_core::buffer::copy_segments;
 use kvpool_core::{IoVec, IoVecMut, MemRegion};
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
@@ -306,13 +312,108 @@ async fn serve_data(listener: TcpListener, segment: Arc<LocalSegment>, congestio
     }
 }
 
+/// Answers of a data session not yet sent, in order: statuses, and reads' bytes sent straight
+/// from the segment. Copying a layer-sized value into a send buffer first cost the owner as
+/// much CPU as the kernel's copy; `writev` sends many answers at once without it.
+#[derive(Default)]
+struct Answers {
+    /// Statuses.
+    small: Vec<u8>,
+    pieces: Vec<Piece>,
+    bytes: usize,
+}
+
+enum Piece {
+    /// A range of `Answers::small`.
+    Small(usize, usize),
+    /// Bytes of the segment.
+    Segment(*const u8, usize),
+}
+
+// SAFETY: a segment piece points into the session's segment, which outlives the session and
+// is not freed while it is served, whichever thread polls it.
+unsafe impl Send for Piece {}
+
+impl Answers {
+    fn status(&mut self, status: u64) {
+        let at = self.small.len();
+        self.small.extend_from_slice(&status.to_le_bytes());
+        match self.pieces.last_mut() {
+            Some(Piece::Small(_, end)) if *end == at => *end = self.small.len(),
+            _ => self.pieces.push(Piece::Small(at, self.small.len())),
+        }
+        self.bytes += 8;
+    }
+
+    /// # Safety
+    ///
+    /// `[ptr, ptr + len)` lies inside the session's segment.
+    unsafe fn segment(&mut self, ptr: *const u8, len: usize) {
+        self.pieces.push(Piece::Segment(ptr, len));
+        self.bytes += len;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Whether to send now even with requests waiting to be served.
+    fn full(&self) -> bool {
+        self.bytes >= IO_BUFFER || self.pieces.len() >= MAX_IOV
+    }
+
+    async fn send<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
+        // The first piece not yet sent, and how much of it is.
+        let (mut next, mut sent) = (0usize, 0usize);
+        while next < self.pieces.len() {
+            let end = self.pieces.len().min(next + MAX_IOV);
+            let bufs: Vec<IoSlice<'_>> = self.pieces[next..end]
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let skip = if k == 0 { sent } else { 0 };
+                    match *p {
+                        Piece::Small(a, b) => IoSlice::new(&self.small[a + skip..b]),
+                        // SAFETY: inside the segment (`segment`'s contract).
+                        Piece::Segment(ptr, len) => IoSlice::new(unsafe {
+                            std::slice::from_raw_parts(ptr.add(skip), len - skip)
+                        }),
+                    }
+                })
+                .collect();
+            let mut n = stream.write_vectored(&bufs).await?;
+            drop(bufs);
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let len = match self.pieces[next] {
+                    Piece::Small(a, b) => b - a,
+                    Piece::Segment(_, len) => len,
+                };
+                let take = n.min(len - sent);
+                n -= take;
+                sent += take;
+                if sent == len {
+                    next += 1;
+                    sent = 0;
+                }
+            }
+        }
+        self.small.clear();
+        self.pieces.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 /// One data connection: requests in order until the peer closes.
 pub(crate) async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     segment: &LocalSegment,
 ) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(IO_BUFFER, stream);
-    let mut out: Vec<u8> = Vec::with_capacity(IO_BUFFER);
+    let mut out = Answers::default();
     loop {
         let mut header = [0u8; HEADER_LEN];
         match reader.read_exact(&mut header).await {
@@ -331,9 +432,9 @@ pub(crate) async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             .filter(|_| op == OP_READ || op == OP_WRITE)
         else {
             if v2 {
-                out.extend_from_slice(&STATUS_REJECTED.to_le_bytes());
-                reader.get_mut().write_all(&out).await?;
+                out.status(STATUS_REJECTED);
             }
+            out.send(reader.get_mut()).await?;
             // As the official server: a rejected request ends the session.
             return Ok(());
         };
@@ -344,26 +445,18 @@ pub(crate) async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, size) };
             reader.read_exact(dst).await?;
             if v2 {
-                out.extend_from_slice(&STATUS_OK.to_le_bytes());
+                out.status(STATUS_OK);
             }
         } else {
-            // SAFETY: inside the segment; a reader holds a lease on it.
-            let src = unsafe { std::slice::from_raw_parts(ptr as *const u8, size) };
             if v2 {
-                out.extend_from_slice(&STATUS_OK.to_le_bytes());
+                out.status(STATUS_OK);
             }
-            if size <= SMALL {
-                out.extend_from_slice(src);
-            } else {
-                reader.get_mut().write_all(&out).await?;
-                out.clear();
-                reader.get_mut().write_all(src).await?;
-            }
+            // SAFETY: inside the segment (`locate`); a reader holds a lease on it.
+            unsafe { out.segment(ptr, size) };
         }
         // Answer once the pipelined requests already received are served.
-        if (reader.buffer().is_empty() || out.len() >= IO_BUFFER) && !out.is_empty() {
-            reader.get_mut().write_all(&out).await?;
-            out.clear();
+        if (reader.buffer().is_empty() || out.full()) && !out.is_empty() {
+            out.send(reader.get_mut()).await?;
         }
     }
 }
@@ -373,7 +466,7 @@ pub(crate) async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
 struct Peer {
     data_addr: String,
     v2: bool,
-    idle: Mutex<Vec<BufReader<TcpStream>>>,
+    idle: Mutex<Vec<TcpStream>>,
     lanes: Semaphore,
 }
 
@@ -519,7 +612,7 @@ impl TransferClient {
         Ok(desc)
     }
 
-    async fn connect(&self, peer: &Peer) -> Result<BufReader<TcpStream>, TransferError> {
+    async fn connect(&self, peer: &Peer) -> Result<TcpStream, TransferError> {
         let stream =
             tokio::time::timeout(self.connect_timeout, TcpStream::connect(&peer.data_addr))
                 .await
@@ -535,7 +628,7 @@ impl TransferClient {
                 })?;
         let _ = stream.set_nodelay(true);
         set_congestion(&stream, &self.congestion);
-        Ok(BufReader::with_capacity(IO_BUFFER, stream))
+        Ok(stream)
     }
 
     /// Runs `ops` against the owner at `endpoint`, spread over up to
@@ -689,10 +782,68 @@ fn fail_all(e: TransferError, n: usize, addr: &str) -> Vec<Result<(), TransferEr
         .collect()
 }
 
+/// A data connection whose answers can be read straight into many buffers at once.
+///
+/// Answers are read without a buffer in between: a value of a few tens of KiB (a layer's
+/// page) copied once more through a read buffer cost the reader as much CPU as the kernel's
+/// own copy, and on a host whose cores also run the forward that copy is the transfer's pace.
+pub(crate) trait ScatterRead: AsyncRead + AsyncWrite + Unpin {
+    /// Reads into `bufs` in order; `Ok(0)` at the end of the stream. The default fills the
+    /// first non-empty buffer only.
+    fn poll_read_scatter(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Some(first) = bufs.iter_mut().find(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        let mut buf = ReadBuf::new(first);
+        ready!(Pin::new(self).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+}
+
+impl ScatterRead for TcpStream {
+    /// One `readv` fills the answers of many pipelined requests.
+    fn poll_read_scatter(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            match self.try_read_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+}
+
+impl ScatterRead for tokio::io::DuplexStream {}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ScatterRead for tokio::io::Join<R, W> {}
+
+/// `readv` takes at most this many buffers (`IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
+/// A stretch of memory an answer fills: a status, or (part of) a read's destination.
+struct Part {
+    start: *mut u8,
+    len: usize,
+    /// The request whose status this is.
+    status_of: Option<usize>,
+}
+
+// SAFETY: a part points into memory that the pipeline writing it has to itself for its whole
+// run (a get's destinations, the pipeline's own statuses), whichever thread polls it.
+unsafe impl Send for Part {}
+
 /// Sends every request, then reads every answer. A rejected request ends the
 /// owner's session, so the requests after it fail too.
-pub(crate) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut BufReader<S>,
+pub(crate) async fn pipeline<S: ScatterRead>(
+    conn: &mut S,
     v2: bool,
     addr: &str,
     ops: &[Op],
@@ -718,51 +869,109 @@ pub(crate) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
                     out.extend_from_slice(c);
                 }
             } else {
-                conn.get_mut().write_all(&out).await.map_err(io_err)?;
+                conn.write_all(&out).await.map_err(io_err)?;
                 out.clear();
                 for c in src.chunks() {
-                    conn.get_mut().write_all(c).await.map_err(io_err)?;
+                    conn.write_all(c).await.map_err(io_err)?;
                 }
             }
         }
         if out.len() >= IO_BUFFER {
-            conn.get_mut().write_all(&out).await.map_err(io_err)?;
+            conn.write_all(&out).await.map_err(io_err)?;
             out.clear();
         }
     }
     if !out.is_empty() {
-        conn.get_mut().write_all(&out).await.map_err(io_err)?;
+        conn.write_all(&out).await.map_err(io_err)?;
     }
-    let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
-        let (name, size, at) = match op {
-            Op::Read { addr, dst } => ("READ", dst.len(), *addr),
-            Op::Write { addr, src } => ("WRITE", src.len(), *addr),
-        };
-        if v2 {
-            let status = conn.read_u64_le().await.map_err(io_err)?;
+
+    // The answers, in order: per request its status (v2), then a read's bytes.
+    let mut statuses = vec![0u8; if v2 { 8 * ops.len() } else { 0 }];
+    // Written and read only through the parts, which outlive no more than it.
+    let parts: Vec<Part> = {
+        let status_at = statuses.as_mut_ptr();
+        let mut parts = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if v2 {
+                parts.push(Part {
+                    // SAFETY: `statuses` holds 8 bytes per request.
+                    start: unsafe { status_at.add(8 * i) },
+                    len: 8,
+                    status_of: Some(i),
+                });
+            }
+            if let Op::Read { dst, .. } = op {
+                parts.extend(dst.slices().iter().filter(|s| !s.is_empty()).map(|s| Part {
+                    start: s.as_ptr(),
+                    len: s.len(),
+                    status_of: None,
+                }));
+            }
+        }
+        parts
+    };
+    let mut results: Vec<Result<(), TransferError>> = Vec::with_capacity(ops.len());
+    // The first part not yet full, and how much of it is.
+    let (mut next, mut filled) = (0usize, 0usize);
+    while next < parts.len() {
+        let end = parts.len().min(next + MAX_IOV);
+        let mut bufs: Vec<IoSliceMut<'_>> = parts[next..end]
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let skip = if k == 0 { filled } else { 0 };
+                let (start, len) = (p.start, p.len);
+                // SAFETY: the destinations were bounds-checked when their descriptors were
+                // built and the region contract gives this get exclusive access to them;
+                // the statuses are this function's own. No two parts overlap.
+                IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(start.add(skip), len - skip)
+                })
+            })
+            .collect();
+        let mut got = std::future::poll_fn(|cx| conn.poll_read_scatter(cx, &mut bufs))
+            .await
+            .map_err(io_err)?;
+        drop(bufs);
+        if got == 0 {
+            return Err(io_err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        while got > 0 {
+            let Part {
+                start,
+                len,
+                status_of,
+            } = parts[next];
+            let take = got.min(len - filled);
+            got -= take;
+            filled += take;
+            if filled < len {
+                break;
+            }
+            next += 1;
+            filled = 0;
+            let Some(i) = status_of else { continue };
+            // Every part of the requests before `i` is full: they succeeded.
+            results.resize_with(i, || Ok(()));
+            // SAFETY: request `i`'s status, 8 bytes of `statuses`, now filled.
+            let status = u64::from_le_bytes(unsafe { start.cast::<[u8; 8]>().read() });
             if status != STATUS_OK {
-                let rejected = TransferError::Rejected {
+                let (name, size, at) = match &ops[i] {
+                    Op::Read { addr, dst } => ("READ", dst.len(), *addr),
+                    Op::Write { addr, src } => ("WRITE", src.len(), *addr),
+                };
+                results.push(Err(TransferError::Rejected {
                     addr: addr.into(),
                     op: name,
                     size: size as u64,
                     at,
                     status,
-                };
-                results.push(Err(rejected));
+                }));
                 return Ok(pad_failed(results, ops.len(), addr));
             }
         }
-        if let Op::Read { dst, .. } = op {
-            for s in dst.slices() {
-                // SAFETY: the slice was bounds-checked when the descriptor was
-                // built; the region contract gives this get exclusive access.
-                let buf = unsafe { std::slice::from_raw_parts_mut(s.as_ptr(), s.len()) };
-                conn.read_exact(buf).await.map_err(io_err)?;
-            }
-        }
-        results.push(Ok(()));
     }
+    results.resize_with(ops.len(), || Ok(()));
     Ok(results)
 }
 

@@ -159,3 +159,167 @@ fn the_owner_answers_a_pipelined_batch_in_order_byte_for_byte() {
     );
     assert_eq!(region.read(900_000, 10).unwrap(), vec![0xee; 10]);
 }
+
+/// A segment of `len` bytes holding a pattern, and the pattern.
+fn patterned_segment(len: usize) -> (Arc<crate::transfer::LocalSegment>, Vec<u8>) {
+    let region = MemRegion::alloc(len);
+    let pattern: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+    region.write(0, &pattern).unwrap();
+    (
+        Arc::new(crate::transfer::LocalSegment::new(region)),
+        pattern,
+    )
+}
+
+/// Thousands of reads of a few bytes to 70 KiB, each scattered over three slices of a
+/// destination, with writes among them, between a client and an owner over TCP: more
+/// answers than one `readv` or `writev` takes, arriving in pieces that end mid-status and
+/// mid-slice. Every read holds exactly the owner's bytes, and every write lands.
+#[test]
+fn many_pipelined_reads_land_byte_for_byte_in_scattered_destinations() {
+    use crate::transfer::TransferServer;
+    use kvpool_core::IoVec;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (segment, pattern) = patterned_segment(8 << 20);
+        let base = segment.base();
+        let server = TransferServer::start("127.0.0.1", segment.clone(), "cubic".into())
+            .await
+            .unwrap();
+        let client = Arc::new(TransferClient::new(
+            "127.0.0.1:0",
+            "127.0.0.1",
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            "cubic".into(),
+        ));
+        let sizes: Vec<usize> = (0..3000)
+            .map(|i| [3, 100, 4096, 65536, 70_001][i % 5])
+            .collect();
+        let dst = MemRegion::alloc(sizes.iter().sum::<usize>() + 3 * sizes.len());
+        let src = MemRegion::from_vec(vec![0xa7; 5000]);
+        let (mut ops, mut expected) = (Vec::new(), Vec::new());
+        let mut out_at = 0usize;
+        for (i, &size) in sizes.iter().enumerate() {
+            // Three slices, one byte apart: a byte of every gap must stay untouched.
+            let mut iov = IoVecMut::new();
+            let cuts = [0, size / 3, 2 * size / 3, size];
+            for w in cuts.windows(2) {
+                if w[1] > w[0] {
+                    iov.push(&dst, out_at, w[1] - w[0]).unwrap();
+                    out_at += w[1] - w[0] + 1;
+                }
+            }
+            let from = (i * 7919) % (6 << 20);
+            ops.push(Op::Read {
+                addr: base + from as u64,
+                dst: iov.clone(),
+            });
+            expected.push((iov, pattern[from..from + size].to_vec()));
+            if i % 500 == 250 {
+                ops.push(Op::Write {
+                    addr: base + (7 << 20) as u64 + i as u64,
+                    src: IoVec::whole(&src),
+                });
+            }
+        }
+        let results = client.run(server.endpoint(), ops).await;
+        assert!(
+            results.iter().all(Result::is_ok),
+            "{:?}",
+            results.iter().find(|r| r.is_err())
+        );
+        for (k, (iov, want)) in expected.iter().enumerate() {
+            assert!(
+                iov.to_vec() == *want,
+                "read {k} of {} bytes differs",
+                want.len()
+            );
+        }
+        let gaps = dst.read(0, dst.len()).unwrap();
+        let mut off = 0;
+        for &size in &sizes {
+            let cuts = [0, size / 3, 2 * size / 3, size];
+            for w in cuts.windows(2) {
+                if w[1] > w[0] {
+                    off += w[1] - w[0];
+                    assert_eq!(gaps[off], 0, "a byte between two slices was written");
+                    off += 1;
+                }
+            }
+        }
+        let seg = segment_bytes(&segment, 7 << 20, 5000 + 3000);
+        for i in (250..3000).step_by(500) {
+            assert_eq!(
+                &seg[i..i + 5000],
+                &[0xa7; 5000][..],
+                "the write at {i} did not land"
+            );
+        }
+    });
+}
+
+fn segment_bytes(segment: &crate::transfer::LocalSegment, offset: usize, len: usize) -> Vec<u8> {
+    let dst = MemRegion::alloc(len);
+    assert!(segment.read_into(segment.base() + offset as u64, &IoVecMut::whole(&dst)));
+    dst.read(0, len).unwrap()
+}
+
+/// A rejected request in the middle of a pipelined batch over TCP: the reads before it hold
+/// the owner's bytes, it fails as rejected, and those after it fail without touching their
+/// destinations.
+#[test]
+fn a_rejected_request_fails_itself_and_the_rest_of_the_batch_only() {
+    use crate::transfer::{pipeline, serve_session, TransferError};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (segment, pattern) = patterned_segment(1 << 20);
+        let base = segment.base();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let owner = {
+            let segment = segment.clone();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                serve_session(stream, &segment).await
+            })
+        };
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let dsts: Vec<_> = (0..4).map(|_| MemRegion::alloc(300 << 10)).collect();
+        let read = |i: usize, at: u64| Op::Read {
+            addr: at,
+            dst: IoVecMut::whole(&dsts[i]),
+        };
+        let ops = vec![
+            read(0, base),
+            read(1, base + 4096),
+            // Past the segment's end.
+            read(2, base + (1 << 20) - 100),
+            read(3, base),
+        ];
+        let results = pipeline(&mut conn, true, "owner", &ops).await.unwrap();
+        assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+        assert!(dsts[0].read(0, 300 << 10).unwrap() == pattern[..300 << 10]);
+        assert!(dsts[1].read(0, 300 << 10).unwrap() == pattern[4096..4096 + (300 << 10)]);
+        assert!(
+            matches!(results[2], Err(TransferError::Rejected { .. })),
+            "{:?}",
+            results[2]
+        );
+        assert!(results[3].is_err());
+        for d in &dsts[2..] {
+            assert!(d.read(0, d.len()).unwrap().iter().all(|&b| b == 0));
+        }
+        owner.await.unwrap().unwrap();
+    });
+}
