@@ -12,7 +12,7 @@ mod tally;
 
 use events::{EventLog, SaveEvents};
 use layerwise::Layerwise;
-use tally::{load_keys, save_hashes, save_share, LoadTally, SaveTally};
+use tally::{load_keys, save_hashes, save_share, LoadTally, Presence, SaveTally};
 
 pub use blocks::Transfer;
 pub use events::{PoolEvent, StoredBlock};
@@ -666,7 +666,16 @@ impl WorkerConnector {
                     };
                     let keys = save_share(&shared, &plan, &hashes)?;
                     let staged = staged.as_deref();
-                    save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
+                    save_reads(
+                        &shared,
+                        &kv,
+                        staged,
+                        &req_id,
+                        keys,
+                        events.as_ref(),
+                        Presence::Unknown,
+                    )
+                    .await
                 },
                 reads_done,
             );
@@ -915,12 +924,13 @@ async fn save_reads(
     req_id: &str,
     keys: Blocks,
     events: Option<&Arc<SaveEvents>>,
+    presence: Presence,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     match staged {
-        None => direct::save(shared, kv, req_id, keys, events)
+        None => direct::save(shared, kv, req_id, keys, events, presence)
             .await
             .map(|()| Vec::new()),
-        Some(staged) => staged::save(shared, kv, staged, req_id, keys, events).await,
+        Some(staged) => staged::save(shared, kv, staged, req_id, keys, events, presence).await,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Layerwise loads stay inside their bounds: a layer's load starts only once the forward has
 //! waited for the layer `layerwise_prefetch_layers` before it (fewer when
 //! `layerwise_max_transfer_bytes` allows fewer layers' bytes in flight), and a layer moves in
-//! batches of at most `layerwise_max_transfer_blocks` blocks. A spy behind the memory backend
-//! records every load the worker asks of it.
+//! batches of at most `layerwise_max_transfer_blocks` blocks. A layerwise save asks the pool
+//! which blocks it holds once per step, not once per layer. A spy behind the memory backend
+//! records what the worker asks of it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -26,11 +27,14 @@ const BLOCKS: usize = 16;
 /// Blocks a step saves and then loads.
 const STEP: usize = 8;
 
-/// The memory backend, recording the layer and size of every `get_into`.
+/// The memory backend, recording the layer and size of every `get_into` and `put`, and the
+/// keys of every `exists`.
 #[derive(Debug)]
 struct Spy {
     inner: Arc<dyn KvBackend>,
     gets: Mutex<Vec<(usize, usize)>>,
+    puts: Mutex<Vec<(usize, usize)>>,
+    asked: Mutex<Vec<Vec<BlockKey>>>,
 }
 
 impl Spy {
@@ -55,12 +59,21 @@ impl KvBackend for Spy {
         self.inner.register(region).await
     }
     async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>> {
+        self.asked.lock().unwrap().push(keys.to_vec());
         self.inner.exists(keys).await
     }
     async fn value_lens(&self, keys: &[BlockKey]) -> Result<Vec<Option<usize>>> {
         self.inner.value_lens(keys).await
     }
     async fn put(&self, items: Vec<(BlockKey, IoVec)>) -> Result<Vec<PutOutcome>> {
+        if let Some((key, _)) = items.first() {
+            let layer = layer_of(key);
+            assert!(
+                items.iter().all(|(k, _)| layer_of(k) == layer),
+                "one layer per call"
+            );
+            self.puts.lock().unwrap().push((layer, items.len()));
+        }
         self.inner.put(items).await
     }
     async fn get_into(&self, items: Vec<(BlockKey, IoVecMut)>) -> Result<Vec<GetOutcome>> {
@@ -121,6 +134,8 @@ impl Rig {
         let spy = Arc::new(Spy {
             inner,
             gets: Mutex::new(Vec::new()),
+            puts: Mutex::new(Vec::new()),
+            asked: Mutex::new(Vec::new()),
         });
         let layout = EngineLayout {
             model: "/models/layerwise-bounds".into(),
@@ -288,4 +303,87 @@ fn a_layer_moves_in_batches_of_at_most_max_transfer_blocks() {
     let rig = Rig::new(serde_json::json!({"layerwise_max_transfer_blocks": 3}));
     rig.load_checking_window(1);
     assert_eq!(rig.batch_sizes(), [3, 3, 2].repeat(LAYERS));
+}
+
+impl Spy {
+    /// The layers of each `exists` since the last call, as (layer, keys) runs, sorted.
+    fn take_asked(&self) -> Vec<Vec<(usize, usize)>> {
+        let mut calls: Vec<Vec<(usize, usize)>> = std::mem::take(&mut *self.asked.lock().unwrap())
+            .iter()
+            .map(|keys| {
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for k in keys {
+                    match runs.last_mut() {
+                        Some((l, n)) if *l == layer_of(k) => *n += 1,
+                        _ => runs.push((layer_of(k), 1)),
+                    }
+                }
+                runs
+            })
+            .collect();
+        calls.sort();
+        calls
+    }
+
+    /// (layer, blocks) of every `put` since the last call, sorted.
+    fn take_puts(&self) -> Vec<(usize, usize)> {
+        let mut puts = std::mem::take(&mut *self.puts.lock().unwrap());
+        puts.sort();
+        puts
+    }
+}
+
+#[test]
+fn a_layerwise_save_asks_which_blocks_the_pool_holds_once_per_step_not_per_layer() {
+    const LAST: usize = LAYERS - 1;
+    // `Rig::new` saved blocks 0..STEP once: one question for the first and last layers (what a
+    // lookup counts), one by the last layer's own save (which reports blocks already held),
+    // and every layer written.
+    let rig = Rig::new(serde_json::json!({}));
+    assert_eq!(
+        rig.spy.take_asked(),
+        vec![vec![(0, STEP), (LAST, STEP)], vec![(LAST, STEP)]]
+    );
+    assert_eq!(
+        rig.spy.take_puts(),
+        (0..LAYERS).map(|l| (l, STEP)).collect::<Vec<_>>()
+    );
+
+    // The same blocks again: held, so the same two questions and nothing written.
+    rig.save();
+    let probe = rig
+        .spy
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|keys| keys.len() == 2 * STEP)
+        .cloned()
+        .expect("the question for the first and last layers");
+    assert_eq!(
+        rig.spy.take_asked(),
+        vec![vec![(0, STEP), (LAST, STEP)], vec![(LAST, STEP)]]
+    );
+    assert_eq!(rig.spy.take_puts(), vec![]);
+
+    // Block 3's first layer lost: a lookup no longer counts the block, so its layers are
+    // written again up to the last one, whose own save finds it held.
+    let first_layer_of_3 = probe[3].clone();
+    assert_eq!(layer_of(&first_layer_of_3), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(
+        rig.spy
+            .inner
+            .remove(std::slice::from_ref(&first_layer_of_3)),
+    )
+    .unwrap();
+    rig.save();
+    assert_eq!(
+        rig.spy.take_puts(),
+        (0..LAST).map(|l| (l, 1)).collect::<Vec<_>>()
+    );
+    // Every layer of every block loads back whole.
+    rig.load_checking_window(1);
 }

@@ -10,7 +10,7 @@ use kvpool_core::error::{Error, Result};
 use kvpool_core::key::BlockKey;
 
 use super::staged::Staged;
-use super::{load_fully, lock, save_reads, Blocks, WorkerConnector};
+use super::{load_fully, lock, save_reads, Blocks, Presence, WorkerConnector};
 use crate::device::{Direction, StreamHandle};
 use crate::layout::KvLayout;
 
@@ -94,20 +94,28 @@ impl WorkerConnector {
         let shared = self.shared.clone();
         self.runtime.spawn(async move {
             let all: Vec<u32> = pairs.iter().map(|(b, _)| *b).collect();
-            let failed =
-                match save_reads(&shared, &kv, staged.as_deref(), "save_blocks", pairs, None).await
-                {
-                    Ok(puts) => {
-                        for put in puts {
-                            let _ = put.await;
-                        }
-                        Vec::new()
+            let failed = match save_reads(
+                &shared,
+                &kv,
+                staged.as_deref(),
+                "save_blocks",
+                pairs,
+                None,
+                Presence::Unknown,
+            )
+            .await
+            {
+                Ok(puts) => {
+                    for put in puts {
+                        let _ = put.await;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "save_blocks failed");
-                        all
-                    }
-                };
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "save_blocks failed");
+                    all
+                }
+            };
             done.finish(failed);
         });
         Ok(transfer)

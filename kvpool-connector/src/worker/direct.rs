@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kvpool_core::error::Result;
 
 use super::events::SaveEvents;
-use super::{Blocks, LoadTally, SaveTally, Shared};
+use super::{Blocks, LoadTally, Presence, SaveTally, Shared};
 use crate::layout::KvLayout;
 
 /// Loads `keys` into their blocks; returns the block ids that could not be loaded.
@@ -43,10 +43,11 @@ pub(super) async fn save(
     req_id: &str,
     share: Blocks,
     events: Option<&Arc<SaveEvents>>,
+    presence: Presence,
 ) -> Result<()> {
     let mut tally = SaveTally::new(events);
     for chunk in share.chunks(shared.max_batch) {
-        let missing = tally.missing(shared, chunk).await?;
+        let missing = tally.missing(shared, chunk, presence).await?;
         if missing.is_empty() {
             continue;
         }

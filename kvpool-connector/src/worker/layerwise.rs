@@ -22,7 +22,7 @@
 //! recomputes it; a layer whose load the forward never waited for fails all of its blocks, so
 //! a request never keeps KV of a layer that had not arrived.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -34,7 +34,9 @@ use tokio::task::JoinHandle;
 
 use super::events::SaveEvents;
 use super::staged::{self, Staged, Waiter};
-use super::{direct, lock, save_hashes, save_reads, save_share, Blocks, Shared, WorkerConnector};
+use super::{
+    direct, lock, save_hashes, save_reads, save_share, Blocks, Presence, Shared, WorkerConnector,
+};
 use crate::device::{Direction, Fence, StreamHandle};
 use crate::layout::KvLayout;
 use crate::meta::{decode_hashes, LoadPlan};
@@ -316,6 +318,11 @@ struct StepSave {
     req_id: String,
     blocks: Vec<(u32, BlockHash)>,
     events: Option<Arc<SaveEvents>>,
+    /// The blocks whose first and last layers the pool holds, asked once for the step by
+    /// whichever layer's save comes first. A lookup counts exactly those blocks, so the
+    /// layers between are not asked for again one `exists` per layer: a layer evicted on its
+    /// own fails its block's load, which vLLM recomputes, never serves wrong bytes.
+    held: Arc<tokio::sync::OnceCell<HashSet<u32>>>,
 }
 
 #[derive(Debug, Default)]
@@ -406,6 +413,27 @@ impl Layerwise {
 
     fn keys(&self, layer: usize, blocks: &[(u32, BlockHash)]) -> Blocks {
         layer_keys(&self.own[layer], blocks)
+    }
+}
+
+/// The blocks whose `first` and `last` layer keys the backend holds; none if it cannot say
+/// (every layer is then written, and `put` leaves what it holds alone).
+async fn held_blocks(shared: &Shared, first: Blocks, last: Blocks) -> HashSet<u32> {
+    let keys: Vec<BlockKey> = first.iter().chain(&last).map(|(_, k)| k.clone()).collect();
+    match shared.backend.exists(&keys).await {
+        Ok(present) => {
+            let (first_held, last_held) = present.split_at(first.len());
+            first
+                .iter()
+                .zip(first_held.iter().zip(last_held))
+                .filter(|(_, (a, b))| **a && **b)
+                .map(|((block, _), _)| *block)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "layerwise save: could not ask which blocks the pool holds; writing every layer");
+            HashSet::new()
+        }
     }
 }
 
@@ -558,6 +586,7 @@ impl WorkerConnector {
                     req_id: plan.req_id,
                     blocks: share.into_iter().map(|(b, k)| (b, *k.hash())).collect(),
                     events,
+                    held: Arc::default(),
                 });
             }
             step.saves = Some(saves);
@@ -584,8 +613,16 @@ impl WorkerConnector {
                     continue;
                 }
                 let keys = lw.keys(l, &save.blocks);
-                // The block is in the pool once its last layer is: that save reports it.
+                // The block is in the pool once its last layer is: that save reports it, and
+                // asks the backend itself, so a block already held is reported as such.
                 let events = if l == last { save.events.clone() } else { None };
+                let edges = (l != last).then(|| {
+                    (
+                        save.held.clone(),
+                        lw.keys(0, &save.blocks),
+                        lw.keys(last, &save.blocks),
+                    )
+                });
                 let (shared, kv, staged) =
                     (self.shared.clone(), layouts[l].clone(), staged.clone());
                 let req_id = save.req_id.clone();
@@ -593,7 +630,28 @@ impl WorkerConnector {
                     req_id.clone(),
                     async move {
                         let staged = staged.as_deref();
-                        save_reads(&shared, &kv, staged, &req_id, keys, events.as_ref()).await
+                        let (keys, presence) = match edges {
+                            None => (keys, Presence::Unknown),
+                            Some((held, first, last)) => {
+                                let held =
+                                    held.get_or_init(|| held_blocks(&shared, first, last)).await;
+                                let keys = keys
+                                    .into_iter()
+                                    .filter(|(b, _)| !held.contains(b))
+                                    .collect();
+                                (keys, Presence::Absent)
+                            }
+                        };
+                        save_reads(
+                            &shared,
+                            &kv,
+                            staged,
+                            &req_id,
+                            keys,
+                            events.as_ref(),
+                            presence,
+                        )
+                        .await
                     },
                     None,
                 );

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use kvpool_core::error::{Error, ErrorKind, Result};
 
 use super::events::SaveEvents;
-use super::{Blocks, LoadTally, SaveTally, Shared};
+use super::{Blocks, LoadTally, Presence, SaveTally, Shared};
 use crate::device::{CopyEngine, Direction, Fence};
 use crate::layout::KvLayout;
 use crate::staging::{Slots, Staging};
@@ -80,12 +80,13 @@ pub(super) async fn save(
     req_id: &str,
     share: Blocks,
     events: Option<&Arc<SaveEvents>>,
+    presence: Presence,
 ) -> Result<Vec<JoinHandle<()>>> {
     let mut puts = Vec::new();
     let mut copies = Vec::new();
     for chunk in share.chunks(staged.chunk) {
         let mut tally = SaveTally::new(events);
-        let missing = tally.missing(shared, chunk).await?;
+        let missing = tally.missing(shared, chunk, presence).await?;
         if missing.is_empty() {
             tally.finish(shared);
             continue;

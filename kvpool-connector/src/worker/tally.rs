@@ -13,6 +13,16 @@ use super::events::{PoolEvent, SaveEvents};
 use super::{Blocks, Shared, TransferRecord, METRICS_LABEL};
 use crate::meta::{decode_hashes, LoadPlan, SavePlan};
 
+/// What a save knows of the blocks the backend already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Presence {
+    /// Nothing: it asks (`exists`) and writes only the blocks the backend lacks.
+    Unknown,
+    /// The caller asked already: every block is written (`put` leaves a key the backend
+    /// holds after all alone, as `Exists`).
+    Absent,
+}
+
 /// The keys of a load plan's blocks, by KV-cache group, each rank starting at a different
 /// block so ranks read from different places first.
 pub(super) fn load_keys(shared: &Shared, plan: &LoadPlan) -> Result<Vec<(usize, Blocks)>> {
@@ -176,12 +186,17 @@ impl SaveTally {
         }
     }
 
-    /// The blocks of `chunk` the backend does not hold yet.
+    /// The blocks of `chunk` the backend does not hold yet (all of them when `presence` says
+    /// the caller checked).
     pub(super) async fn missing(
         &mut self,
         shared: &Shared,
         chunk: &[(u32, BlockKey)],
+        presence: Presence,
     ) -> Result<Vec<(u32, BlockKey)>> {
+        if presence == Presence::Absent {
+            return Ok(chunk.to_vec());
+        }
         let keys: Vec<BlockKey> = chunk.iter().map(|(_, k)| k.clone()).collect();
         let present = shared.backend.exists(&keys).await?;
         let mut missing = Vec::new();
